@@ -1,0 +1,35 @@
+# twotower: `make demo` and `make test` install what they need, then run.
+PY ?= python3
+PIP ?= $(PY) -m pip
+# The CPU build of torch is pinned first: an unpinned torch pulls a multi-GB CUDA build.
+# On a GPU machine: make demo TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= offline,test
+# The offline data root (SciFact, Wikipedia text, MS MARCO sample) when it sits beside the repo.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export TWOTOWER_DATA ?= $(SHARED_DATA)
+endif
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+STAMP := .make/installed-$(EXTRAS)
+
+.PHONY: install demo test bench clean
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[$(EXTRAS)]"
+	@mkdir -p .make && touch $@
+
+demo: install
+	$(PY) -m pretrain.demo
+
+test: install
+	$(PY) -m pytest tests -q --durations=15
+
+bench: EXTRAS = offline,test,bench
+bench: install
+	$(PY) benchmarks/acceptance.py
+
+clean:
+	rm -rf .make runs

@@ -1,0 +1,90 @@
+"""Recipe sections shared by both stages (typed; see common/config.py for loading).
+
+No `from __future__ import annotations` here: OmegaConf reads these annotations at runtime.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from common.config import RecipeError
+
+
+def _choice(name: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise RecipeError(f"'{name}' must be one of {', '.join(allowed)}; got '{value}'")
+
+
+@dataclass
+class ModelArgs:
+    # hub id, local path (HF or sentence-transformers folder) or "bundled:all-MiniLM-L6-v2"
+    name_or_path: str = "bundled:all-MiniLM-L6-v2"
+    # tokenizer source when it differs from the model (e.g. a random-init model); "" = same
+    tokenizer: str = ""
+    # "auto" reads a sentence-transformers folder's 1_Pooling config, else "mean"
+    pooling: str = "auto"
+    # None: as the sentence-transformers folder says (Normalize module), else False
+    normalize: Optional[bool] = None
+    shared_tower: bool = True
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    max_query_length: int = 64
+    max_doc_length: int = 256
+    # build the architecture from its config with random weights (tests, "from scratch" benchmarks)
+    random_init: bool = False
+    # config fields changed before building, e.g. {num_hidden_layers: 2} for a tiny random BERT
+    config_overrides: Dict[str, int] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _choice("model.pooling", self.pooling, ("auto", "mean", "cls"))
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "runs/default"
+    # an existing output_dir is resumed with --resume, replaced only with overwrite_output_dir=true
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    max_steps: int = 1000
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    scheduler: str = "linear"  # linear | cosine | constant (all after linear warmup)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast through Accelerate)
+    device: str = "auto"  # auto (GPU when there is one) | cpu
+    log_every: int = 10
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (older ones deleted after a new one is complete)
+    eval_every: int = 0  # steps; 0 = only at the end (when eval.data is set)
+    num_workers: int = 0
+    # a non-finite loss: "stop" (raise, naming the step and batch ids; no checkpoint written)
+    # or "skip" (drop that step's update, count it)
+    nonfinite_loss: str = "stop"
+
+    def validate(self) -> None:
+        _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
+        _choice("train.device", self.device, ("auto", "cpu"))
+        if self.max_steps <= 0:
+            raise RecipeError(f"'train.max_steps' must be > 0; got {self.max_steps}")
+
+
+@dataclass
+class EvalArgs:
+    data: str = ""  # dataset name or path (BEIR folder); "" = no evaluation during training
+    split: str = "test"
+    batch_size: int = 64
+    # quick dev evaluation: sample this many queries / keep all judged docs plus this many others
+    max_queries: int = 0
+    max_docs: int = 0
+    metrics: List[str] = field(
+        default_factory=lambda: ["nDCG@10", "RR@10", "AP@100", "R@10", "R@100", "R@1000"]
+    )
+    before_training: bool = False  # also evaluate the starting model
+

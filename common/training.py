@@ -1,0 +1,323 @@
+"""The one Accelerate training loop shared by both stages.
+
+A stage hands over a *method*: an `nn.Module` whose `forward(batch)` returns `(loss, stats)` and
+that holds the trainable `encoder` (contriever's style). Everything else lives here: sharding,
+gradient accumulation, autocast, clipping, AdamW + warmup/decay, atomic checkpoints and exact
+resume, non-finite loss handling, tensorboard logging and periodic evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from common import rundir
+from common.args import TrainArgs
+from common.config import recipe_to_yaml
+
+log = logging.getLogger("twotower.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss; raised before any update or checkpoint of the broken state."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so that resume continues the same data order."""
+
+    step: int = 0  # optimizer steps done
+    micro_batches: int = 0  # micro-batches consumed in total (accumulation continues across epochs)
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed by this process
+    skipped_nonfinite: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that is a pure function of (seed, epoch): identical on every process, so
+    Accelerate's batch sharding gives rank r the r-th slice of each global batch. A dataset may
+    define `epoch_order(epoch, seed) -> list[int]` to choose the order itself (e.g. keeping the
+    same text out of one batch)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        order = getattr(self.dataset, "epoch_order", None)
+        if callable(order):
+            return iter(order(self.epoch, self.seed))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self), generator=gen).tolist())
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, method: nn.Module, train_dataset: Dataset,
+                 collate_fn: Callable[[list], dict], recipe: Any = None,
+                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None):
+        self.args, self.recipe, self.evaluate_fn = args, recipe, evaluate_fn
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            cpu=use_cpu(args.device), mixed_precision=args.mixed_precision, log_with="tensorboard",
+            project_dir=str(self.output_dir / "logs"),
+            # every buffer a method holds (e.g. a MoCo queue) is kept identical on all processes
+            # by construction, so re-broadcasting it each step would only cost time
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        set_seed(args.seed)
+        self.state = TrainState()
+        self.sampler = EpochSampler(train_dataset, args.seed)
+        self.dataset = train_dataset
+        loader = DataLoader(train_dataset, batch_size=args.per_device_batch_size,
+                            sampler=self.sampler, collate_fn=collate_fn, drop_last=True,
+                            num_workers=args.num_workers)
+        params = [p for p in method.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and LayerNorms
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        # not passed to prepare(): Accelerate would step it once per process
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if args.scheduler == "constant" else args.scheduler,
+            optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+        self.method, self.optimizer, self.loader = self.accelerator.prepare(method, optimizer, loader)
+        self.accelerator.register_for_checkpointing(self.scheduler, self.state)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.method)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _log(self, values: dict[str, float]) -> None:
+        self.accelerator.log(values, step=self.state.step)
+
+    def _save_checkpoint(self) -> None:
+        acc = self.accelerator
+        staging = rundir.staging_dir(self.output_dir, self.state.step)
+        if self.is_main and staging.exists():
+            shutil.rmtree(staging)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        acc.wait_for_everyone()
+        if self.is_main:
+            rundir.publish_checkpoint(staging, rundir.checkpoint_dir(self.output_dir, self.state.step),
+                                      self.state.state_dict(), self.args.keep_last)
+        acc.wait_for_everyone()
+
+    def _resume(self) -> None:
+        done = rundir.complete_checkpoints(self.output_dir)
+        if not done:
+            log.warning("--resume: no complete checkpoint in %s; starting from step 0",
+                        self.output_dir / rundir.CHECKPOINTS)
+            return
+        self.accelerator.load_state(str(done[-1]))
+        log.info("resumed from %s (step %d)", done[-1], self.state.step)
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.evaluate_fn is not None and self.is_main:
+            metrics = self.evaluate_fn(self.unwrapped.encoder)
+            self._log({f"eval/{k}": v for k, v in metrics.items()})
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _check_finite(self, loss: torch.Tensor, batch: dict) -> bool:
+        """True if the step may proceed. Every process takes the same decision."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
+                           device=loss.device)
+        bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() == 0:
+            return True
+        ids = batch.get("ids")
+        message = (f"non-finite loss ({loss.item()}) at step {self.state.step + 1} "
+                   f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); "
+                   f"batch ids: {ids if ids is not None else 'not given by this stage'}")
+        if self.args.nonfinite_loss == "skip":
+            self.state.skipped_nonfinite += 1
+            log.warning("%s — step skipped (train.nonfinite_loss=skip)", message)
+            return False
+        raise NonFiniteLossError(message + ". No checkpoint of this state was written; set "
+                                 "train.nonfinite_loss=skip to drop such steps instead.")
+
+    # ------------------------------------------------------------------ loop
+    def _setup_run_dir(self, resume: bool) -> contextlib.AbstractContextManager:
+        if self.is_main:
+            rundir.prepare_output_dir(self.output_dir, resume, self.args.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()
+        lock = rundir.RunLock(self.output_dir) if self.is_main else contextlib.nullcontext()
+        return lock
+
+    def train(self, resume: bool = False) -> dict[str, float]:
+        with self._setup_run_dir(resume):
+            if self.is_main and self.recipe is not None:
+                recipe_file = self.output_dir / "recipe.yaml"
+                new = recipe_to_yaml(self.recipe)
+                if resume and recipe_file.is_file() and recipe_file.read_text() != new:
+                    log.warning("the recipe differs from the one this run started with (%s); "
+                                "the new one is used from here on and saved as recipe.yaml",
+                                recipe_file)
+                rundir.write_atomic(recipe_file, new)
+                rundir.write_atomic(self.output_dir / "run_info.json", _json(
+                    rundir.run_info(self.accelerator.num_processes)))
+            self.accelerator.init_trackers("tb")
+            if resume:
+                self._resume()
+            try:
+                return self._loop()
+            finally:
+                self.accelerator.end_training()
+
+    def _loop(self) -> dict[str, float]:
+        args, acc, state = self.args, self.accelerator, self.state
+        if state.step == 0 and self.evaluate_fn is not None and _eval_first(self.recipe):
+            self._evaluate()
+        accum = max(args.gradient_accumulation_steps, 1)
+        per_step = args.per_device_batch_size * acc.num_processes * accum
+        bar = tqdm(total=args.max_steps, initial=state.step, disable=not self.is_main,
+                   desc="train", unit="step")
+        running, counted, tick = torch.zeros((), device=acc.device), 0, time.perf_counter()
+        self.method.train()
+        while state.step < args.max_steps:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(state.epoch)
+            loader = (acc.skip_first_batches(self.loader, state.batches_in_epoch)
+                      if state.batches_in_epoch else self.loader)
+            # Accelerate's loaders count epochs themselves and re-seed the sampler from that count
+            # on every __iter__; a resumed process must tell them which epoch this really is.
+            loader.set_epoch(state.epoch)
+            if len(self.loader) == 0:
+                raise ValueError("the training data is smaller than one global batch "
+                                 f"({args.per_device_batch_size} x {acc.num_processes} processes)")
+            for batch in loader:
+                state.batches_in_epoch += 1
+                state.micro_batches += 1
+                last_micro = state.micro_batches % accum == 0
+                sync = contextlib.nullcontext() if last_micro else acc.no_sync(self.method)
+                with sync:
+                    with acc.autocast():
+                        loss, stats = self.method(batch)
+                    ok = self._check_finite(loss, batch)
+                    if ok:
+                        acc.backward(loss / accum)
+                        running += loss.detach()
+                        counted += 1
+                if not last_micro:
+                    continue
+                if ok:
+                    if args.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.method.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if not ok:
+                    continue
+                state.step += 1
+                hook = getattr(self.unwrapped, "on_optimizer_step", None)
+                if callable(hook):
+                    hook()
+                bar.update(1)
+                if state.step % args.log_every == 0 or state.step == args.max_steps:
+                    elapsed = time.perf_counter() - tick
+                    mean_loss = (running / max(counted, 1))
+                    values = {"train/loss": acc.reduce(mean_loss, reduction="mean").item(),
+                              "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/examples_per_s": per_step * counted / accum / max(elapsed, 1e-9),
+                              "train/epoch": state.epoch}
+                    values.update({f"train/{k}": float(v) for k, v in stats.items()})
+                    self._log(values)
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+                    running.zero_()
+                    counted, tick = 0, time.perf_counter()
+                if args.eval_every and state.step % args.eval_every == 0 and state.step < args.max_steps:
+                    self._evaluate()
+                if args.save_every and state.step % args.save_every == 0 and state.step < args.max_steps:
+                    self._save_checkpoint()
+                if state.step >= args.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        bar.close()
+        self._save_checkpoint()
+        metrics = self._evaluate()
+        if self.is_main:
+            save_encoder_atomically(self.unwrapped.encoder, self.output_dir / "model")
+            if metrics:
+                rundir.write_atomic(self.output_dir / "metrics.json", _json(metrics))
+        acc.wait_for_everyone()
+        if state.skipped_nonfinite:
+            log.warning("%d steps were skipped for a non-finite loss", state.skipped_nonfinite)
+        return {**metrics, "step": state.step, "skipped_nonfinite": state.skipped_nonfinite}
+
+
+def use_cpu(device: str) -> bool:
+    """Accelerate only picks gloo for several CPU processes when told to run on the CPU; without a
+    GPU, `accelerate launch --multi_gpu --num_processes 2` (or torchrun) would otherwise give N
+    independent single-process runs."""
+    if device == "cpu":
+        return True
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return device == "auto" and several and not torch.cuda.is_available()
+
+
+def save_encoder_atomically(encoder: nn.Module, path: Path) -> None:
+    """Write into a sibling folder, then swap it in: a crash never leaves half a model."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    encoder.save(partial)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, path)
+
+
+def _eval_first(recipe: Any) -> bool:
+    eval_args = getattr(recipe, "eval", None)
+    return bool(getattr(eval_args, "before_training", False))
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
+
+
+def steps_per_epoch(n_examples: int, args: TrainArgs, num_processes: int) -> int:
+    """Optimizer steps in one pass over `n_examples` (drop_last batching)."""
+    batches = n_examples // (args.per_device_batch_size * num_processes)
+    return max(math.floor(batches / max(args.gradient_accumulation_steps, 1)), 0)

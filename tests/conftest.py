@@ -1,0 +1,31 @@
+"""Shared fixtures: the offline data root, small random models, quiet logs."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path | None:
+    """$TWOTOWER_DATA (the Makefile and CI point it at ../shared/data when that exists)."""
+    value = os.environ.get("TWOTOWER_DATA")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture
+def shared_data_root() -> Path:
+    root = data_root()
+    if root is None:
+        pytest.skip("TWOTOWER_DATA is not set to the offline data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_factory():
+    from common.encoder import tiny_bert
+
+    return tiny_bert

@@ -1,0 +1,139 @@
+"""The shared training loop, driven through a toy stage (tests/scripts/toy_train.py) in real
+subprocesses: outputs, exact resume after SIGKILL, 2 processes == 1 process with the doubled batch,
+run-directory protection, non-finite losses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = str(REPO / "tests" / "scripts" / "toy_train.py")
+BASE = ["train.log_every=1", "train.lr=1e-3", "train.warmup_steps=2", "n_pairs=48"]
+
+
+def run_toy(out, *overrides, resume=False, processes=1, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    args = ["--recipe", "none", f"train.output_dir={out}", *BASE, *overrides]
+    if resume:
+        args.append("--resume")
+    if processes == 1:
+        cmd = [sys.executable, TOY, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(29400 + os.getpid() % 500), TOY,
+               *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"toy run failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def weights(out):
+    return load_file(str(Path(out) / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def test_run_writes_outputs_and_rotates_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=6", "train.per_device_batch_size=8", "train.save_every=2",
+            "train.keep_last=2")
+    assert (out / "recipe.yaml").read_text().count("max_steps: 6") == 1
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["torch"] == torch.__version__ and "git_commit" in info
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-00000004", "step-00000006"]  # step 2 rotated away
+    state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    assert (out / "model" / "modules.json").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_existing_run_dir_is_refused_then_overwritten_only_on_request(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=2", "train.per_device_batch_size=8")
+    proc = run_toy(out, "train.max_steps=2", "train.per_device_batch_size=8", check=False)
+    assert proc.returncode != 0
+    assert "--resume" in proc.stderr and "train.overwrite_output_dir=true" in proc.stderr
+    run_toy(out, "train.max_steps=2", "train.per_device_batch_size=8",
+            "train.overwrite_output_dir=true")
+
+
+def test_second_run_on_a_locked_dir_is_refused(tmp_path):
+    from common.rundir import RunDirError, RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        with pytest.raises(RunDirError, match="another run"):
+            with RunLock(out):
+                pass
+        proc = run_toy(out, "train.max_steps=1", "train.per_device_batch_size=8", resume=True,
+                       check=False)
+        assert proc.returncode != 0 and "another run" in proc.stderr
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    common = ["train.max_steps=8", "train.per_device_batch_size=8", "train.save_every=3"]
+    straight = tmp_path / "straight"
+    run_toy(straight, *common)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, TOY, "--recipe", "none", f"train.output_dir={killed}",
+                             *BASE, *common, "sleep_per_step=0.4"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "step-00000003" / "COMPLETE"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never wrote its step-3 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "killed too late: the run had finished"
+
+    run_toy(killed, *common, resume=True)
+    assert_same_weights(straight, killed, atol=0.0)
+    a = torch.load(straight / "checkpoints" / "step-00000008" / "optimizer.bin", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "step-00000008" / "optimizer.bin", weights_only=False)
+    for key, sa in a["state"].items():
+        assert torch.equal(sa["exp_avg"], b["state"][key]["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], b["state"][key]["exp_avg_sq"])
+
+
+def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
+    run_toy(tmp_path / "one", "train.max_steps=3", "train.per_device_batch_size=8")
+    run_toy(tmp_path / "two", "train.max_steps=3", "train.per_device_batch_size=4", processes=2)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=2e-5)
+    # and a different batch really changes the result (the comparison can fail)
+    run_toy(tmp_path / "other", "train.max_steps=3", "train.per_device_batch_size=4")
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "one", tmp_path / "other", atol=2e-5)
+
+
+def test_nonfinite_loss_stops_without_checkpoint_or_is_skipped(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_toy(out, "train.max_steps=5", "train.per_device_batch_size=8", "train.save_every=1",
+                   "nan_at_step=3", check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "step 3" in proc.stderr and "batch ids" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000001", "step-00000002"]
+    skipped = tmp_path / "skip"
+    run_toy(skipped, "train.max_steps=5", "train.per_device_batch_size=8", "nan_at_step=3",
+            "train.nonfinite_loss=skip")
+    state = json.loads((skipped / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    assert state["skipped_nonfinite"] == 1 and state["step"] == 5
