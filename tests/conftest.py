@@ -1,5 +1,6 @@
 """Shared fixtures: the offline data root, small random models, quiet logs."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Arrow caches of the tests' throw-away files go to a temporary folder, not the user's cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="twotower-test-datasets-"))
 REPO = Path(__file__).resolve().parents[1]
 
 
