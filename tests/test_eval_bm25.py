@@ -1,0 +1,78 @@
+"""common.bm25: ranking on a toy corpus and the Lucene BM25 formula recomputed by hand."""
+import math
+
+import pytest
+
+from common.bm25 import BM25Args, BM25Index, bm25_search
+
+CORPUS = [
+    {"id": "d0", "title": "Mangroves", "text": "Florida mangroves are protected by state law."},
+    {"id": "d1", "title": "Herpes", "text": "Herpes viruses are contagious through contact."},
+    {"id": "d2", "title": "Parenting",
+     "text": "Some parents spank children; laws differ by state."},
+    {"id": "d3", "title": "Cats", "text": "A cat runs after mice in the garden."},
+    {"id": "d4", "title": "Garden", "text": "Gardens need water and sunlight."},
+]
+
+
+def test_exact_match_document_ranks_first():
+    queries = [
+        {"id": "q0", "text": "are florida mangroves protected"},
+        {"id": "q1", "text": "herpes contagious"},
+        {"id": "q2", "text": "running cats"},  # matches d3 only through stemming
+    ]
+    run = bm25_search(CORPUS, queries, k=10)
+    top = {qid: max(docs, key=docs.get) for qid, docs in run.items()}
+    assert top == {"q0": "d0", "q1": "d1", "q2": "d3"}
+    # documents sharing no term are not returned (score 0)
+    assert set(run["q1"]) == {"d1"}
+    assert all(score > 0 for docs in run.values() for score in docs.values())
+
+
+def test_stopword_only_query_returns_nothing():
+    assert bm25_search(CORPUS, [{"id": "q", "text": "are the of"}], k=10) == {"q": {}}
+
+
+def test_k_caps_the_run_and_is_capped_by_the_corpus():
+    run = bm25_search(CORPUS, [{"id": "q", "text": "state garden laws"}], k=2)
+    assert len(run["q"]) == 2
+    run = bm25_search(CORPUS, [{"id": "q", "text": "state garden laws"}], k=1000)
+    assert set(run["q"]) == {"d0", "d2", "d3", "d4"}
+
+
+def test_score_equals_lucene_bm25_formula():
+    # words chosen so that tokenising/stemming is the identity and no word is a stopword
+    corpus = [
+        {"id": "a", "title": "", "text": "apple banana apple"},
+        {"id": "b", "title": "", "text": "banana cherry"},
+        {"id": "c", "title": "", "text": "cherry cherry cherry durian"},
+    ]
+    args = BM25Args(k1=1.2, b=0.6)
+    run = bm25_search(corpus, [{"id": "q", "text": "apple cherry"}], k=3, args=args)
+    lengths = {"a": 3, "b": 2, "c": 4}
+    tf = {"a": {"apple": 2}, "b": {"cherry": 1}, "c": {"cherry": 3}}
+    df = {"apple": 1, "cherry": 2}
+    n, avgdl = 3, sum(lengths.values()) / 3
+
+    def lucene(doc):
+        total = 0.0
+        for term, f in tf[doc].items():
+            idf = math.log(1 + (n - df[term] + 0.5) / (df[term] + 0.5))
+            total += idf * f / (f + args.k1 * (1 - args.b + args.b * lengths[doc] / avgdl))
+        return total
+
+    assert set(run["q"]) == {"a", "b", "c"}
+    for doc, score in run["q"].items():
+        assert score == pytest.approx(lucene(doc), rel=1e-5), doc
+
+
+def test_score_candidates_scores_only_candidates():
+    index = BM25Index(CORPUS)
+    full = index.search(["q"], ["state laws"], k=5)
+    scored = index.score_candidates(["q", "other"], ["state laws", "cats"], {"q": ["d2", "d4"]})
+    assert set(scored) == {"q"}
+    assert set(scored["q"]) == {"d2", "d4"}
+    assert scored["q"]["d2"] == pytest.approx(full["q"]["d2"])
+    assert scored["q"]["d4"] == 0.0  # no shared term, but a candidate keeps its place
+    with pytest.raises(KeyError, match="'zz' is not in the corpus"):
+        index.score_candidates(["q"], ["state"], {"q": ["zz"]})
