@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import re
@@ -25,14 +24,13 @@ from typing import Any, Callable, Dict, Mapping, Sequence
 
 from common.bm25 import BM25Args, BM25Index
 from common.data import (DataError, RetrievalData, column, load_beir, load_msmarco_collection,
-                         load_msmarco_queries, load_qrels, load_run, resolve_data, write_run)
+                         load_msmarco_queries, load_qrels, load_run, resolve_data)
 from common.metrics import aggregate, per_query, resolve_measures
-from common.report import write_report
+from common.report import OUTPUT_FILES, existing_outputs, write_outputs  # noqa: F401 (re-exported)
 from common.search import dense_search, rerank
 
 logger = logging.getLogger("common.evaluate")
 Run = Dict[str, Dict[str, float]]
-OUTPUT_FILES = ("run.trec", "metrics.json", "report.md")
 
 
 @dataclass
@@ -233,32 +231,6 @@ def evaluator_from_args(eval_args, k: int = 1000,
     return evaluate
 
 
-# ------------------------------------------------------------------------------ outputs
-def existing_outputs(output_dir: str | Path) -> list[str]:
-    return [name for name in OUTPUT_FILES if (Path(output_dir) / name).exists()]
-
-
-def write_outputs(result: EvalResult, output_dir: str | Path, overwrite: bool = False,
-                  extra: Mapping[str, Any] | None = None) -> Dict[str, Path]:
-    """Write run.trec, metrics.json and report.md; refuse to replace existing ones unless
-    `overwrite`."""
-    output_dir = Path(output_dir)
-    clash = set(extra or {}) & (set(result.info) | {"metrics"})
-    if clash:
-        raise ValueError(f"extra keys {sorted(clash)} would replace result fields")
-    found = existing_outputs(output_dir)
-    if found and not overwrite:
-        raise FileExistsError(f"{output_dir} already has {', '.join(found)}; pass --overwrite "
-                              "(overwrite=True) to replace them, or choose another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name.split(".")[0]: output_dir / name for name in OUTPUT_FILES}
-    write_run(result.run, paths["run"], tag=re.sub(r"\s+", "_", str(result.info.get("model"))))
-    summary = {"metrics": result.metrics, **result.info, **dict(extra or {})}
-    paths["metrics"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    write_report(result, paths["report"], extra)
-    return paths
-
-
 # ---------------------------------------------------------------------------------- CLI
 def slug(text: str) -> str:
     text = text.split(":", 1)[1] if text.startswith("bundled:") else text
@@ -382,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "max_queries": ns.max_queries or None, "max_docs": ns.max_docs or None,
              "command": "python -m common.evaluate "
                         + shlex.join(sys.argv[1:] if argv is None else list(argv))}
-    paths = write_outputs(result, output_dir, overwrite=ns.overwrite,
+    paths = write_outputs(result, output_dir, overwrite=ns.overwrite, data=data,
                           extra={k: v for k, v in extra.items() if v is not None})
     width = max(len(n) for n in result.metrics)
     for name, value in result.metrics.items():

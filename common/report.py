@@ -1,12 +1,19 @@
-"""A short markdown report of one evaluation (system, data, metrics table, timing).
+"""The outputs of one evaluation: run.trec, metrics.json, report.md and report.html.
 
-`write_report(result, path, extra)` is the one entry point; richer formats (HTML, plots) can be
-added beside it without touching the evaluation code.
+`write_outputs(result, dir)` writes them all; `write_report` is the short markdown report (system,
+data, metrics table, timing); the HTML page with plots and best/worst queries comes from
+common/html_report.py.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Dict, Mapping
+
+OUTPUTS = {"run": "run.trec", "metrics": "metrics.json", "report": "report.md",
+           "html": "report.html"}
+OUTPUT_FILES = tuple(OUTPUTS.values())
 
 
 def _fmt(value) -> str:
@@ -57,3 +64,37 @@ def write_report(result, path: str | Path, extra: Mapping[str, object] | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(result, extra))
     return path
+
+
+def existing_outputs(output_dir: str | Path) -> list[str]:
+    return [name for name in OUTPUT_FILES if (Path(output_dir) / name).exists()]
+
+
+def write_outputs(result, output_dir: str | Path, overwrite: bool = False,
+                  extra: Mapping[str, Any] | None = None, data=None) -> Dict[str, Path]:
+    """Write run.trec, metrics.json, report.md and report.html; refuse to replace existing ones
+    unless `overwrite`. With `data` (the evaluated RetrievalData) both reports also show the best
+    and worst queries with their retrieved passages."""
+    from common.data import write_run
+    from common.html_report import eval_examples, examples_markdown, write_eval_html
+
+    output_dir = Path(output_dir)
+    clash = set(extra or {}) & (set(result.info) | {"metrics"})
+    if clash:
+        raise ValueError(f"extra keys {sorted(clash)} would replace result fields")
+    found = existing_outputs(output_dir)
+    if found and not overwrite:
+        raise FileExistsError(f"{output_dir} already has {', '.join(found)}; pass --overwrite "
+                              "(overwrite=True) to replace them, or choose another --output-dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {key: output_dir / name for key, name in OUTPUTS.items()}
+    write_run(result.run, paths["run"], tag=re.sub(r"\s+", "_", str(result.info.get("model"))))
+    summary = {"metrics": result.metrics, **result.info, **dict(extra or {})}
+    paths["metrics"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_report(result, paths["report"], extra)
+    examples = eval_examples(result, data) if data is not None else None
+    if examples is not None:
+        with paths["report"].open("a", encoding="utf-8") as f:
+            f.write(examples_markdown(examples))
+    write_eval_html(result, paths["html"], examples=examples, extra=extra)
+    return paths

@@ -47,13 +47,14 @@ def read_run(path):
     return run
 
 
-def test_dense_cli_writes_three_files_and_refuses_to_overwrite(beir_dir, tiny_model_dir, tmp_path,
+def test_dense_cli_writes_its_outputs_and_refuses_to_overwrite(beir_dir, tiny_model_dir, tmp_path,
                                                                capsys):
     out = tmp_path / "out"
     argv = ["--model", str(tiny_model_dir), "--data", str(beir_dir), "--split", "test",
             "--output-dir", str(out), "--k", "5", "--no-progress"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md", "run.trec"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html", "report.md",
+                                                     "run.trec"]
     summary = json.loads((out / "metrics.json").read_text())
     run = read_run(out / "run.trec")
     assert set(run) == {f"q{i}" for i in range(10)}  # judged queries only
@@ -66,6 +67,7 @@ def test_dense_cli_writes_three_files_and_refuses_to_overwrite(beir_dir, tiny_mo
     assert summary["model"] == str(tiny_model_dir) and summary["timing"]["total_s"] > 0
     report = (out / "report.md").read_text()
     assert "nDCG@10" in report and str(tiny_model_dir) in report
+    assert "## Worst queries by nDCG@10" in report  # examples drawn from the data
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(SystemExit) as exc:
