@@ -87,4 +87,7 @@ class EvalArgs:
         default_factory=lambda: ["nDCG@10", "RR@10", "AP@100", "R@10", "R@100", "R@1000"]
     )
     before_training: bool = False  # also evaluate the starting model
+    # embedding-space diagnostics (common/analyze.py) logged to tensorboard at each evaluation,
+    # on a small sample (100 queries, their judged documents + 300 others; PCA picture)
+    diagnostics: bool = True
 

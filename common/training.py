@@ -80,8 +80,12 @@ class EpochSampler(Sampler[int]):
 class Trainer:
     def __init__(self, args: TrainArgs, method: nn.Module, train_dataset: Dataset,
                  collate_fn: Callable[[list], dict], recipe: Any = None,
-                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None):
-        self.args, self.recipe, self.evaluate_fn = args, recipe, evaluate_fn
+                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 diagnostics_fn: Callable[[nn.Module], tuple[dict, bytes]] | None = None):
+        """`evaluate_fn` / `diagnostics_fn` default to those `recipe.eval` asks for (main process
+        only): retrieval metrics on `eval.data` and the embedding-space diagnostics."""
+        self.args, self.recipe = args, recipe
+        self.evaluate_fn, self.diagnostics_fn = evaluate_fn, diagnostics_fn
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator(
             cpu=use_cpu(args.device), mixed_precision=args.mixed_precision, log_with="tensorboard",
@@ -145,11 +149,27 @@ class Trainer:
         self.accelerator.load_state(str(done[-1]))
         log.info("resumed from %s (step %d)", done[-1], self.state.step)
 
+    def _build_evaluators(self) -> None:
+        eval_args = getattr(self.recipe, "eval", None)
+        if not self.is_main or eval_args is None or not eval_args.data:
+            return
+        if self.evaluate_fn is None:
+            from common.evaluate import evaluator_from_args
+            self.evaluate_fn = evaluator_from_args(eval_args, seed=self.args.seed)
+        if self.diagnostics_fn is None and eval_args.diagnostics:
+            from common.analyze import AnalyzeArgs, diagnostics_evaluator
+            self.diagnostics_fn = diagnostics_evaluator(
+                eval_args, AnalyzeArgs(max_queries=100, max_docs=300, projection="pca"))
+
     def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.evaluate_fn is not None and self.is_main:
+        if self.is_main and self.evaluate_fn is not None:
             metrics = self.evaluate_fn(self.unwrapped.encoder)
             self._log({f"eval/{k}": v for k, v in metrics.items()})
+        if self.is_main and self.diagnostics_fn is not None:
+            from common.analyze import log_diagnostics
+            scalars, png = self.diagnostics_fn(self.unwrapped.encoder)
+            log_diagnostics(self.accelerator, self.state.step, scalars, png)
         self.accelerator.wait_for_everyone()
         return metrics
 
@@ -192,6 +212,7 @@ class Trainer:
                 rundir.write_atomic(self.output_dir / "run_info.json", _json(
                     rundir.run_info(self.accelerator.num_processes)))
             self.accelerator.init_trackers("tb")
+            self._build_evaluators()
             if resume:
                 self._resume()
             try:
@@ -201,7 +222,7 @@ class Trainer:
 
     def _loop(self) -> dict[str, float]:
         args, acc, state = self.args, self.accelerator, self.state
-        if state.step == 0 and self.evaluate_fn is not None and _eval_first(self.recipe):
+        if state.step == 0 and _eval_first(self.recipe):
             self._evaluate()
         accum = max(args.gradient_accumulation_steps, 1)
         per_step = args.per_device_batch_size * acc.num_processes * accum

@@ -137,3 +137,37 @@ def test_nonfinite_loss_stops_without_checkpoint_or_is_skipped(tmp_path):
             "train.nonfinite_loss=skip")
     state = json.loads((skipped / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
     assert state["skipped_nonfinite"] == 1 and state["step"] == 5
+
+
+def _tiny_beir(folder: Path) -> Path:
+    from tests.scripts.toy_train import WORDS
+
+    (folder / "qrels").mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": f"about {WORDS[i % 20]}"}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"_id": f"q{i}", "text": f"{WORDS[i]} question"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(10)))
+    return folder
+
+
+def test_periodic_evaluation_and_diagnostics_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _tiny_beir(tmp_path / "beir")
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=4", "train.per_device_batch_size=8", "train.eval_every=2",
+            f"eval.data={data}", "eval.before_training=true")
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent),
+                              size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    ndcg = events.Scalars("eval/nDCG@10")
+    assert [e.step for e in ndcg] == [0, 2, 4]
+    assert all(0.0 <= e.value <= 1.0 for e in ndcg)
+    assert any(t.startswith("diagnostics/") for t in events.Tags()["scalars"])
+    assert "diagnostics/overview" in events.Tags()["images"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["nDCG@10"] == pytest.approx(ndcg[-1].value)
