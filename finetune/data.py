@@ -1,0 +1,293 @@
+"""Training groups (query, 1 positive, k negatives, optional negative queries and teacher scores),
+sampled as a pure function of (seed, epoch, group index), in an epoch order that keeps the same
+text out of one global batch (no false in-batch negatives), and collated into token tensors.
+
+How the batch order survives sharding: common.training's EpochSampler asks the dataset for
+`epoch_order(epoch, seed)`; that order is cut sequentially into per-process batches and
+Accelerate gives rank r the r-th batch of every run of `world` batches. So one *global batch*
+is `global_batch_size` consecutive positions of the order; `epoch_order` packs groups so that no
+text (query, positive, negative or negative query) occurs in two groups of one global batch, and
+returns a multiple of `global_batch_size` (groups for which no duplicate-free batch is left wait
+for the next epoch's order, which is reshuffled).
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger("twotower.finetune")
+
+
+@dataclass
+class TrainGroup:
+    qid: str
+    positives: List[str]  # doc ids
+    negatives: List[str] = field(default_factory=list)  # doc ids: the pool hard negatives come from
+
+
+class TextStore:
+    """id -> text for documents or queries, backed by a dict or a (memory-mapped) datasets table."""
+
+    def __init__(self, ids: Sequence[str], fetch: Callable[[int], str]):
+        self.ids = list(ids)
+        self.row = {i: r for r, i in enumerate(self.ids)}
+        if len(self.row) != len(self.ids):
+            raise ValueError("duplicate ids in a text store")
+        self._fetch = fetch
+
+    @classmethod
+    def from_dict(cls, texts: Dict[str, str]) -> "TextStore":
+        ids = list(texts)
+        return cls(ids, lambda r: texts[ids[r]])
+
+    @classmethod
+    def from_table(cls, table, with_title: bool) -> "TextStore":
+        """A datasets.Dataset with id, text (and title): texts are read on demand."""
+        from common.data import column
+        from common.encoder import doc_text
+
+        ids = column(table, "id")
+        if with_title:
+            return cls(ids, lambda r: doc_text(table[int(r)]))
+        return cls(ids, lambda r: table[int(r)]["text"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.row
+
+    def __getitem__(self, key: str) -> str:
+        try:
+            return self._fetch(self.row[key])
+        except KeyError:
+            raise KeyError(f"id {key!r} is not in the text store") from None
+
+
+@dataclass
+class TrainingPool:
+    """Everything the sampler draws from, built by finetune.sources from a recipe's data section."""
+    groups: List[TrainGroup]
+    queries: TextStore
+    docs: TextStore
+    teacher: Dict[str, Dict[str, float]] = field(default_factory=dict)  # qid -> pid -> t(q, d)
+    neg_queries: Dict[str, List[str]] = field(default_factory=dict)  # pid -> qids (q- of d)
+    source: str = "training data"  # for error messages
+
+
+@dataclass
+class Sample:
+    index: int
+    qid: str
+    positive: str
+    negatives: List[str]
+    neg_queries: List[str]
+
+
+def stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+class GroupDataset(Dataset):
+    """Map-style dataset of training groups; see the module docstring for the epoch order."""
+
+    def __init__(self, pool: TrainingPool, n_negatives: int, n_neg_queries: int = 0,
+                 with_teacher: bool = False, short_pool: str = "random", seed: int = 0,
+                 global_batch_size: Optional[int] = None):
+        if not pool.groups:
+            raise ValueError(f"{pool.source}: no training groups")
+        self.pool, self.k, self.m = pool, n_negatives, n_neg_queries
+        self.with_teacher, self.short_pool, self.seed = with_teacher, short_pool, seed
+        self.global_batch_size = global_batch_size
+        self.epoch = 0
+        self.left_out_last_epoch = 0
+        if with_teacher:
+            self._check_teacher()
+
+    def __len__(self) -> int:
+        return len(self.pool.groups)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ------------------------------------------------------------------------- sampling
+    def sample(self, index: int, epoch: int) -> Sample:
+        """The group's positive, negatives and negative queries this epoch: a pure function of
+        (seed, epoch, index)."""
+        group = self.pool.groups[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        positives = self._scored(group.qid, group.positives) if self.with_teacher else group.positives
+        positive = positives[int(rng.integers(len(positives)))]
+        negatives = self._sample_negatives(group, positive, rng) if self.k else []
+        neg_queries = self._sample_neg_queries(group, positive, rng) if self.m else []
+        return Sample(index, group.qid, positive, negatives, neg_queries)
+
+    def _scored(self, qid: str, pids: Sequence[str]) -> List[str]:
+        known = self.pool.teacher.get(qid, {})
+        return [p for p in pids if p in known]
+
+    def _sample_negatives(self, group: TrainGroup, positive: str, rng) -> List[str]:
+        docs = self.pool.docs
+        excluded = set(group.positives)
+        pool = [p for p in group.negatives if p not in excluded]
+        if self.with_teacher:
+            pool = self._scored(group.qid, pool)
+        banned_texts = {docs[p] for p in group.positives}
+        chosen, texts = [], set()
+        for j in rng.permutation(len(pool)):
+            text = docs[pool[j]]
+            if text not in banned_texts and text not in texts:  # duplicate passages exist
+                chosen.append(pool[j])
+                texts.add(text)
+                if len(chosen) == self.k:
+                    return chosen
+        return self._fill(chosen, texts, banned_texts, group, rng, what="negatives",
+                          pool_ids=pool, store=docs, excluded=excluded)
+
+    def _sample_neg_queries(self, group: TrainGroup, positive: str, rng) -> List[str]:
+        queries = self.pool.queries
+        pool = [q for q in self.pool.neg_queries.get(positive, []) if q != group.qid]
+        if self.with_teacher:
+            pool = [q for q in pool if positive in self.pool.teacher.get(q, {})]
+        own = queries[group.qid]
+        chosen, texts = [], set()
+        for j in rng.permutation(len(pool)):
+            text = queries[pool[j]]
+            if text != own and text not in texts:
+                chosen.append(pool[j])
+                texts.add(text)
+                if len(chosen) == self.m:
+                    return chosen
+        return self._fill(chosen, texts, {own}, group, rng, what="negative queries",
+                          pool_ids=pool, store=queries, excluded={group.qid})
+
+    def _fill(self, chosen, texts, banned_texts, group, rng, what, pool_ids, store, excluded):
+        """A pool smaller than asked: random store entries (no teacher), repeats of the scored
+        pool (teacher losses need a score for every pair), or an error."""
+        want = self.k if what == "negatives" else self.m
+        if self.with_teacher and chosen:
+            while len(chosen) < want:  # Margin-MSE needs t(q, d) for every pair: reuse scored ones
+                chosen.append(chosen[int(rng.integers(len(chosen)))])
+            return chosen
+        if self.short_pool == "error" or self.with_teacher:
+            raise ValueError(
+                f"{self.pool.source}: query {group.qid!r} has {len(chosen)} usable {what} "
+                f"(pool {len(pool_ids)}{', with teacher scores' if self.with_teacher else ''}) "
+                f"but {want} are asked; lower data.n_negatives / data.n_neg_queries"
+                + ("" if self.with_teacher else " or set data.short_pool=random"))
+        tries = 0
+        while len(chosen) < want:
+            tries += 1
+            if tries > 100 * want + 1000:
+                raise ValueError(f"{self.pool.source}: cannot find {want} distinct random {what} "
+                                 f"for query {group.qid!r} (only {len(store)} entries)")
+            candidate = store.ids[int(rng.integers(len(store)))]
+            text = store[candidate]
+            if candidate in excluded or text in banned_texts or text in texts:
+                continue
+            chosen.append(candidate)
+            texts.add(text)
+        return chosen
+
+    def _check_teacher(self) -> None:
+        """Every group needs a teacher score for at least one positive (Margin-MSE anchors)."""
+        from common.data import check_teacher_scores
+
+        unscored = [g for g in self.pool.groups if not self._scored(g.qid, g.positives)]
+        check_teacher_scores(self.pool.teacher, [(g.qid, p) for g in unscored for p in g.positives],
+                             source=f"{self.pool.source} (teacher scores)")
+
+    # ---------------------------------------------------------------------- epoch order
+    def texts_of(self, s: Sample) -> List[str]:
+        q, d = self.pool.queries, self.pool.docs
+        return ([q[s.qid], d[s.positive]] + [d[p] for p in s.negatives]
+                + [q[x] for x in s.neg_queries])
+
+    def epoch_order(self, epoch: int, seed: int) -> List[int]:
+        """Group indices for `epoch`: global batches without a repeated text (module docstring)."""
+        if seed != self.seed:
+            raise ValueError(f"the trainer's seed {seed} differs from the dataset's {self.seed}")
+        size = self.global_batch_size
+        if not size:
+            raise ValueError("GroupDataset.global_batch_size is not set (per-device batch x processes)")
+        if size > len(self):
+            raise ValueError(f"{self.pool.source}: {len(self)} groups cannot fill one global batch "
+                             f"of {size}")
+        remaining = dict.fromkeys(np.random.default_rng([seed, epoch]).permutation(len(self)).tolist())
+        texts = {i: set(self.texts_of(self.sample(i, epoch))) for i in remaining}
+        order: List[int] = []
+        left_out: List[int] = []
+        while len(remaining) >= size:
+            batch, seen = [], set()
+            for i in remaining:
+                if seen.isdisjoint(texts[i]):
+                    batch.append(i)
+                    seen |= texts[i]
+                    if len(batch) == size:
+                        break
+            if len(batch) < size:
+                # no duplicate-free batch starts with the first waiting group: it sits this
+                # epoch out (the next epoch's order is reshuffled) and the rest are tried
+                left_out.append(next(iter(remaining)))
+                del remaining[left_out[-1]]
+                continue
+            for i in batch:
+                del remaining[i]
+            order.extend(batch)
+        self.left_out_last_epoch = len(remaining) + len(left_out)
+        if self.left_out_last_epoch:
+            log.info("epoch %d: %d of %d groups wait for the next epoch (no duplicate-free "
+                     "batch of %d left for them)", epoch, self.left_out_last_epoch, len(self), size)
+        if not order:
+            raise ValueError(f"{self.pool.source}: no global batch of {size} groups without a "
+                             "repeated text can be formed; lower the batch size")
+        return order
+
+    # --------------------------------------------------------------------------- items
+    def __getitem__(self, index: int) -> dict:
+        s = self.sample(int(index), self.epoch)
+        q, d, teacher = self.pool.queries, self.pool.docs, self.pool.teacher
+        item = {"qid": s.qid, "query": q[s.qid], "positive": d[s.positive],
+                "negatives": [d[p] for p in s.negatives],
+                "neg_queries": [q[x] for x in s.neg_queries]}
+        if self.with_teacher:
+            scores = teacher[s.qid]
+            item["teacher_pos"] = scores[s.positive]
+            item["teacher_neg"] = [scores[p] for p in s.negatives]
+            item["teacher_neg_queries"] = [teacher[x][s.positive] for x in s.neg_queries]
+        return item
+
+
+class GroupCollator:
+    """Items -> token tensors (query tower for queries and negative queries, document tower for
+    documents: positives first, then each group's k negatives) + teacher scores + ids."""
+
+    def __init__(self, tokenize: Callable[..., dict]):
+        self.tokenize = tokenize  # common.encoder.Encoder.tokenize (applies the tower prefixes)
+
+    def __call__(self, items: List[dict]) -> dict:
+        batch: dict = {"ids": [it["qid"] for it in items]}
+        docs = [it["positive"] for it in items] + [t for it in items for t in it["negatives"]]
+        for prefix, texts, tower in (("query", [it["query"] for it in items], "query"),
+                                     ("doc", docs, "doc")):
+            tokens = self.tokenize(texts, tower=tower)
+            batch[f"{prefix}_input_ids"] = tokens["input_ids"]
+            batch[f"{prefix}_attention_mask"] = tokens["attention_mask"]
+        neg_queries = [t for it in items for t in it["neg_queries"]]
+        if neg_queries:
+            tokens = self.tokenize(neg_queries, tower="query")
+            batch["negq_input_ids"] = tokens["input_ids"]
+            batch["negq_attention_mask"] = tokens["attention_mask"]
+        if "teacher_pos" in items[0]:
+            batch["teacher_pos"] = torch.tensor([it["teacher_pos"] for it in items])
+            batch["teacher_neg"] = torch.tensor([it["teacher_neg"] for it in items]).reshape(len(items), -1)
+            if neg_queries:
+                batch["teacher_neg_queries"] = torch.tensor(
+                    [it["teacher_neg_queries"] for it in items]).reshape(len(items), -1)
+        return batch

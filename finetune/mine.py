@@ -1,0 +1,213 @@
+"""Hard negatives from BM25 (common.bm25) or a dense model (common.search, faiss), written in the
+hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
+
+    python -m finetune.mine --data scifact --split train --retriever bm25 --output negs.jsonl
+    python -m finetune.mine --data msmarco_sample --retriever dense \
+        --model bundled:all-MiniLM-L6-v2 --skip-top 3 --window 30 --n 10 --output negs.jsonl
+
+Per query: retrieve `depth` documents, drop every judged-relevant document (and any document
+whose text equals a positive's), keep the rank window [skip_top, skip_top + window) of what is
+left (skipping the top few avoids unlabelled positives; Qu et al. 2021 and Moreira et al. 2024,
+NV-Retriever, discuss why), drop candidates a false-negative filter rejects, then sample `n`
+of the window with a generator seeded by (seed, query id), listed in rank order.
+
+False-negative filters (each optional):
+  --teacher-margin M  keep d- only if t(q, d-) < min_pos t(q, d+) - M (a cross-encoder teacher)
+  --max-pos-ratio R   keep d- only if s(q, d-) < R * min_pos s(q, d+) (NV-Retriever's
+                      TopK-PercPos, R = 0.95 there; s is the mining retriever's score)
+  --max-score S       keep d- only if s(q, d-) < S (an absolute similarity ceiling)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from common.data.io import write_text_atomic
+from finetune.data import stable_hash
+
+log = logging.getLogger("twotower.mine")
+
+
+@dataclass
+class MineArgs:
+    retriever: str = "bm25"  # bm25 | dense
+    model: str = ""  # dense retriever (Encoder.load)
+    depth: int = 100
+    skip_top: int = 0
+    window: int = 0  # 0 = everything after skip_top
+    n: int = 20
+    seed: int = 0
+    system: str = ""  # name in "neg": {system: [...]}; "" = the retriever's name
+    teacher: str = ""
+    teacher_kind: str = "cross_encoder"
+    teacher_margin: Optional[float] = None
+    max_pos_ratio: Optional[float] = None
+    max_score: Optional[float] = None
+    teacher_cache: str = ""
+    batch_size: int = 64
+    stats: Dict[str, int] = field(default_factory=dict)
+
+
+def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
+    """(run {qid: {pid: score}} of depth `args.depth`, {qid: {pid: score}} of the positives)."""
+    if args.retriever == "bm25":
+        from common.bm25 import BM25Index
+
+        index = BM25Index(data.corpus)
+        return (index.search(qids, qtexts, args.depth),
+                index.score_candidates(qids, qtexts, positives))
+    if args.retriever != "dense":
+        raise ValueError(f"--retriever must be bm25 or dense, got {args.retriever!r}")
+    if not args.model:
+        raise ValueError("--retriever dense needs --model")
+    from common.encoder import Encoder
+    from common.search import dense_search
+
+    encoder = Encoder.load(args.model)
+    doc_ids = [str(d) for d in data.corpus["id"]]
+    doc_emb = encoder.encode_corpus(data.corpus, batch_size=args.batch_size)
+    query_emb = encoder.encode_queries(qtexts, batch_size=args.batch_size)
+    run = dense_search(query_emb, doc_emb, qids, doc_ids, k=args.depth, similarity=encoder.similarity)
+    if encoder.similarity == "cos":
+        doc_emb = doc_emb / np.linalg.norm(doc_emb, axis=1, keepdims=True).clip(1e-12)
+        query_emb = query_emb / np.linalg.norm(query_emb, axis=1, keepdims=True).clip(1e-12)
+    row = {d: i for i, d in enumerate(doc_ids)}
+    pos_scores = {q: {p: float(doc_emb[row[p]] @ query_emb[i]) for p in positives[q]}
+                  for i, q in enumerate(qids)}
+    return run, pos_scores
+
+
+def mine(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
+    """{qid: {"pos": [...], "neg": [...]}} for every query with a judged-relevant document."""
+    from common.evaluate import judged_queries
+
+    qids_all, texts_all = judged_queries(data)
+    relevant = {q: [d for d, r in data.qrels[q].items() if r > 0] for q in qids_all}
+    qids = [q for q in qids_all if relevant[q]]
+    qtexts = [t for q, t in zip(qids_all, texts_all) if relevant[q]]
+    args.stats = {"queries": len(qids), "queries_without_positive": len(qids_all) - len(qids),
+                  "dropped_teacher_margin": 0, "dropped_pos_ratio": 0, "dropped_max_score": 0,
+                  "dropped_duplicate_text": 0}
+    run, pos_scores = retrieve(data, qids, qtexts, args, {q: relevant[q] for q in qids})
+    doc_text = _doc_texts(data)
+    out = {}
+    for q, text in zip(qids, qtexts):
+        positives = set(relevant[q])
+        pos_texts = {doc_text(p) for p in positives}
+        ranked = [p for p, _ in sorted(run.get(q, {}).items(), key=lambda kv: -kv[1])
+                  if p not in positives]
+        kept = []
+        for p in ranked:
+            if doc_text(p) in pos_texts:
+                args.stats["dropped_duplicate_text"] += 1
+            else:
+                kept.append(p)
+        window = kept[args.skip_top: args.skip_top + args.window if args.window else None]
+        window = _filter(q, text, window, run[q], pos_scores[q], positives, args, teacher, doc_text)
+        rng = np.random.default_rng([args.seed, stable_hash(q)])
+        chosen = sorted(rng.choice(len(window), min(args.n, len(window)), replace=False).tolist())
+        out[q] = {"pos": sorted(positives), "neg": [window[i] for i in chosen]}
+    return out
+
+
+def _filter(qid, text, window, scores, pos_scores, positives, args, teacher, doc_text):
+    if args.max_score is not None:
+        kept = [p for p in window if scores[p] < args.max_score]
+        args.stats["dropped_max_score"] += len(window) - len(kept)
+        window = kept
+    if args.max_pos_ratio is not None and pos_scores:
+        ceiling = args.max_pos_ratio * min(pos_scores.values())
+        kept = [p for p in window if scores[p] < ceiling]
+        args.stats["dropped_pos_ratio"] += len(window) - len(kept)
+        window = kept
+    if args.teacher_margin is not None and window:
+        if teacher is None:
+            raise ValueError("--teacher-margin needs --teacher")
+        pos = sorted(positives)
+        t = teacher.score([text] * (len(pos) + len(window)), [doc_text(p) for p in pos + window])
+        bound = t[:len(pos)].min() - args.teacher_margin
+        kept = [p for p, s in zip(window, t[len(pos):]) if s < bound]
+        args.stats["dropped_teacher_margin"] += len(window) - len(kept)
+        window = kept
+    return window
+
+
+def _doc_texts(data):
+    """pid -> title + " " + text, read on demand from the corpus table and memoised."""
+    from finetune.data import TextStore
+
+    store = TextStore.from_table(data.corpus, with_title=True)
+    cache: Dict[str, str] = {}
+
+    def text(pid: str) -> str:
+        if pid not in cache:
+            cache[pid] = store[pid]
+        return cache[pid]
+    return text
+
+
+def write_hard_negatives(mined: Dict[str, Dict], system: str, path) -> None:
+    def write(f):
+        for q, row in mined.items():
+            f.write(json.dumps({"qid": q, "pos": row["pos"], "neg": {system: row["neg"]}}) + "\n")
+    write_text_atomic(path, write)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--data", required=True, help="BEIR folder or MS MARCO-layout folder (or a "
+                   "name under $TWOTOWER_DATA)")
+    p.add_argument("--split", default="train", help="qrels split (BEIR)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    defaults = MineArgs()
+    for name in ("retriever", "model", "depth", "skip_top", "window", "n", "seed", "system",
+                 "teacher", "teacher_kind", "teacher_margin", "max_pos_ratio", "max_score",
+                 "teacher_cache", "batch_size"):
+        value = getattr(defaults, name)
+        kind = float if name in ("teacher_margin", "max_pos_ratio", "max_score") else type(value)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pathlib import Path
+
+    from common.evaluate import load_eval_data
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    output = Path(ns.output)
+    if output.exists() and not ns.overwrite:
+        print(f"error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    fields = {k: v for k, v in vars(ns).items() if k in MineArgs.__dataclass_fields__}
+    args = MineArgs(**fields)
+    teacher = None
+    if args.teacher:
+        from finetune.args import TeacherArgs
+        from finetune.teacher import Teacher
+
+        teacher = Teacher(TeacherArgs(model=args.teacher, kind=args.teacher_kind),
+                          cache_path=args.teacher_cache or None)
+    data = load_eval_data(ns.data, ns.split)
+    mined = mine(data, args, teacher)
+    system = args.system or (args.retriever if args.retriever == "bm25" else f"dense:{Path(args.model).name}")
+    write_hard_negatives(mined, system, output)
+    sizes = [len(r["neg"]) for r in mined.values()]
+    print(json.dumps({"output": str(output), "system": system, **args.stats,
+                      "negatives_per_query_mean": float(np.mean(sizes)) if sizes else 0.0,
+                      "queries_with_fewer_than_n": sum(s < args.n for s in sizes)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Pseudo labels for PAIR stage 1 (RocketQA's denoised pseudo-labelling: Qu et al., "RocketQA:
+An Optimized Training Approach to Dense Passage Retrieval for Open-Domain Question Answering",
+NAACL 2021, Sec. 4: unlabelled questions, candidates retrieved, a cross-encoder keeps passages
+scored above 0.9 as positives and below 0.1 as negatives).
+
+The teacher scores the top-k candidates (BM25 over the corpus, or a given TREC run) of every
+query of `data.path`; the thresholds apply to sigmoid(teacher logit) when pseudo.apply_sigmoid
+(a one-logit cross-encoder's relevance probability), else to the raw score. All teacher scores
+are kept in the pool, so Margin-MSE can use them too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common import data as D
+from finetune.args import DataArgs
+from finetune.data import TextStore, TrainGroup, TrainingPool
+
+log = logging.getLogger("twotower.finetune")
+
+
+def load_unlabelled(data: DataArgs):
+    """(corpus Dataset, queries Dataset) of an MS MARCO-layout or BEIR folder."""
+    root = D.resolve_data(data.path)
+    collection = Path(data.collection) if Path(data.collection).is_absolute() else root / data.collection
+    if collection.is_file():
+        queries = Path(data.queries) if Path(data.queries).is_absolute() else root / data.queries
+        return D.load_msmarco_collection(collection), D.load_msmarco_queries(queries), root
+    return D.load_corpus(root / "corpus.jsonl"), D.load_queries(root / "queries.jsonl"), root
+
+
+def candidate_run(data: DataArgs, corpus, qids, qtexts, root: Path) -> dict:
+    k = data.pseudo.top_k
+    if data.pseudo.candidates == "bm25":
+        from common.bm25 import BM25Index
+
+        return BM25Index(corpus).search(qids, qtexts, k)
+    path = Path(data.pseudo.candidates)
+    run = D.load_run(path if path.is_absolute() or path.exists() else root / path)
+    return {q: dict(sorted(run.get(q, {}).items(), key=lambda kv: -kv[1])[:k]) for q in qids}
+
+
+def pseudo_label_pool(data: DataArgs, teacher) -> TrainingPool:
+    corpus, queries, root = load_unlabelled(data)
+    docs = TextStore.from_table(corpus, with_title=True)
+    query_store = TextStore.from_table(queries, with_title=False)
+    qids = list(query_store.ids)
+    if data.max_queries and data.max_queries < len(qids):  # label only the few-shot sample
+        keep = np.sort(np.random.default_rng(data.sample_seed).choice(len(qids), data.max_queries,
+                                                                      replace=False))
+        qids = [qids[i] for i in keep]
+    qtexts = [query_store[q] for q in qids]
+    run = candidate_run(data, corpus, qids, qtexts, root)
+    pairs = [(q, p) for q in qids for p in run.get(q, {})]
+    scores = teacher.score([query_store[q] for q, _ in pairs], [docs[p] for _, p in pairs])
+    teacher_scores: dict = {}
+    for (q, p), s in zip(pairs, scores):
+        teacher_scores.setdefault(q, {})[p] = float(s)
+    args = data.pseudo
+    squash = (lambda s: 1.0 / (1.0 + math.exp(-s))) if args.apply_sigmoid else (lambda s: s)
+    groups = []
+    for q in qids:
+        ranked = sorted(teacher_scores.get(q, {}).items(), key=lambda kv: -kv[1])
+        positives = [p for p, s in ranked if squash(s) >= args.pos_threshold][:args.max_positives]
+        negatives = [p for p, s in ranked if squash(s) <= args.neg_threshold]
+        if positives:
+            groups.append(TrainGroup(q, positives, negatives))
+    log.info("pseudo labels: %d of %d queries have a positive (>= %.2f); %.1f negatives "
+             "(<= %.2f) per kept query", len(groups), len(qids), args.pos_threshold,
+             np.mean([len(g.negatives) for g in groups]) if groups else 0.0, args.neg_threshold)
+    if not groups:
+        raise ValueError(f"pseudo labelling of {root}: no query has a candidate with teacher "
+                         f"score >= {args.pos_threshold} (data.pseudo.pos_threshold)")
+    return TrainingPool(groups, query_store, docs, teacher=teacher_scores,
+                        source=f"{root} (pseudo-labelled by {teacher.args.model})")

@@ -1,0 +1,160 @@
+"""Fine-tune a dense retriever from labelled or teacher-labelled pairs.
+
+    python finetune/run.py --recipe fewshot_cpu [key=value ...] [--resume]
+    accelerate launch --num_processes 2 finetune/run.py --recipe pair_two_stage
+
+A recipe with `stages` (pair_two_stage) runs them in order, each from the previous stage's model,
+in <train.output_dir>/stages/<name>/; a recipe with `pretrain.recipe` (domain_adapt) first runs
+that pretraining recipe (pretrain/run.py) into <train.output_dir>/pretrain/. The final model is
+<train.output_dir>/model. --resume skips finished parts and resumes the unfinished one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import parse_run_args  # noqa: E402
+from common.config import load_recipe  # noqa: E402
+from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
+
+log = logging.getLogger("twotower.finetune")
+
+
+def make_evaluate_fn(recipe: FinetuneRecipe):
+    """callable(encoder) -> metrics on recipe.eval.data (None without eval data)."""
+    ev = recipe.eval
+    if not ev.data:
+        return None
+    from common.evaluate import evaluate_dense, load_eval_data, subsample
+
+    data = subsample(load_eval_data(ev.data, ev.split), ev.max_queries, ev.max_docs,
+                     seed=recipe.train.seed)
+
+    def evaluate(encoder) -> dict:
+        return evaluate_dense(encoder, data, batch_size=ev.batch_size, measures=ev.metrics,
+                              progress=False).metrics
+    return evaluate
+
+
+def _teacher(recipe: FinetuneRecipe, device):
+    if not recipe.teacher.model:
+        return None
+    from finetune.teacher import Teacher
+
+    cache = recipe.teacher.cache or str(Path(recipe.train.output_dir).resolve().parent
+                                        / "teacher_cache.sqlite")
+    return Teacher(recipe.teacher, cache_path=cache, device=device)
+
+
+def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_processes: int,
+                device="cpu"):
+    """(method, dataset, collate) of one stage, starting from `model_path`."""
+    from accelerate import PartialState
+
+    from common.encoder import Encoder
+    from finetune.data import GroupCollator, GroupDataset
+    from finetune.method import FinetuneMethod
+    from finetune.sources import build_pool, required_pairs
+
+    encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
+    teacher = _teacher(recipe, device)
+    with_teacher = stage.loss.needs_teacher_scores()
+    # the main process computes teacher scores into the cache first; the others then read them
+    with PartialState().main_process_first():
+        pool = build_pool(stage.data, teacher=teacher)
+        if with_teacher and teacher is not None:
+            n = teacher.fill_pool(pool, required_pairs(pool, with_neg_queries=stage.data.n_neg_queries > 0))
+            log.info("teacher: %d pairs scored (%d computed, %d from the cache)", n,
+                     teacher.computed, teacher.cache_hits)
+    if teacher is not None:
+        teacher.close()
+    dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
+                           with_teacher=with_teacher, short_pool=stage.data.short_pool,
+                           seed=recipe.train.seed,
+                           global_batch_size=recipe.train.per_device_batch_size * num_processes)
+    return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize)
+
+
+def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
+    """domain_adapt: the pretraining stage's driver on its own recipe; returns its model path."""
+    from pretrain.run import main as pretrain_main
+
+    out = Path(recipe.train.output_dir) / "pretrain"
+    model = out / "model"
+    if resume and (model / "config.json").is_file():
+        log.info("pretraining already finished: %s", model)
+        return str(model)
+    argv = ["--recipe", recipe.pretrain.recipe, *recipe.pretrain.overrides,
+            f"model.name_or_path={recipe.model.name_or_path}", f"train.output_dir={out}"]
+    if recipe.train.overwrite_output_dir:
+        argv.append("train.overwrite_output_dir=true")
+    pretrain_main(argv + (["--resume"] if resume and out.exists() else []))
+    return str(model)
+
+
+def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
+    from accelerate import PartialState
+
+    from common.training import Trainer
+
+    state = PartialState()
+    root = Path(recipe.train.output_dir)
+    model_path = recipe.model.name_or_path
+    if recipe.pretrain.recipe:
+        model_path = run_domain_pretraining(recipe, resume)
+    stages = recipe.stage_list()
+    single = len(stages) == 1 and not recipe.pretrain.recipe
+    result: dict = {}
+    for name, stage in stages:
+        out = root if single else root / "stages" / name
+        if not single and resume and (out / "model" / "config.json").is_file():
+            log.info("stage %s already finished: %s", name, out / "model")
+            model_path = str(out / "model")
+            continue
+        train = dataclasses.replace(recipe.train, output_dir=str(out),
+                                    max_steps=stage.max_steps or recipe.train.max_steps,
+                                    lr=stage.lr or recipe.train.lr)
+        method, dataset, collate = build_stage(recipe, stage, model_path, state.num_processes,
+                                               device=state.device)
+        log.info("stage %s: %d groups, %d negatives and %d negative queries each, losses %s",
+                 name, len(dataset), stage.data.n_negatives, stage.data.n_neg_queries,
+                 stage.loss.active())
+        trainer = Trainer(args=train, method=method, train_dataset=dataset, collate_fn=collate,
+                          recipe=recipe, evaluate_fn=make_evaluate_fn(recipe))
+        result = {**trainer.train(resume=resume and out.exists()), "stage": name}
+        model_path = str(out / "model")
+    if not single and state.is_main_process:
+        final = root / "model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(model_path, final)
+        (root / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    state.wait_for_everyone()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    run = parse_run_args("Fine-tune a dense retriever (finetune/)", argv)
+    recipe = load_recipe(FinetuneRecipe, run.recipe, run.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run_recipe(recipe, resume=run.resume)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(" | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                         for k, v in result.items()))
+        print(f"model saved to {Path(recipe.train.output_dir) / 'model'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

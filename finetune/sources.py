@@ -1,0 +1,291 @@
+"""Build a TrainingPool from a recipe's `data` section, reading the raw formats through
+common.data (BEIR, MS MARCO collection/queries/qrels/triples/hard negatives/teacher scores) plus
+the generic jsonl `{"query", "positives", "negatives", "scores"}` read here.
+
+Pseudo-labelled pools (data.kind=pseudo) are built by finetune.pseudo, which needs a teacher.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from common import data as D
+from finetune.args import DataArgs
+from finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
+
+log = logging.getLogger("twotower.finetune")
+
+
+def text_id(prefix: str, text: str) -> str:
+    """A stable id for a text that came without one (triples, generic jsonl)."""
+    return f"{prefix}{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+def _file(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else root / path
+
+
+def _positives(judged: Dict[str, int], min_relevance: int) -> List[str]:
+    return [d for d, rel in judged.items() if rel >= min_relevance]
+
+
+def _groups_from_qrels(qids: List[str], qrels: Dict[str, Dict[str, int]], min_relevance: int,
+                       where: str) -> List[TrainGroup]:
+    groups = [TrainGroup(q, _positives(qrels[q], min_relevance)) for q in qids if q in qrels]
+    without = sum(1 for g in groups if not g.positives)
+    if without:
+        log.warning("%s: %d judged queries have no judgement >= %d (data.min_relevance) and are "
+                    "not training groups", where, without, min_relevance)
+    return [g for g in groups if g.positives]
+
+
+def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[Path],
+                      docs: TextStore, teacher: Dict[str, Dict[str, float]],
+                      use_file_positives: bool = False) -> List[TrainGroup]:
+    """Negatives (and, for msmarco without qrels, positives) from a hard-negatives jsonl, with
+    the per-system cap and the teacher-margin false-negative filter of the recipe."""
+    if not data.hard_negatives:
+        return groups
+    path = D.resolve_data(_file(root, data.hard_negatives) if root else data.hard_negatives)
+    table = D.load_hard_negatives(path, systems=data.negative_systems or None)
+    by_qid = {g.qid: g for g in groups}
+    dropped = 0
+    for row in table:
+        for pid in list(row["pos"]) + list(row["neg"]):
+            if pid not in docs:
+                raise D.DataError(f"query {row['qid']!r}: passage {pid!r} is not in the corpus",
+                                  path=path, reason="unknown passage")
+        group = by_qid.get(row["qid"])
+        if group is None:
+            if not use_file_positives:
+                continue  # negatives of a query outside this split / few-shot sample
+            group = by_qid[row["qid"]] = TrainGroup(row["qid"], list(row["pos"]))
+            groups.append(group)
+        bound = None
+        if data.teacher_margin is not None:
+            scores = teacher.get(row["qid"], {})
+            missing = [p for p in group.positives + list(row["neg"]) if p not in scores]
+            if missing:
+                raise D.DataError(f"data.teacher_margin: no teacher score for query "
+                                  f"{row['qid']!r}, passage {missing[0]!r}", path=data.teacher_scores)
+            bound = min(scores[p] for p in group.positives) - data.teacher_margin
+        taken: Dict[str, int] = {}
+        negatives = []
+        for pid, system in zip(row["neg"], row["neg_system"]):
+            if bound is not None and teacher[row["qid"]][pid] > bound:
+                dropped += 1
+                continue
+            if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:
+                continue
+            taken[system] = taken.get(system, 0) + 1
+            negatives.append(pid)
+        group.negatives = negatives
+    if dropped:
+        log.info("%s: teacher margin %.2f removed %d likely false negatives", path,
+                 data.teacher_margin, dropped)
+    return groups
+
+
+def _beir_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+    rd = D.load_beir(data.path, data.split)
+    docs = TextStore.from_table(rd.corpus, with_title=True)
+    queries = TextStore.from_table(rd.queries, with_title=False)
+    groups = _groups_from_qrels(queries.ids, rd.qrels, data.min_relevance, f"{data.path}/{data.split}")
+    groups = _attach_negatives(groups, data, None, docs, teacher)
+    _mine_negatives(groups, data, rd)
+    return TrainingPool(groups, queries, docs, teacher=teacher, source=f"{data.path} ({data.split})")
+
+
+def _msmarco_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+    root = D.resolve_data(data.path)
+    docs = TextStore.from_table(D.load_msmarco_collection(_file(root, data.collection)), True)
+    queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries)), False)
+    if data.qrels:
+        qrels = D.load_qrels(_file(root, data.qrels), query_ids=set(queries.ids),
+                             doc_ids=set(docs.ids))
+        groups = _groups_from_qrels(queries.ids, qrels, data.min_relevance, str(root))
+    elif not data.hard_negatives:
+        raise D.DataError("msmarco data needs data.qrels or data.hard_negatives (for positives)",
+                          path=root)
+    else:
+        groups = []
+    groups = _attach_negatives(groups, data, root, docs, teacher, use_file_positives=not data.qrels)
+    for g in groups:
+        if g.qid not in queries:
+            raise D.DataError(f"query {g.qid!r} has no text in {data.queries}", path=root)
+    if data.mine.retriever:
+        kept = [i for i, q in enumerate(queries.ids) if q in {g.qid for g in groups}]
+        table = D.load_msmarco_queries(_file(root, data.queries)).select(kept)
+        _mine_negatives(groups, data, D.RetrievalData(
+            corpus=D.load_msmarco_collection(_file(root, data.collection)), queries=table,
+            qrels={g.qid: {p: 1 for p in g.positives} for g in groups}, name=root.name,
+            split="train"))
+    return TrainingPool(groups, queries, docs, teacher=teacher, source=str(root))
+
+
+def _mine_negatives(groups: List[TrainGroup], data: DataArgs, rd) -> None:
+    """data.mine: negatives from BM25 / a dense model, with the rank window of finetune.mine."""
+    if not data.mine.retriever:
+        return
+    from finetune.mine import MineArgs, mine
+
+    m = data.mine
+    args = MineArgs(retriever=m.retriever, model=m.model, depth=m.depth, skip_top=m.skip_top,
+                    window=m.window, n=m.n, seed=data.sample_seed)
+    mined = mine(rd, args)
+    for g in groups:
+        g.negatives = [p for p in mined.get(g.qid, {}).get("neg", []) if p not in g.positives]
+    log.info("mined %s negatives: %s", m.retriever, args.stats)
+
+
+def _triples_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+    table = D.load_triples(data.path)
+    query_texts: Dict[str, str] = {}
+    doc_texts: Dict[str, str] = {}
+    groups: Dict[str, TrainGroup] = {}
+    for row in table:
+        qid, pos, neg = text_id("q", row["query"]), text_id("d", row["positive"]), text_id("d", row["negative"])
+        query_texts[qid], doc_texts[pos], doc_texts[neg] = row["query"], row["positive"], row["negative"]
+        group = groups.setdefault(qid, TrainGroup(qid, []))
+        if pos not in group.positives:
+            group.positives.append(pos)
+        if neg not in group.negatives:
+            group.negatives.append(neg)
+    return TrainingPool(list(groups.values()), TextStore.from_dict(query_texts),
+                        TextStore.from_dict(doc_texts), teacher=teacher, source=str(data.path))
+
+
+def _jsonl_text(value, path: Path, line_no: int, name: str) -> str:
+    if isinstance(value, dict):  # {"title", "text"} documents
+        from common.encoder import doc_text
+        value = doc_text(value)
+    if not isinstance(value, str) or not value.strip():
+        raise D.DataError(f"'{name}' entries must be non-empty strings or {{title, text}} objects",
+                          path=path, line=line_no, reason="bad text")
+    return value
+
+
+def _jsonl_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+    """Generic jsonl: {"query", "positives": [..], "negatives": [..], "scores": [..]} per line;
+    texts are strings or {title, text}; `scores` (optional) are teacher scores of the positives
+    followed by the negatives, in order."""
+    from common.data.io import get_field, iter_lines, parse_json_object
+
+    path = D.resolve_data(data.path)
+    query_texts: Dict[str, str] = {}
+    doc_texts: Dict[str, str] = {}
+    groups: List[TrainGroup] = []
+    for line_no, line in iter_lines(path):
+        obj = parse_json_object(path, line_no, line)
+        query = _jsonl_text(get_field(obj, "query", path, line_no), path, line_no, "query")
+        lists = {}
+        for name in ("positives", "negatives"):
+            value = obj.get(name, []) if name == "negatives" else get_field(obj, name, path, line_no)
+            if not isinstance(value, list):
+                raise D.DataError(f"'{name}' must be a list", path=path, line=line_no)
+            lists[name] = [_jsonl_text(v, path, line_no, name) for v in value]
+        if not lists["positives"]:
+            raise D.DataError("no positives", path=path, line=line_no, reason="no positives")
+        qid = text_id("q", query)
+        if qid in query_texts:
+            raise D.DataError("the same query text appears on two lines; merge them", path=path,
+                              line=line_no, reason="duplicate query")
+        query_texts[qid] = query
+        ids = {name: [text_id("d", t) for t in texts] for name, texts in lists.items()}
+        for name in ids:
+            doc_texts.update(zip(ids[name], lists[name]))
+        if obj.get("scores") is not None:
+            scores = obj["scores"]
+            both = ids["positives"] + ids["negatives"]
+            if not isinstance(scores, list) or len(scores) != len(both):
+                raise D.DataError(f"'scores' must list {len(both)} numbers (positives, then "
+                                  "negatives)", path=path, line=line_no, reason="bad scores")
+            teacher[qid] = {d: _score(s, path, line_no) for d, s in zip(both, scores)}
+        groups.append(TrainGroup(qid, ids["positives"], ids["negatives"]))
+    return TrainingPool(groups, TextStore.from_dict(query_texts), TextStore.from_dict(doc_texts),
+                        teacher=teacher, source=str(path))
+
+
+def _score(value, path: Path, line_no: int) -> float:
+    from common.data.io import parse_score
+    return parse_score(value, "score", path, line_no)
+
+
+READERS = {"beir": _beir_pool, "msmarco": _msmarco_pool, "triples": _triples_pool,
+           "jsonl": _jsonl_pool}
+
+
+def data_file(data: DataArgs, name: str) -> Path:
+    """A file named in the data section: absolute, inside data.path (msmarco folders), or
+    anything common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
+    if data.kind in ("msmarco", "pseudo") and data.path and not Path(name).is_absolute():
+        inside = D.resolve_data(data.path) / name
+        if inside.exists():
+            return inside
+    return D.resolve_data(name)
+
+
+def build_pool(data: DataArgs, teacher=None) -> TrainingPool:
+    """The groups of `data` (few-shot sampled, teacher scores attached, negative queries mined)."""
+    scores: Dict[str, Dict[str, float]] = {}
+    if data.teacher_scores:
+        scores = {q: dict(by_pid) for q, by_pid in D.load_teacher_scores(data_file(data, data.teacher_scores)).items()}
+    if data.kind == "pseudo":
+        from finetune.pseudo import pseudo_label_pool
+        if teacher is None:
+            raise ValueError("data.kind=pseudo needs a teacher (teacher.model)")
+        pool = pseudo_label_pool(data, teacher)
+        for qid, by_pid in scores.items():
+            pool.teacher.setdefault(qid, {}).update(by_pid)
+    else:
+        pool = READERS[data.kind](data, scores)
+    if data.max_queries and data.max_queries < len(pool.groups):
+        rng = np.random.default_rng(data.sample_seed)
+        keep = np.sort(rng.choice(len(pool.groups), data.max_queries, replace=False))
+        pool.groups = [pool.groups[i] for i in keep]
+        pool.source += f" ({data.max_queries} sampled queries, seed {data.sample_seed})"
+    if data.n_neg_queries:
+        mine_negative_queries(pool, data.n_neg_queries, data.sample_seed,
+                              fill_random=data.short_pool == "random")
+    return pool
+
+
+def mine_negative_queries(pool: TrainingPool, m: int, seed: int, fill_random: bool) -> None:
+    """pool.neg_queries[pid] = queries that list pid among their negatives (and do not judge it
+    relevant); with fill_random, topped up to m with random queries fixed per pid (so a teacher
+    can score them before training)."""
+    positives_of = {g.qid: set(g.positives) for g in pool.groups}
+    wanted = {p for g in pool.groups for p in g.positives}
+    found: Dict[str, List[str]] = {p: [] for p in wanted}
+    for g in pool.groups:
+        for pid in g.negatives:
+            if pid in found and pid not in positives_of[g.qid]:
+                found[pid].append(g.qid)
+    query_ids = pool.queries.ids
+    for pid, qids in found.items():
+        if fill_random and len(qids) < m and len(query_ids) > m:
+            rng = np.random.default_rng([seed, stable_hash(pid)])
+            taken = set(qids)
+            for _ in range(20 * m):  # rejection sampling: never a pass over all queries
+                q = query_ids[int(rng.integers(len(query_ids)))]
+                if q not in taken and pid not in positives_of.get(q, ()):
+                    qids.append(q)
+                    taken.add(q)
+                    if len(qids) >= m:
+                        break
+        pool.neg_queries[pid] = qids
+
+
+def required_pairs(pool: TrainingPool, with_neg_queries: bool) -> List[tuple]:
+    """(qid, pid) pairs a teacher must score for Margin-MSE over this pool."""
+    pairs = []
+    for g in pool.groups:
+        pairs += [(g.qid, p) for p in g.positives] + [(g.qid, p) for p in g.negatives]
+        if with_neg_queries:
+            pairs += [(q, p) for p in g.positives for q in pool.neg_queries.get(p, [])]
+    return list(dict.fromkeys(pairs))

@@ -1,0 +1,180 @@
+"""Training groups: deterministic sampling, duplicate-free global batches, readers, collation."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler
+
+from common.data import DataError
+from finetune.args import DataArgs
+from finetune.data import GroupCollator, GroupDataset, TextStore, TrainGroup, TrainingPool
+from finetune.sources import build_pool, mine_negative_queries
+
+
+def make_pool(n=12, n_neg=6, shared_every=0, teacher=False):
+    """n groups; with shared_every, every that-many groups reuse one positive text (duplicates)."""
+    queries = {f"q{i}": f"query {i}" for i in range(n)}
+    docs = {}
+    groups = []
+    for i in range(n):
+        pos = f"p{i}"
+        docs[pos] = f"positive of {i // shared_every if shared_every else i}"
+        negs = [f"n{i}_{j}" for j in range(n_neg)]
+        docs.update({d: f"negative {d}" for d in negs})
+        groups.append(TrainGroup(f"q{i}", [pos], negs))
+    scores = {}
+    if teacher:
+        scores = {g.qid: {g.positives[0]: 5.0, **{d: float(j) for j, d in enumerate(g.negatives[:3])}}
+                  for g in groups}
+    return TrainingPool(groups, TextStore.from_dict(queries), TextStore.from_dict(docs), teacher=scores)
+
+
+def test_sampling_is_a_pure_function_of_seed_epoch_index():
+    pool = make_pool()
+    a, b = GroupDataset(pool, 3, seed=7), GroupDataset(pool, 3, seed=7)
+    assert a.sample(4, 2) == b.sample(4, 2)
+    assert [a.sample(i, 0).negatives for i in range(12)] != [a.sample(i, 1).negatives for i in range(12)]
+    a.set_epoch(1)
+    assert a[4]["negatives"] == [pool.docs[d] for d in a.sample(4, 1).negatives]
+
+
+def test_negatives_exclude_positives_and_their_duplicate_texts():
+    pool = make_pool(n=4)
+    g = pool.groups[0]
+    # a negative id that is a positive, and one whose text duplicates the positive's text
+    g.negatives = [g.positives[0], "dup", "n0_1", "n0_2"]
+    pool.docs = TextStore.from_dict({**{d: pool.docs[d] for d in pool.docs.ids},
+                                     "dup": pool.docs[g.positives[0]]})
+    ds = GroupDataset(pool, 2, seed=0)
+    for epoch in range(20):
+        assert sorted(ds.sample(0, epoch).negatives) == ["n0_1", "n0_2"]
+
+
+def test_short_pool_is_filled_with_random_documents_or_refused():
+    pool = make_pool(n=6, n_neg=1)
+    ds = GroupDataset(pool, 3, seed=0, short_pool="random")
+    for i in range(6):
+        s = ds.sample(i, 0)
+        assert len(set(s.negatives)) == 3 and pool.groups[i].positives[0] not in s.negatives
+        assert pool.groups[i].negatives[0] in s.negatives
+    with pytest.raises(ValueError, match="query 'q0' has 1 usable negatives"):
+        GroupDataset(pool, 3, seed=0, short_pool="error").sample(0, 0)
+
+
+def test_teacher_mode_samples_only_scored_negatives_and_returns_scores():
+    pool = make_pool(teacher=True)
+    ds = GroupDataset(pool, 2, with_teacher=True, seed=0)
+    item = ds[3]
+    scored = pool.teacher["q3"]
+    assert item["teacher_pos"] == 5.0
+    for text, score in zip(item["negatives"], item["teacher_neg"]):
+        pid = next(d for d in pool.groups[3].negatives if pool.docs[d] == text)
+        assert scored[pid] == score
+    del pool.teacher["q5"]["p5"]
+    with pytest.raises(DataError, match="'q5', 'p5'"):
+        GroupDataset(pool, 2, with_teacher=True, seed=0)
+
+
+def _global_batches(order, per_device, world):
+    """Global batches as Accelerate's BatchSamplerShard hands them out (rank r: r-th batch)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    shards = [list(BatchSamplerShard(BatchSampler(order, per_device, drop_last=True), world, r))
+              for r in range(world)]
+    return [sum((shards[r][t] for r in range(world)), []) for t in range(len(shards[0]))]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_order_keeps_duplicate_texts_out_of_a_global_batch(world):
+    pool = make_pool(n=40, n_neg=3, shared_every=4)  # positives repeat across groups of 4
+    per_device = 3
+    ds = GroupDataset(pool, 2, seed=1, global_batch_size=per_device * world)
+    for epoch in range(3):
+        order = ds.epoch_order(epoch, 1)
+        assert len(order) % (per_device * world) == 0 and len(set(order)) == len(order)
+        batches = _global_batches(order, per_device, world)
+        assert sum(map(len, batches)) == len(order)
+        for batch in batches:
+            texts = [t for i in batch for t in set(ds.texts_of(ds.sample(i, epoch)))]
+            assert len(texts) == len(set(texts)), "a text occurs in two groups of one batch"
+        assert order == ds.epoch_order(epoch, 1)  # pure function of (seed, epoch)
+    assert ds.epoch_order(0, 1) != ds.epoch_order(1, 1)
+
+
+def test_epoch_order_refuses_impossible_batches():
+    pool = make_pool(n=6, shared_every=6)  # every group has the same positive text
+    with pytest.raises(ValueError, match="no global batch"):
+        GroupDataset(pool, 1, seed=0, global_batch_size=2).epoch_order(0, 0)
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        GroupDataset(make_pool(n=3), 1, seed=0, global_batch_size=4).epoch_order(0, 0)
+
+
+def test_negative_queries_are_mined_from_negative_lists():
+    pool = make_pool(n=5)
+    pool.groups[1].negatives.append("p0")  # q1 lists p0 among its negatives: q1 is a q- of p0
+    mine_negative_queries(pool, 1, seed=0, fill_random=False)
+    assert pool.neg_queries["p0"] == ["q1"] and pool.neg_queries["p2"] == []
+    ds = GroupDataset(pool, 1, n_neg_queries=1, seed=0)
+    assert ds[0]["neg_queries"] == ["query 1"]
+    mine_negative_queries(pool, 2, seed=0, fill_random=True)
+    assert len(pool.neg_queries["p2"]) == 2 and "q2" not in pool.neg_queries["p2"]
+
+
+def test_collator_layout(tiny_encoder_factory):
+    enc = tiny_encoder_factory()
+    pool = make_pool(teacher=True)
+    mine_negative_queries(pool, 2, seed=0, fill_random=True)
+    for g in pool.groups:  # teacher scores for the negative queries too
+        for q in pool.neg_queries[g.positives[0]]:
+            pool.teacher[q][g.positives[0]] = -1.0
+    ds = GroupDataset(pool, 2, n_neg_queries=2, with_teacher=True, seed=0)
+    items = [ds[i] for i in range(3)]
+    batch = GroupCollator(enc.tokenize)(items)
+    assert batch["ids"] == ["q0", "q1", "q2"]
+    assert batch["query_input_ids"].shape[0] == 3 and batch["doc_input_ids"].shape[0] == 3 * 3
+    assert batch["negq_input_ids"].shape[0] == 6
+    assert batch["teacher_neg"].shape == (3, 2) and batch["teacher_neg_queries"].shape == (3, 2)
+    # documents: positives first, then each group's negatives in order
+    second_neg_of_first = enc.tokenize([items[0]["negatives"][1]], tower="doc")["input_ids"][0]
+    row = batch["doc_input_ids"][3 + 1]
+    assert torch.equal(row[: len(second_neg_of_first)], second_neg_of_first)
+
+
+# ------------------------------------------------------------------------------ readers
+def test_msmarco_sample_reader(shared_data_root):
+    pool = build_pool(DataArgs(kind="msmarco", path=str(shared_data_root / "msmarco_sample"),
+                               hard_negatives="hard_negatives.jsonl"))
+    assert len(pool.groups) == 200
+    for g in pool.groups:
+        assert g.positives and not set(g.positives) & set(g.negatives)
+        assert g.qid in pool.queries and all(d in pool.docs for d in g.positives + g.negatives)
+    few = build_pool(DataArgs(kind="msmarco", path=str(shared_data_root / "msmarco_sample"),
+                              max_queries=10, sample_seed=3))
+    again = build_pool(DataArgs(kind="msmarco", path=str(shared_data_root / "msmarco_sample"),
+                                max_queries=10, sample_seed=3))
+    assert [g.qid for g in few.groups] == [g.qid for g in again.groups] and len(few.groups) == 10
+
+
+def test_beir_and_triples_readers(shared_data_root):
+    pool = build_pool(DataArgs(kind="beir", path=str(shared_data_root / "scifact"), split="train"))
+    assert len(pool.groups) == 809  # SciFact's training queries
+    triples = build_pool(DataArgs(kind="triples", path=str(shared_data_root / "msmarco_sample/triples.tsv")))
+    g = triples.groups[0]
+    assert triples.queries[g.qid] == "are florida mangroves protected" and len(g.negatives) >= 1
+
+
+def test_generic_jsonl_reader(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"query": "what is a cat", "positives": ["a cat is an animal"],
+             "negatives": ["a car is a vehicle", {"title": "Dogs", "text": "bark"}],
+             "scores": [9.0, 1.0, 2.0]},
+            {"query": "what is a dog", "positives": ["dogs bark"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = build_pool(DataArgs(kind="jsonl", path=str(path)))
+    g = pool.groups[0]
+    assert pool.docs[g.negatives[1]] == "Dogs bark"
+    assert pool.teacher[g.qid] == {g.positives[0]: 9.0, g.negatives[0]: 1.0, g.negatives[1]: 2.0}
+    rows[0]["scores"] = [1.0]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"train.jsonl:1: 'scores' must list 3 numbers"):
+        build_pool(DataArgs(kind="jsonl", path=str(path)))

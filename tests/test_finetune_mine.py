@@ -1,0 +1,104 @@
+"""Hard-negative mining: never a positive, rank window, false-negative filters, the jsonl output."""
+import json
+
+import numpy as np
+import pytest
+
+from common.bm25 import BM25Index
+from common.data import load_beir, load_hard_negatives
+from common.encoder import tiny_bert
+from finetune.mine import MineArgs, main, mine
+
+TOPICS = ["mangrove", "herpes", "volcano", "protein", "glacier"]
+
+
+def write_beir(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, queries, qrels = [], [], []
+    for t, topic in enumerate(TOPICS):
+        queries.append({"_id": f"q{t}", "text": f"{topic} facts"})
+        for i in range(8):  # 8 documents per topic, all sharing the topic word
+            docs.append({"_id": f"{topic}{i}", "title": "", "text": f"{topic} facts " + "x " * i + f"doc {i}"})
+        qrels += [(f"q{t}", f"{topic}0", 1), (f"q{t}", f"{topic}1", 2), (f"q{t}", f"{topic}2", 0)]
+    # a copy of a positive under another id: must not become a negative either
+    docs.append({"_id": "dup", "title": "", "text": docs[0]["text"]})
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, d, r in qrels))
+    return load_beir(folder, "train")
+
+
+def bm25_ranking(data, qid):
+    queries = dict(zip(data.queries["id"], data.queries["text"]))
+    run = BM25Index(data.corpus).search([qid], [queries[qid]], 100)[qid]
+    return [d for d, _ in sorted(run.items(), key=lambda kv: -kv[1])]
+
+
+def test_mined_negatives_never_contain_a_positive(tmp_path):
+    data = write_beir(tmp_path / "beir")
+    mined = mine(data, MineArgs(retriever="bm25", depth=50, n=50))
+    for t, topic in enumerate(TOPICS):
+        row = mined[f"q{t}"]
+        assert row["pos"] == [f"{topic}0", f"{topic}1"]  # relevance > 0; grade 0 is not positive
+        assert not set(row["neg"]) & {f"{topic}0", f"{topic}1", "dup" if t == 0 else f"{topic}1"}
+        assert row["neg"], "every query has candidates left"
+
+
+def test_rank_window_and_sampling(tmp_path):
+    data = write_beir(tmp_path / "beir")
+    positives = {"mangrove0", "mangrove1", "dup"}
+    ranked = [d for d in bm25_ranking(data, "q0") if d not in positives]
+    args = MineArgs(retriever="bm25", depth=50, skip_top=2, window=4, n=4)
+    assert mine(data, args)["q0"]["neg"] == ranked[2:6]  # n = window: the window, in rank order
+    args = MineArgs(retriever="bm25", depth=50, skip_top=1, window=5, n=2, seed=3)
+    first = mine(data, args)["q0"]["neg"]
+    assert len(first) == 2 and set(first) <= set(ranked[1:6])
+    assert first == sorted(first, key=ranked.index) and first == mine(data, args)["q0"]["neg"]
+
+
+class FakeTeacher:
+    def score(self, queries, passages):
+        # "x" repetitions: the more, the lower the score; positives (no x) score highest
+        return np.array([10.0 - p.count(" x") for p in passages])
+
+
+def test_false_negative_filters(tmp_path):
+    data = write_beir(tmp_path / "beir")
+    kept = mine(data, MineArgs(retriever="bm25", depth=50, n=50, teacher_margin=4.5), FakeTeacher())
+    for t in range(len(TOPICS)):
+        # positives: topic0 (0 x) and topic1 (1 x) -> min positive score 9; keep t < 4.5, that
+        # is documents i >= 6 (of any topic: "facts" matches them all)
+        assert kept[f"q{t}"]["neg"] and all(int(d[-1]) >= 6 for d in kept[f"q{t}"]["neg"])
+    full = mine(data, MineArgs(retriever="bm25", depth=50, n=50))
+    queries = dict(zip(data.queries["id"], data.queries["text"]))
+    scores = BM25Index(data.corpus).search(["q0"], [queries["q0"]], 50)["q0"]
+    distinct = sorted({scores[d] for d in full["q0"]["neg"]})
+    assert len(distinct) >= 2  # same-topic documents score above the others
+    ceiling = distinct[-1]
+    capped = mine(data, MineArgs(retriever="bm25", depth=50, n=50, max_score=ceiling))
+    assert capped["q0"]["neg"] and all(scores[d] < ceiling for d in capped["q0"]["neg"])
+    assert len(capped["q0"]["neg"]) < len(full["q0"]["neg"])
+    below = mine(data, MineArgs(retriever="bm25", depth=50, n=50, max_pos_ratio=1.0))
+    pos_score = min(scores[d] for d in ("mangrove0", "mangrove1"))
+    assert below["q0"]["neg"] and all(scores[d] < pos_score for d in below["q0"]["neg"])
+    assert not any(d.startswith("mangrove") for d in below["q0"]["neg"])
+    with pytest.raises(ValueError, match="needs --teacher"):
+        mine(data, MineArgs(retriever="bm25", teacher_margin=1.0))
+
+
+def test_dense_mining_and_the_cli_output(tmp_path):
+    write_beir(tmp_path / "beir")
+    model = tiny_bert(dropout=0.0)
+    model.save(tmp_path / "model")
+    out = tmp_path / "negs.jsonl"
+    argv = ["--data", str(tmp_path / "beir"), "--split", "train", "--retriever", "dense",
+            "--model", str(tmp_path / "model"), "--skip-top", "1", "--n", "3", "--output", str(out)]
+    assert main(argv) == 0
+    table = load_hard_negatives(out)
+    assert len(table) == len(TOPICS)
+    for row in table:
+        assert len(row["neg"]) == 3 and not set(row["neg"]) & set(row["pos"])
+        assert set(row["neg_system"]) == {"dense:model"}
+    assert main(argv) == 2  # refuses to overwrite without --overwrite

@@ -1,0 +1,119 @@
+"""finetune/run.py end to end with tiny random models: one stage, two stages (pseudo labels from a
+cross-encoder teacher, then labelled data with Margin-MSE), resume, and every shipped recipe."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import RecipeError, load_recipe
+from common.encoder import tiny_bert
+from finetune.args import FinetuneRecipe, TeacherArgs
+from finetune.run import main
+from finetune.teacher import Teacher
+from tests.test_finetune_mine import write_beir
+from tests.test_finetune_teacher import save_tiny_cross_encoder
+
+RECIPES = ["msmarco_mnrl", "msmarco_dance_dual", "msmarco_samtone", "msmarco_margin_mse",
+           "msmarco_margin_mse_dual", "pair_two_stage", "fewshot", "domain_adapt"]
+
+
+@pytest.mark.parametrize("name", RECIPES + [r + "_cpu" for r in RECIPES])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(FinetuneRecipe, name)
+    assert all(stage.loss.active() for _, stage in recipe.stage_list())
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match="loss.infonce.weight=1"):
+        load_recipe(FinetuneRecipe, None, [])
+    with pytest.raises(RecipeError, match="did you mean 'loss.pair.alpha'"):
+        load_recipe(FinetuneRecipe, "fewshot", ["loss.pair.alhpa=0.2"])
+    with pytest.raises(RecipeError, match="needs teacher scores"):
+        load_recipe(FinetuneRecipe, "fewshot", ["loss.margin_mse.weight=1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    write_beir(root / "beir")
+    tiny_bert(dropout=0.0, normalize=True).save(root / "student")
+    save_tiny_cross_encoder(root / "ce")
+    return root
+
+
+def common_overrides(root: Path, out: str) -> list:
+    return [f"model.name_or_path={root / 'student'}", f"train.output_dir={root / out}",
+            "train.per_device_batch_size=2", "train.max_steps=2", "train.warmup_steps=0",
+            "train.log_every=1", "model.max_doc_length=32",
+            f"eval.data={root / 'beir'}", "eval.split=train", "eval.metrics=[nDCG@10]"]
+
+
+def test_single_stage_fewshot_run(tiny_setup):
+    root = tiny_setup
+    result = main(["--recipe", "fewshot", *common_overrides(root, "one"), f"data.path={root / 'beir'}",
+                   "data.max_queries=4", "data.n_negatives=2", "loss.samtone.weight=0.5",
+                   "loss.samtone.symmetric=true", "loss.dance_dual.weight=0.1"])
+    assert result["step"] == 2 and 0.0 <= result["nDCG@10"] <= 1.0
+    assert (root / "one" / "model" / "config.json").is_file()
+    saved = load_recipe(FinetuneRecipe, str(root / "one" / "recipe.yaml"))
+    assert saved.data.max_queries == 4 and saved.loss.samtone.weight == 0.5
+
+
+def two_stage_recipe(root: Path) -> Path:
+    """Stage 1: pseudo labels from the tiny cross-encoder with PAIR; stage 2: labelled BEIR data
+    with InfoNCE + Margin-MSE + dual Margin-MSE (teacher scores computed before training)."""
+    teacher = Teacher(TeacherArgs(model=str(root / "ce")))
+    texts = [json.loads(line)["text"] for line in (root / "beir" / "corpus.jsonl").read_text().splitlines()]
+    scores = teacher.score(["mangrove facts"] * len(texts), texts)
+    pos, neg = np.quantile(scores, 0.6), np.quantile(scores, 0.5)  # thresholds on raw logits
+    path = root / "two_stage.yaml"
+    path.write_text(f"""
+teacher: {{model: {root / 'ce'}, kind: cross_encoder, batch_size: 8, max_length: 64}}
+stages:
+  pseudo:
+    data:
+      kind: pseudo
+      path: {root / 'beir'}
+      n_negatives: 1
+      pseudo: {{candidates: bm25, top_k: 10, pos_threshold: {pos}, neg_threshold: {neg},
+               apply_sigmoid: false}}
+    loss: {{pair: {{weight: 1.0, alpha: 0.1, temperature: 0.1}}}}
+  labelled:
+    data: {{kind: beir, path: {root / 'beir'}, split: train, n_negatives: 2, n_neg_queries: 1,
+            mine: {{retriever: bm25, n: 5, window: 6}}}}
+    loss:
+      infonce: {{weight: 1.0}}
+      margin_mse: {{weight: 0.5}}
+      margin_mse_dual: {{weight: 0.1}}
+""")
+    return path
+
+
+def test_two_stage_run_and_resume(tiny_setup, caplog):
+    root = tiny_setup
+    recipe = two_stage_recipe(root)
+    argv = ["--recipe", str(recipe), *common_overrides(root, "two"),
+            f"teacher.cache={root / 'teacher.sqlite'}"]
+    result = main(argv)
+    out = root / "two"
+    assert result["stage"] == "labelled" and result["step"] == 2
+    for stage in ("pseudo", "labelled"):
+        assert (out / "stages" / stage / "model" / "config.json").is_file()
+    assert (out / "model" / "config.json").is_file()
+    stage2 = load_recipe(FinetuneRecipe, str(out / "stages" / "labelled" / "recipe.yaml"))
+    assert list(stage2.stages) == ["pseudo", "labelled"]
+    # stage 2 starts from stage 1's weights: its first checkpoint differs from the student
+    caplog.clear()
+    with caplog.at_level("INFO", logger="twotower.finetune"):
+        main(argv + ["--resume"])  # both stages finished: nothing is trained again
+    assert "stage pseudo already finished" in caplog.text
+    assert "stage labelled already finished" in caplog.text
+
+
+def test_existing_output_dir_is_refused(tiny_setup):
+    root = tiny_setup
+    (root / "busy").mkdir()
+    (root / "busy" / "something").write_text("x")
+    with pytest.raises(Exception, match="already holds a run"):
+        main(["--recipe", "fewshot", *common_overrides(root, "busy"), f"data.path={root / 'beir'}"])
