@@ -28,22 +28,6 @@ from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
 log = logging.getLogger("twotower.finetune")
 
 
-def make_evaluate_fn(recipe: FinetuneRecipe):
-    """callable(encoder) -> metrics on recipe.eval.data (None without eval data)."""
-    ev = recipe.eval
-    if not ev.data:
-        return None
-    from common.evaluate import evaluate_dense, load_eval_data, subsample
-
-    data = subsample(load_eval_data(ev.data, ev.split), ev.max_queries, ev.max_docs,
-                     seed=recipe.train.seed)
-
-    def evaluate(encoder) -> dict:
-        return evaluate_dense(encoder, data, batch_size=ev.batch_size, measures=ev.metrics,
-                              progress=False).metrics
-    return evaluate
-
-
 def _teacher(recipe: FinetuneRecipe, device):
     if not recipe.teacher.model:
         return None
@@ -127,8 +111,9 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
         log.info("stage %s: %d groups, %d negatives and %d negative queries each, losses %s",
                  name, len(dataset), stage.data.n_negatives, stage.data.n_neg_queries,
                  stage.loss.active())
+        # evaluation (and diagnostics) on recipe.eval.data: built by the Trainer
         trainer = Trainer(args=train, method=method, train_dataset=dataset, collate_fn=collate,
-                          recipe=recipe, evaluate_fn=make_evaluate_fn(recipe))
+                          recipe=recipe)
         result = {**trainer.train(resume=resume and out.exists()), "stage": name}
         model_path = str(out / "model")
     if not single and state.is_main_process:
