@@ -1,0 +1,142 @@
+"""Raw text → one token stream → fixed-length chunks, re-cut with a new offset each epoch.
+
+Contriever tokenises its corpora once, concatenates all tokens, and at every epoch cuts the stream
+into chunks of `chunk_length` tokens starting at a random offset in [0, chunk_length)
+(facebookresearch/contriever src/data.py, `generate_offset`). Here the tokenisation is a cached
+`datasets.map` (keyed by the corpus fingerprint and the tokenizer), and the offset is a pure
+function of (seed, epoch), so every process and every resumed run cut the same chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import numpy as np
+
+from common.encoder import doc_text
+
+log = logging.getLogger("twotower.pretrain")
+CACHE_VERSION = "1"  # bump when what the cached map computes changes
+
+
+# ------------------------------------------------------------------------------ corpora
+def corpus_file(path: Path) -> Path:
+    """The corpus file inside a dataset folder (BEIR corpus.jsonl or MS MARCO collection.tsv)."""
+    if path.is_file():
+        return path
+    for name in ("corpus.jsonl", "corpus.jsonl.gz", "collection.tsv", "collection.tsv.gz"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: a folder without corpus.jsonl or collection.tsv; name a "
+                            "corpus file (jsonl with _id,title,text or tsv) in data.corpora")
+
+
+def load_corpora(names: Sequence[str], max_docs: int = 0, on_error: str = "raise",
+                 report=None) -> list[datasets.Dataset]:
+    """Each name (under $TWOTOWER_DATA, or a path) as a Dataset with id, title, text; bad lines
+    raise, or with on_error="skip" are counted in `report` (common.data.SkipReport)."""
+    from common.data import load_corpus, load_msmarco_collection, resolve_data
+
+    out = []
+    for name in names:
+        path = corpus_file(resolve_data(name))
+        loader = load_msmarco_collection if path.name.startswith("collection.tsv") else load_corpus
+        corpus = loader(path, on_error=on_error, report=report)
+        if max_docs:
+            corpus = corpus.select(range(min(max_docs, len(corpus))))
+        log.info("corpus %s: %d documents", path, len(corpus))
+        out.append(corpus)
+    return out
+
+
+# ------------------------------------------------------------------------------ tokenising
+def tokenizer_key(tokenizer) -> str:
+    """Identity of a tokenizer for cache keys: its full serialisation when it has one."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(f"{tokenizer.name_or_path}:{len(tokenizer)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_map(corpus: datasets.Dataset, function, what: str, key_parts: Sequence[str],
+               cache_dir: str = "", batch_size: int = 1000) -> datasets.Dataset:
+    """`corpus.map(function, batched)` cached under a fingerprint we choose ourselves (the
+    corpus' fingerprint + `key_parts`): functions holding tokenizers do not hash reliably."""
+    key = hashlib.sha256("|".join([CACHE_VERSION, what, corpus._fingerprint, *key_parts])
+                         .encode()).hexdigest()[:32]
+    # no cache_dir: datasets caches next to a file-backed corpus; an in-memory one is not cached
+    cache_file = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"{what}-{key}.arrow")
+    return corpus.map(function, batched=True, batch_size=batch_size, new_fingerprint=key,
+                      cache_file_name=cache_file, remove_columns=corpus.column_names,
+                      desc=f"{what} (cached)")
+
+
+class _Tokenize:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [doc_text({"title": t, "text": x}) for t, x in zip(batch["title"], batch["text"])]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=False,
+                             verbose=False)["input_ids"]
+        return {"input_ids": ids}
+
+
+def tokenize_corpus(corpus: datasets.Dataset, tokenizer, cache_dir: str = "",
+                    batch_size: int = 1000) -> datasets.Dataset:
+    """One row per document: `input_ids` of (title + " " + text), no special tokens."""
+    return cached_map(corpus, _Tokenize(tokenizer), "tokens", [tokenizer_key(tokenizer)],
+                      cache_dir, batch_size)
+
+
+def flatten_ids(tokenized: datasets.Dataset, column: str = "input_ids") -> np.ndarray:
+    """All token ids of a list column, concatenated in row order (through Arrow, no Python loop)."""
+    table = tokenized.with_format("arrow")[:][column]
+    values = table.combine_chunks() if hasattr(table, "combine_chunks") else table
+    return np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+def token_stream(corpora: Sequence[datasets.Dataset], tokenizer, cache_dir: str = "",
+                 batch_size: int = 1000) -> np.ndarray:
+    """The tokens of every document of every corpus, concatenated (contriever's layout)."""
+    parts = [flatten_ids(tokenize_corpus(c, tokenizer, cache_dir, batch_size)) for c in corpora]
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    log.info("token stream: %d tokens from %d corpora", len(stream), len(parts))
+    return stream
+
+
+# ------------------------------------------------------------------------------ chunking
+class Chunker:
+    """Chunk `index` of `epoch` = stream[offset + index * L : offset + (index + 1) * L] with
+    offset = U[0, L) drawn from (seed, epoch). The number of chunks is the same every epoch
+    ((N - L + 1) // L, contriever's varies by one) so that epoch lengths never change."""
+
+    def __init__(self, stream: np.ndarray, chunk_length: int, seed: int):
+        if len(stream) < 2 * chunk_length - 1:
+            raise ValueError(f"the corpus has {len(stream)} tokens, too few for chunks of "
+                             f"pairs.chunk_length={chunk_length} (need at least "
+                             f"{2 * chunk_length - 1}); add text or lower pairs.chunk_length")
+        self.stream, self.chunk_length, self.seed = stream, chunk_length, seed
+        self.num_chunks = (len(stream) - chunk_length + 1) // chunk_length
+
+    def offset(self, epoch: int) -> int:
+        return int(np.random.default_rng([self.seed, epoch, 0x0FF5E7]).integers(self.chunk_length))
+
+    def start(self, epoch: int, index: int) -> int:
+        if not 0 <= index < self.num_chunks:
+            raise IndexError(f"chunk {index} out of range (0..{self.num_chunks - 1})")
+        return self.offset(epoch) + index * self.chunk_length
+
+    def chunk(self, epoch: int, index: int) -> np.ndarray:
+        start = self.start(epoch, index)
+        return self.stream[start:start + self.chunk_length]

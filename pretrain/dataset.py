@@ -1,0 +1,42 @@
+"""From a recipe to (pair dataset, collate function): corpora → tokens → crops or ICT pairs."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import datasets
+
+from pretrain.args import PretrainRecipe
+from pretrain.chunks import Chunker, load_corpora, token_stream
+from pretrain.ict import ict_passages
+from pretrain.pairs import CropPairs, ICTPairs, PairCollator
+
+
+def model_positions(encoder) -> int:
+    """How many tokens the encoder takes (position embeddings, or the tokenizer's limit)."""
+    config = getattr(encoder.query_model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or encoder.tokenizer.model_max_length
+    return int(min(limit, encoder.tokenizer.model_max_length))
+
+
+def pairs_from_corpora(corpora: Sequence[datasets.Dataset], recipe: PretrainRecipe, encoder):
+    """The pair dataset of `recipe.pairs` over already loaded corpora, and its collator."""
+    p, d, tok = recipe.pairs, recipe.data, encoder.tokenizer
+    if p.task == "crop":
+        stream = token_stream(corpora, tok, d.cache_dir, d.tokenize_batch_size)
+        dataset = CropPairs(Chunker(stream, p.chunk_length, recipe.train.seed), p, tok,
+                            recipe.train.seed, max_length=model_positions(encoder))
+    else:
+        passages = ict_passages(corpora, tok, p.chunk_length, p.punkt, p.punkt_train_chars,
+                                d.cache_dir, d.tokenize_batch_size)
+        limit = model_positions(encoder)
+        dataset = ICTPairs(passages, p, tok, recipe.train.seed,
+                           max_query_length=min(recipe.model.max_query_length, limit),
+                           max_doc_length=min(recipe.model.max_doc_length, limit))
+    return dataset, PairCollator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+def build_pair_dataset(recipe: PretrainRecipe, encoder, report=None):
+    """`report` (common.data.SkipReport) counts the corpus lines skipped with data.on_error=skip."""
+    corpora = load_corpora(recipe.data.corpora, recipe.data.max_docs_per_corpus,
+                           recipe.data.on_error, report)
+    return pairs_from_corpora(corpora, recipe, encoder)

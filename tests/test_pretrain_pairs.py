@@ -1,0 +1,209 @@
+"""Pair construction: chunks re-cut per epoch, crops, multi-pair batches, ICT, Punkt offline,
+and the cached tokenisation."""
+import logging
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from common.encoder import tiny_bert
+from pretrain.args import MethodArgs, PairArgs
+from pretrain.chunks import Chunker, token_stream, tokenize_corpus
+from pretrain.ict import group_passages, ict_passages
+from pretrain.pairs import CropPairs, ICTPairs, PairCollator, random_crop
+
+NOUNS = ["proteins", "cells", "coasts", "rivers", "genes", "stars", "planets", "forests", "cities",
+         "laws", "markets", "engines", "bridges", "islands", "vaccines", "storms", "languages",
+         "songs", "metals", "birds"]
+
+
+def _noun(i):
+    return NOUNS[i % len(NOUNS)]
+
+
+# 4 sentences each; every sentence-final word also occurs inside sentences, "Dr." never ends one
+TEXTS = [f"The {_noun(i)} of document {i} are studied with {_noun(i + 1)}. Dr. Smith says the "
+         f"{_noun(i + 2)} matter for {_noun(i + 3)}. Many {_noun(i + 4)} were measured in "
+         f"{_noun(i + 5)}. Results for the {_noun(i + 6)} were compared to {_noun(i + 7)}."
+         for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return datasets.Dataset.from_dict({"id": [str(i) for i in range(len(TEXTS))],
+                                       "title": [""] * len(TEXTS), "text": TEXTS})
+
+
+def test_chunks_are_recut_with_a_new_offset_each_epoch():
+    stream = np.arange(1000, dtype=np.int32)
+    chunker = Chunker(stream, 64, seed=3)
+    assert chunker.num_chunks == (1000 - 63) // 64
+    offsets = {chunker.offset(e) for e in range(8)}
+    assert len(offsets) > 1 and all(0 <= o < 64 for o in offsets)
+    for epoch in range(3):
+        for i in (0, chunker.num_chunks - 1):
+            chunk = chunker.chunk(epoch, i)
+            assert len(chunk) == 64 and chunk[0] == chunker.offset(epoch) + 64 * i
+            assert np.array_equal(chunk, np.arange(chunk[0], chunk[0] + 64))
+    with pytest.raises(ValueError, match="too few for chunks of pairs.chunk_length=600"):
+        Chunker(stream, 600, seed=0)
+
+
+def test_crop_lengths_within_bounds_and_from_the_same_chunk(encoder):
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        s, e = random_crop(256, 0.1, 0.5, rng)
+        assert int(256 * 0.1) <= e - s <= int(256 * 0.5) and 0 <= s < e <= 256
+    stream = np.arange(2000, 2000 + 5000, dtype=np.int32)  # every token unique
+    args = PairArgs(chunk_length=100, ratio_min=0.1, ratio_max=0.5, augmentation=["none"],
+                    n_pairs=3)
+    dataset = CropPairs(Chunker(stream, 100, seed=0), args, encoder.tokenizer, seed=0)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        for i in range(0, len(dataset), 7):
+            item = dataset[i]
+            chunk = dataset.chunker.chunk(epoch, i)
+            crops = [item["query"], *item["keys"]]
+            assert len(crops) == 4
+            for ids, (s, e) in zip(crops, item["spans"]):
+                body = ids[1:-1]
+                assert 10 <= len(body) <= 50
+                assert np.array_equal(body, chunk[s:e])  # a contiguous span of this chunk
+
+
+def test_items_are_a_pure_function_of_seed_epoch_index(encoder):
+    stream = np.arange(2000, 7000, dtype=np.int32)
+    make = lambda seed: CropPairs(Chunker(stream, 64, seed), PairArgs(chunk_length=64),
+                                  encoder.tokenizer, seed)
+    a, b = make(1), make(1)
+    b[5]  # order of access does not matter
+    for i in (3, 5):
+        assert all(np.array_equal(x, y) for x, y in zip(a[i]["keys"], b[i]["keys"]))
+    a.set_epoch(1)
+    assert not np.array_equal(a[3]["query"], b[3]["query"])
+
+
+@pytest.mark.parametrize("n_pairs", [1, 2, 3, 4, 5, 6])
+def test_multi_pair_batches_have_document_major_keys(encoder, n_pairs):
+    from pretrain.inbatch import InBatch
+    from pretrain.moco import MoCo
+
+    stream = np.arange(2000, 7000, dtype=np.int32)
+    args = PairArgs(chunk_length=64, n_pairs=n_pairs, augmentation=["none"])
+    dataset = CropPairs(Chunker(stream, 64, 0), args, encoder.tokenizer, 0)
+    items = [dataset[i] for i in range(3)]
+    batch = PairCollator(encoder.tokenizer.pad_token_id)(items)
+    assert batch["q_input_ids"].shape[0] == 3
+    assert batch["k_input_ids"].shape[0] == 3 * n_pairs
+    assert batch["k_attention_mask"].shape == batch["k_input_ids"].shape
+    for i, item in enumerate(items):
+        for j, key in enumerate(item["keys"]):
+            row = batch["k_input_ids"][i * n_pairs + j]
+            assert torch.equal(row[: len(key)], torch.as_tensor(key))
+            assert batch["k_attention_mask"][i * n_pairs + j].sum() == len(key)
+    method_args = MethodArgs(relevance_aware=True, queue_size=64, norm_query=True, norm_doc=True)
+    for method in (InBatch(encoder, method_args, n_pairs), MoCo(encoder, method_args, n_pairs)):
+        loss, stats = method(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert stats["weight_max"] >= 1 / n_pairs - 1e-6
+
+
+def test_ict_query_is_removed_from_the_key_with_the_configured_probability(encoder):
+    sentences = [np.arange(2000 + 10 * s, 2000 + 10 * s + 4 + s) for s in range(6)]  # unique ids
+    passages = [sentences[:3], sentences[3:]]
+    args = PairArgs(task="ict", ict_remove_prob=0.75, augmentation=["none"])
+    dataset = ICTPairs(passages, args, encoder.tokenizer, seed=0, max_query_length=64,
+                       max_doc_length=256)
+    removed = 0
+    total = 0
+    for epoch in range(200):
+        dataset.set_epoch(epoch)
+        for i in range(2):
+            item = dataset[i]
+            query, key = item["query"][1:-1], item["keys"][0][1:-1]
+            pick = item["spans"][0][0]
+            assert np.array_equal(query, passages[i][pick])
+            others = np.concatenate([s for j, s in enumerate(passages[i]) if j != pick])
+            if item["removed"]:
+                assert not set(query) & set(key)
+                assert np.array_equal(key, others)
+            else:
+                assert np.array_equal(key, np.concatenate(passages[i]))
+            removed += item["removed"]
+            total += 1
+    assert abs(removed / total - 0.75) < 0.06
+
+
+def test_passages_group_whole_sentences_within_the_budget():
+    docs = [[[1] * 5, [2] * 5, [3] * 5], [[4] * 20], [[5] * 3, [6] * 30, [7] * 2]]
+    passages, dropped = group_passages(docs, chunk_length=12)
+    assert [[int(s[0]) for s in p] for p in passages] == [[1, 2]]
+    # [3] alone, [4]*20 cut to 12 alone, [5], [6] cut, [7] alone: single-sentence passages
+    assert dropped == 5
+    passages, dropped = group_passages(docs, chunk_length=40)
+    assert [[int(s[0]) for s in p] for p in passages] == [[1, 2, 3], [5, 6, 7]] and dropped == 1
+
+
+def test_punkt_is_trained_offline_and_logged_never_downloaded(encoder, corpus, monkeypatch,
+                                                               caplog):
+    import nltk
+
+    from pretrain import sentences
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("nltk.download must never be called")
+
+    monkeypatch.setattr(nltk, "download", no_download)
+    monkeypatch.setattr(sentences, "pretrained_punkt_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="twotower.pretrain"):
+        passages = ict_passages([corpus], encoder.tokenizer, chunk_length=256, punkt="auto")
+    assert "trained an unsupervised Punkt sentence splitter" in caplog.text
+    # Punkt learnt from the corpus alone that "Dr." is an abbreviation, not a sentence end
+    assert len(passages) == len(TEXTS) and all(len(p) == 4 for p in passages)
+    decoded = encoder.tokenizer.decode(passages[0][1])
+    assert decoded.startswith("dr. smith") and decoded.endswith(".")
+    with pytest.raises(LookupError, match="pairs.punkt=pretrained .* not installed"):
+        sentences.resolved_mode("pretrained")
+
+
+def test_tokenisation_is_cached(tmp_path, encoder, corpus, monkeypatch):
+    from pretrain import chunks
+
+    calls = []
+    original = chunks._Tokenize.__call__
+    monkeypatch.setattr(chunks._Tokenize, "__call__",
+                        lambda self, batch: calls.append(1) or original(self, batch))
+    first = token_stream([corpus], encoder.tokenizer, cache_dir=str(tmp_path))
+    n_calls = len(calls)
+    second = token_stream([corpus], encoder.tokenizer, cache_dir=str(tmp_path))
+    assert n_calls > 0 and len(calls) == n_calls  # the second pass read the cache
+    assert np.array_equal(first, second) and list(tmp_path.glob("tokens-*.arrow"))
+    expected = sum(len(encoder.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS)
+    assert len(first) == expected
+    rows = tokenize_corpus(corpus, encoder.tokenizer, cache_dir=str(tmp_path))
+    assert list(first[: len(rows[0]["input_ids"])]) == rows[0]["input_ids"]
+
+
+def test_corpora_resolve_to_their_corpus_file(tmp_path):
+    from pretrain.chunks import corpus_file, load_corpora
+
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text('{"_id": "a", "title": "T", "text": "x y"}\n'
+                                       '{"_id": "b", "title": "", "text": "z"}\n')
+    marco = tmp_path / "marco"
+    marco.mkdir()
+    (marco / "collection.tsv").write_text("1\tfirst passage\n2\tsecond passage\n")
+    assert corpus_file(beir) == beir / "corpus.jsonl"
+    a, b = load_corpora([str(beir), str(marco)], max_docs=1)
+    assert (len(a), a[0]["id"], a[0]["text"]) == (1, "a", "x y")
+    assert (len(b), b[0]["id"], b[0]["text"]) == (1, "1", "first passage")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without corpus.jsonl or collection.tsv"):
+        corpus_file(tmp_path / "empty")
