@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@mkdir -p .make && touch $@
 
 demo: install
-	$(PY) -m pretrain.demo
+	$(PY) pretrain/demo.py
 
 test: install
 	$(PY) -m pytest tests -q --durations=15
