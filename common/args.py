@@ -43,6 +43,9 @@ class TrainArgs:
     output_dir: str = "runs/default"
     # an existing output_dir is resumed with --resume, replaced only with overwrite_output_dir=true
     overwrite_output_dir: bool = False
+    # --resume with a recipe that differs from the run's recipe.yaml in a key that changes what is
+    # trained (model, data, method, lr, ...) is refused, naming the keys; true accepts the change
+    allow_recipe_change: bool = False
     seed: int = 42
     max_steps: int = 1000
     per_device_batch_size: int = 32
@@ -65,12 +68,18 @@ class TrainArgs:
     # a non-finite loss: "stop" (raise, naming the step and batch ids; no checkpoint written)
     # or "skip" (drop that step's update, count it)
     nonfinite_loss: str = "stop"
+    # GradCache (common/grad_cache.py): embed in chunks of this many rows without a graph, then
+    # re-embed chunk by chunk with one: the contrastive batch is no longer bounded by memory.
+    # 0 = off. Gradients equal the uncached ones (tests/test_grad_cache.py).
+    grad_cache_chunk: int = 0
 
     def validate(self) -> None:
         _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         _choice("train.device", self.device, ("auto", "cpu"))
+        if self.grad_cache_chunk < 0:
+            raise RecipeError(f"'train.grad_cache_chunk' must be >= 0 (0 = off); got {self.grad_cache_chunk}")
         if self.max_steps <= 0:
             raise RecipeError(f"'train.max_steps' must be > 0; got {self.max_steps}")
 

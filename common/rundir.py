@@ -73,6 +73,47 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS / f"step-{step:08d}"
 
 
+# keys a resumed run may change without a flag: they steer the run (how long, how often it logs,
+# saves, evaluates) but not what one step computes. train.max_steps changes a decaying LR schedule
+# from the resume point on; that is the documented way to extend a run (a warning says so).
+RUN_CONTROL_KEYS = ("train.output_dir", "train.overwrite_output_dir", "train.allow_recipe_change",
+                    "train.max_steps", "train.log_every", "train.save_every", "train.keep_last",
+                    "train.eval_every", "train.num_workers", "eval.")
+
+
+def recipe_differences(old_yaml: str, new_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between two saved recipes (recipe.yaml texts)."""
+    from omegaconf import OmegaConf
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out or {prefix[:-1]: {}}
+        return {prefix[:-1]: node}
+
+    old, new = (flat(OmegaConf.to_container(OmegaConf.create(t), resolve=False) or {})
+                for t in (old_yaml, new_yaml))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def check_resumed_recipe(recipe_file: Path, new_yaml: str, allow_change: bool) -> list[str]:
+    """Refuse to resume a run with a recipe that trains something else than its checkpoints (the
+    checkpoint would silently win over e.g. a new model.name_or_path). Returns the changed keys."""
+    if not recipe_file.is_file():
+        return []
+    changed = recipe_differences(recipe_file.read_text(encoding="utf-8"), new_yaml)
+    blocking = [k for k in changed if not any(k == c or (c.endswith(".") and k.startswith(c))
+                                              for c in RUN_CONTROL_KEYS)]
+    if blocking and not allow_change:
+        raise RunDirError(
+            f"--resume: the recipe differs from the one this run started with ({recipe_file}) in "
+            f"{', '.join(blocking)}. Resume with the original values, or set "
+            "train.allow_recipe_change=true to continue the checkpoint with the new recipe.")
+    return changed
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a folder without COMPLETE was interrupted: ignored)."""
     root = output_dir / CHECKPOINTS

@@ -173,6 +173,19 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return metrics
 
+    def _cached_step(self, batch: dict, accum: int, last_micro: bool):
+        """forward + backward of one micro-batch with train.grad_cache_chunk (common/grad_cache.py)."""
+        from common.grad_cache import GradCache
+
+        cache = GradCache(self.method, self.args.grad_cache_chunk, autocast=self.accelerator.autocast)
+        loss, stats = cache.forward(batch)
+        ok = self._check_finite(loss, batch)
+        if ok:
+            cache.backward(scale=1.0 / accum, backward_fn=self.accelerator.backward,
+                           no_sync=lambda: self.accelerator.no_sync(self.method),
+                           sync_last=last_micro)
+        return loss, stats, ok
+
     def _check_finite(self, loss: torch.Tensor, batch: dict) -> bool:
         """True if the step may proceed. Every process takes the same decision."""
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
@@ -204,10 +217,13 @@ class Trainer:
             if self.is_main and self.recipe is not None:
                 recipe_file = self.output_dir / "recipe.yaml"
                 new = recipe_to_yaml(self.recipe)
-                if resume and recipe_file.is_file() and recipe_file.read_text() != new:
-                    log.warning("the recipe differs from the one this run started with (%s); "
-                                "the new one is used from here on and saved as recipe.yaml",
-                                recipe_file)
+                changed = (rundir.check_resumed_recipe(recipe_file, new,
+                                                       self.args.allow_recipe_change)
+                           if resume else [])
+                if changed:
+                    log.warning("the recipe differs from the one this run started with (%s) in "
+                                "%s; the new one is used from here on and saved as recipe.yaml",
+                                recipe_file, ", ".join(changed))
                 rundir.write_atomic(recipe_file, new)
                 rundir.write_atomic(self.output_dir / "run_info.json", _json(
                     rundir.run_info(self.accelerator.num_processes)))
@@ -241,19 +257,31 @@ class Trainer:
             if len(self.loader) == 0:
                 raise ValueError("the training data is smaller than one global batch "
                                  f"({args.per_device_batch_size} x {acc.num_processes} processes)")
+            skipped_before, seen_before = state.skipped_nonfinite, state.batches_in_epoch
             for batch in loader:
                 state.batches_in_epoch += 1
                 state.micro_batches += 1
                 last_micro = state.micro_batches % accum == 0
+                # Dropout draws from the global torch RNG, which DataLoader iterators (re-created
+                # on resume), evaluation and checkpointing also consume: seeding it from where the
+                # run is makes every forward's randomness a pure function of (seed, micro-batch,
+                # process), so a resumed run repeats the uninterrupted one bit for bit.
+                torch.manual_seed(micro_batch_seed(args.seed, state.micro_batches,
+                                                   acc.process_index))
                 sync = contextlib.nullcontext() if last_micro else acc.no_sync(self.method)
-                with sync:
-                    with acc.autocast():
-                        loss, stats = self.method(batch)
-                    ok = self._check_finite(loss, batch)
-                    if ok:
-                        acc.backward(loss / accum)
-                        running += loss.detach()
-                        counted += 1
+                if args.grad_cache_chunk:  # GradCache: syncs only in its last pass itself
+                    loss, stats, ok = self._cached_step(batch, accum, last_micro)
+                    running += loss.detach() if ok else 0.0
+                    counted += int(ok)
+                else:
+                    with sync:
+                        with acc.autocast():
+                            loss, stats = self.method(batch)
+                        ok = self._check_finite(loss, batch)
+                        if ok:
+                            acc.backward(loss / accum)
+                            running += loss.detach()
+                            counted += 1
                 if not last_micro:
                     continue
                 if ok:
@@ -288,6 +316,14 @@ class Trainer:
                 if state.step >= args.max_steps:
                     break
             else:
+                # with train.nonfinite_loss=skip, a loss that is never finite would otherwise
+                # loop over the epochs forever without a step: stop once a whole pass was skipped
+                seen = state.batches_in_epoch - seen_before  # 0 when resumed at an epoch's end
+                if seen and state.skipped_nonfinite - skipped_before == seen:
+                    raise NonFiniteLossError(
+                        f"every batch of epoch {state.epoch} had a non-finite loss "
+                        f"({state.skipped_nonfinite} skipped in total, step {state.step}); "
+                        "train.nonfinite_loss=skip cannot make progress: fix the data or recipe")
                 state.epoch += 1
                 state.batches_in_epoch = 0
         bar.close()
@@ -301,6 +337,13 @@ class Trainer:
         if state.skipped_nonfinite:
             log.warning("%d steps were skipped for a non-finite loss", state.skipped_nonfinite)
         return {**metrics, "step": state.step, "skipped_nonfinite": state.skipped_nonfinite}
+
+
+def micro_batch_seed(seed: int, micro_batch: int, process: int) -> int:
+    """The torch seed of one micro-batch (see `Trainer._loop`)."""
+    import numpy as np
+
+    return int(np.random.default_rng([seed, micro_batch, process]).integers(2**62))
 
 
 def use_cpu(device: str) -> bool:

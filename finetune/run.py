@@ -42,12 +42,14 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
                 device="cpu"):
     """(method, dataset, collate) of one stage, starting from `model_path`."""
     from accelerate import PartialState
+    from accelerate.utils import set_seed
 
     from common.encoder import Encoder
     from finetune.data import GroupCollator, GroupDataset
     from finetune.method import FinetuneMethod
     from finetune.sources import build_pool, required_pairs
 
+    set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
     teacher = _teacher(recipe, device)
     with_teacher = stage.loss.needs_teacher_scores()

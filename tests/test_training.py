@@ -105,7 +105,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     proc.wait()
     assert not (killed / "model").exists(), "killed too late: the run had finished"
 
-    run_toy(killed, *common, resume=True)
+    # the same recipe as the killed run (a changed recipe is refused on resume)
+    run_toy(killed, *common, "sleep_per_step=0.4", resume=True)
     assert_same_weights(straight, killed, atol=0.0)
     a = torch.load(straight / "checkpoints" / "step-00000008" / "optimizer.bin", weights_only=False)
     b = torch.load(killed / "checkpoints" / "step-00000008" / "optimizer.bin", weights_only=False)
