@@ -123,28 +123,41 @@ def _encoder_info(encoder) -> dict:
 
 
 def _encode(encoder, rows: list[dict], query_texts: list[str], batch_size: int,
-            progress: bool) -> tuple:
-    """(document embeddings, query embeddings, timing dict)."""
+            progress: bool, cache_dir: str | Path | None = None) -> tuple:
+    """(document embeddings, query embeddings, timing dict). With `cache_dir`, corpus embeddings
+    come from / go to common.embed_cache (keyed by model, texts and settings)."""
     t = time.perf_counter()
-    doc_emb = encoder.encode_corpus(rows, batch_size=batch_size, progress=progress)
+    cache_info = {}
+    if cache_dir is not None:
+        from common.embed_cache import EmbeddingCache
+        from common.encoder import doc_text
+
+        cache = EmbeddingCache(cache_dir)
+        doc_emb = cache.encode(encoder, [doc_text(r) for r in rows], tower="doc",
+                               batch_size=batch_size, progress=progress)
+        cache_info = {"corpus_cache_hit": cache.hits == 1}
+    else:
+        doc_emb = encoder.encode_corpus(rows, batch_size=batch_size, progress=progress)
     t_docs = time.perf_counter() - t
     t = time.perf_counter()
     query_emb = encoder.encode_queries(query_texts, batch_size=batch_size, progress=progress)
     timing = {"encode_corpus_s": round(t_docs, 3),
               "encode_queries_s": round(time.perf_counter() - t, 3),
-              "docs_per_s": round(len(rows) / max(t_docs, 1e-9), 2)}
+              "docs_per_s": round(len(rows) / max(t_docs, 1e-9), 2), **cache_info}
     return doc_emb, query_emb, timing
 
 
 # ------------------------------------------------------------------------------ systems
 def evaluate_dense(encoder, data: RetrievalData, k: int = 1000, batch_size: int = 64,
                    index: str = "flat", search_params: str | None = None,
-                   measures: Sequence[str] | None = None, progress: bool = True) -> EvalResult:
-    """Encode corpus and judged queries, retrieve the top k by inner product, score."""
+                   measures: Sequence[str] | None = None, progress: bool = True,
+                   cache_dir: str | Path | None = None) -> EvalResult:
+    """Encode corpus and judged queries, retrieve the top k by inner product, score.
+    cache_dir: keep corpus embeddings on disk (common/embed_cache.py) for re-evaluations."""
     started = time.perf_counter()
     qids, qtexts = judged_queries(data)
     doc_ids, rows = _corpus_rows(data)
-    doc_emb, query_emb, timing = _encode(encoder, rows, qtexts, batch_size, progress)
+    doc_emb, query_emb, timing = _encode(encoder, rows, qtexts, batch_size, progress, cache_dir)
     t = time.perf_counter()
     run = dense_search(query_emb, doc_emb, qids, doc_ids, k=k, index=index,
                        similarity=encoder.similarity, search_params=search_params)

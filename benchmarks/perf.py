@@ -1,0 +1,279 @@
+"""Performance benchmarks against sentence-transformers, on the same model, data and settings.
+
+    TWOTOWER_DATA=../shared/data python benchmarks/perf.py [encode] [train] [memory] [scaling]
+        [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
+
+1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast) vs
+   `SentenceTransformer.encode`, bundled all-MiniLM-L6-v2, max length 256, equal batch size. The
+   speed ratio is measured on the first --docs documents (median of --repeats); with --full the
+   whole corpus (5,183 docs) is encoded once per system and nDCG@10 on SciFact test is compared.
+2. train (benchmarks/perf_train.py): pairs/s of fine-tuning MNRL with one hard negative,
+   twotower's Trainer vs sentence-transformers' trainer, fp32 and bf16; and (3) the overhead of
+   twotower's step over a bare loop (forward, the same loss, backward, AdamW).
+4. memory (benchmarks/perf_memory.py): peak RSS of an in-batch step at batch 512, max length 128,
+   with and without GradCache (train.grad_cache_chunk), each in a fresh subprocess.
+5. scaling: time per step as the batch doubles, time per document as the corpus doubles.
+
+Results: benchmarks/results/perf.json and perf.md (merged per section, so sections can be run
+separately). The machine is shared: the load average is recorded with every section, and ratios
+(both systems measured in the same run, interleaved) matter more than absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "bundled:all-MiniLM-L6-v2"
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def scifact_test():
+    from common.evaluate import load_eval_data
+
+    return load_eval_data("scifact", "test")
+
+
+def corpus_texts(data) -> tuple[list[str], list[str]]:
+    from common.encoder import doc_text
+    from common.evaluate import _corpus_rows
+
+    ids, rows = _corpus_rows(data)
+    return ids, [doc_text(r) for r in rows]
+
+
+def st_model(max_length: int):
+    from sentence_transformers import SentenceTransformer
+
+    from common.encoder import resolve_model_path
+
+    model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+    model.max_seq_length = max_length
+    return model
+
+
+def ndcg_of(data, doc_emb, query_emb, doc_ids) -> float:
+    from common.evaluate import judged_queries
+    from common.metrics import aggregate, per_query
+    from common.search import dense_search
+
+    qids, _ = judged_queries(data)
+    run = dense_search(query_emb, doc_emb, qids, doc_ids, k=100, similarity="cos")
+    return aggregate(per_query(data.qrels, run, ["nDCG@10"]))["nDCG@10"]
+
+
+def bench_encode(ns) -> dict:
+    import torch
+
+    from common.args import ModelArgs
+    from common.encoder import Encoder
+    from common.evaluate import judged_queries
+
+    data = scifact_test()
+    doc_ids, texts = corpus_texts(data)
+    sample = texts[: ns.docs]
+    enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
+    st = st_model(ns.max_length)
+    bs = ns.encode_batch_size
+    systems = {
+        "sentence-transformers fp32": lambda t: st.encode(t, batch_size=bs, convert_to_numpy=True,
+                                                          show_progress_bar=False),
+        "twotower fp32": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False),
+        "twotower bf16": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False,
+                                              bf16=True),
+    }
+    out: dict = {"docs": len(sample), "batch_size": bs, "max_length": ns.max_length,
+                 "threads": torch.get_num_threads(), "load_before": load_average(), "systems": {}}
+    for name, fn in systems.items():  # one untimed warm-up pass on a few docs each
+        fn(sample[:bs])
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(ns.repeats):  # interleaved, so a burst of load hits every system alike
+        for name, fn in systems.items():
+            t = time.perf_counter()
+            fn(sample)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["sentence-transformers fp32"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out["systems"][name] = {"median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
+                                "docs_per_s": round(len(sample) / med, 2),
+                                "speedup_vs_st": round(base / med, 3)}
+    # same embeddings? (max abs difference on the sample, fp32 and bf16 vs sentence-transformers)
+    ref = systems["sentence-transformers fp32"](sample[:64])
+    for name in ("twotower fp32", "twotower bf16"):
+        diff = float(abs(systems[name](sample[:64]) - ref).max())
+        out["systems"][name]["max_abs_diff_vs_st"] = round(diff, 6)
+    if ns.full:
+        qids, qtexts = judged_queries(data)
+        full: dict = {}
+        for name, fn in systems.items():
+            t = time.perf_counter()
+            doc_emb = fn(texts)
+            seconds = time.perf_counter() - t
+            if name.startswith("sentence"):
+                query_emb = st.encode(qtexts, batch_size=bs, show_progress_bar=False)
+            else:
+                query_emb = enc.encode(qtexts, tower="query", batch_size=bs, progress=False,
+                                       bf16=name.endswith("bf16"))
+            full[name] = {"nDCG@10": round(ndcg_of(data, doc_emb, query_emb, doc_ids), 4),
+                          "corpus_s": round(seconds, 1),
+                          "docs_per_s": round(len(texts) / seconds, 2)}
+        st_ndcg = full["sentence-transformers fp32"]["nDCG@10"]
+        for name in full:
+            full[name]["delta_vs_st"] = round(full[name]["nDCG@10"] - st_ndcg, 4)
+        out["full_corpus"] = {"docs": len(texts), "queries": len(qids), "systems": full}
+    out["load_after"] = load_average()
+    return out
+
+
+def bench_scaling(ns) -> dict:
+    """Encoding: seconds per document as the corpus doubles; training: seconds per step as the
+    batch doubles (twotower fine-tuning step, fp32)."""
+    from common.args import ModelArgs
+    from common.encoder import Encoder
+
+    from benchmarks.perf_train import twotower_step_times
+
+    data = scifact_test()
+    _, texts = corpus_texts(data)
+    enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
+    out: dict = {"load_before": load_average(), "encode": [], "train": []}
+    enc.encode(texts[:16], tower="doc", progress=False)
+    for n in ns.scaling_docs:
+        med, _ = median_time(lambda n=n: enc.encode(texts[:n], tower="doc", progress=False,
+                                                    batch_size=ns.encode_batch_size), ns.repeats)
+        out["encode"].append({"docs": n, "seconds": round(med, 2), "ms_per_doc": round(1000 * med / n, 1)})
+    for b in ns.scaling_batches:
+        times = twotower_step_times(b, ns.max_length, steps=ns.steps, warmup=ns.warmup)
+        med = statistics.median(times)
+        out["train"].append({"batch": b, "s_per_step": round(med, 2),
+                             "ms_per_pair": round(1000 * med / b, 1)})
+    out["load_after"] = load_average()
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+def write_results(section: str, result: dict, ns) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "perf.json"
+    everything = json.loads(path.read_text()) if path.is_file() else {}
+    everything[section] = {**result, "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]),
+                           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "machine": f"{platform.processor() or platform.machine()}, "
+                                      f"{os.cpu_count()} cores (shared)"}
+    path.write_text(json.dumps(everything, indent=2))
+    (RESULTS / "perf.md").write_text(markdown(everything))
+    print(json.dumps({section: result}, indent=2))
+
+
+def markdown(res: dict) -> str:
+    lines = ["# twotower performance vs sentence-transformers", "",
+             "Written by `benchmarks/perf.py` on a shared 2-core CPU (load average = 1/5/15-minute, "
+             "before and after). Encoding: medians of interleaved repeats; training: one block of "
+             "timed steps per system, run one after another (noisier).", ""]
+    if "encode" in res:
+        e = res["encode"]
+        lines += [f"## 1. Encoding SciFact documents ({e['docs']} docs, batch {e['batch_size']}, "
+                  f"max length {e['max_length']}; load {e['load_before']} -> {e['load_after']})", "",
+                  "| system | docs/s | × sentence-transformers | max abs diff vs ST |",
+                  "|---|---|---|---|"]
+        for name, s in e["systems"].items():
+            lines.append(f"| {name} | {s['docs_per_s']} | {s['speedup_vs_st']} | "
+                         f"{s.get('max_abs_diff_vs_st', '-')} |")
+        if "full_corpus" in e:
+            f = e["full_corpus"]
+            lines += ["", f"Full corpus ({f['docs']} docs, {f['queries']} test queries):", "",
+                      "| system | nDCG@10 | Δ vs ST | docs/s |", "|---|---|---|---|"]
+            for name, s in f["systems"].items():
+                lines.append(f"| {name} | {s['nDCG@10']} | {s['delta_vs_st']:+.4f} | {s['docs_per_s']} |")
+        lines.append("")
+    if "train" in res:
+        t = res["train"]
+        lines += [f"## 2-3. Fine-tuning MNRL + 1 hard negative (batch {t['batch_size']}, max length "
+                  f"{t['max_length']}, {t['steps']} timed steps after {t['warmup']}; load "
+                  f"{t['load_before']} -> {t['load_after']})", "",
+                  "| system | precision | pairs/s | × ST trainer (same precision) | × ST fp32 |",
+                  "|---|---|---|---|---|"]
+        for row in t["rows"]:
+            lines.append(f"| {row['system']} | {row['precision']} | {row['pairs_per_s']} | "
+                         f"{row.get('vs_st_same_precision', '-')} | {row.get('vs_st_fp32', '-')} |")
+        for prec, ratio in t.get("overhead", {}).items():
+            lines.append(f"\nOverhead {prec}: twotower step / bare loop step = {ratio}")
+        lines.append("")
+    if "memory" in res:
+        m = res["memory"]
+        lines += [f"## 4. Peak RSS of one in-batch step (batch {m['batch']}, max length "
+                  f"{m['max_length']}; load {m['load_before']} -> {m['load_after']})", "",
+                  "| setting | peak RSS (GB) | step s |", "|---|---|---|"]
+        for row in m["rows"]:
+            lines.append(f"| {row['setting']} | {row['peak_rss_gb']} | {row['step_s']} |")
+        lines.append("")
+    if "scaling" in res:
+        s = res["scaling"]
+        lines += [f"## 5. Scaling (load {s['load_before']} -> {s['load_after']})", "",
+                  "| corpus docs | encode s | ms/doc |", "|---|---|---|"]
+        lines += [f"| {r['docs']} | {r['seconds']} | {r['ms_per_doc']} |" for r in s["encode"]]
+        lines += ["", "| batch | s/step | ms/pair |", "|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['s_per_step']} | {r['ms_per_pair']} |" for r in s["train"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("sections", nargs="*", default=["encode", "train", "memory", "scaling"],
+                   choices=["encode", "train", "memory", "scaling"])
+    p.add_argument("--docs", type=int, default=512, help="documents for the encoding speed ratio")
+    p.add_argument("--full", action="store_true", help="also nDCG@10 on the full SciFact test")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--encode-batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (pairs)")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--memory-batch", type=int, default=512)
+    p.add_argument("--memory-chunk", type=int, default=32)
+    p.add_argument("--scaling-docs", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--scaling-batches", type=int, nargs="+", default=[8, 16, 32])
+    ns = p.parse_args(argv)
+    if not os.environ.get("TWOTOWER_DATA"):
+        p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for section in ns.sections:
+        if section == "encode":
+            write_results("encode", bench_encode(ns), ns)
+        elif section == "train":
+            from benchmarks.perf_train import bench_train
+            write_results("train", bench_train(ns), ns)
+        elif section == "memory":
+            from benchmarks.perf_memory import bench_memory
+            write_results("memory", bench_memory(ns), ns)
+        elif section == "scaling":
+            write_results("scaling", bench_scaling(ns), ns)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Benchmarks 2 and 3 of benchmarks/perf.py: fine-tuning throughput and loop overhead.
+
+Data: recipe `fewshot` (SciFact train, BM25-mined hard negatives, one per query), the first
+(warmup + steps) x batch groups in twotower's epoch-0 order; every system gets exactly these
+(query, positive, negative) triples. Loss: MNRL / InfoNCE over the batch's positives and hard
+negatives, cosine similarity x 20 (tau 0.05), AdamW lr 2e-5, gradient clipping at norm 1 (the
+default of both trainers), max length 256, batch 32.
+
+* twotower: common.training.Trainer with finetune's method and collator (tokenisation happens in
+  the collator, inside the timed steps, as in a real run);
+* sentence-transformers: SentenceTransformerTrainer + MultipleNegativesRankingLoss (its default
+  batch sampler shuffles the same triples, so batch compositions differ; tokenisation in its
+  collator, inside the timed steps);
+* bare loop: the batches tokenised up front (not timed), then forward, the same loss, backward,
+  clipping, AdamW: the floor that twotower's step is compared with (benchmark 3).
+Time = wall clock between the end of step `warmup` and the end of step `warmup + steps`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.perf import MODEL, load_average
+
+TEMPERATURE, LR = 0.05, 2e-5
+
+
+def build(batch: int, max_length: int, n_groups: int):
+    """(recipe, method, dataset, collate, triples) for the first `n_groups` groups."""
+    from common.config import load_recipe
+    from finetune.args import FinetuneRecipe
+    from finetune.run import build_stage
+
+    recipe = load_recipe(FinetuneRecipe, "fewshot", [
+        f"model.max_doc_length={max_length}", f"train.per_device_batch_size={batch}",
+        f"train.lr={LR}", "train.warmup_steps=0", "train.scheduler=constant", "eval.data=''",
+        "train.overwrite_output_dir=true", "train.log_every=1000", "train.save_every=0"])
+    (_, stage), = recipe.stage_list()
+    method, dataset, collate = build_stage(recipe, stage, recipe.model.name_or_path, 1)
+    dataset.set_epoch(0)
+    order = dataset.epoch_order(0, recipe.train.seed)[:n_groups]
+    triples = [dataset[i] for i in order]
+    return recipe, method, dataset, collate, triples
+
+
+class _Subset(torch.utils.data.Dataset):
+    """The dataset restricted to `order`, in that order (so the Trainer sees exactly the triples)."""
+
+    def __init__(self, dataset, order):
+        self.dataset, self.order = dataset, list(order)
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        return self.dataset[self.order[i]]
+
+    def epoch_order(self, epoch, seed):
+        return list(range(len(self.order)))
+
+
+def twotower_pairs_per_s(batch: int, max_length: int, steps: int, warmup: int, precision: str,
+                         built=None, grad_cache_chunk: int = 0) -> tuple[float, list[float]]:
+    from common.training import Trainer
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    # one process measures several precisions: Accelerate's state is a singleton that refuses
+    # a second mixed_precision unless reset
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    recipe, method, dataset, collate, _ = built or build(batch, max_length, batch * (steps + warmup))
+    order = dataset.epoch_order(0, recipe.train.seed)[: batch * (steps + warmup)]
+    stamps: list[float] = []
+    method.on_optimizer_step = lambda: stamps.append(time.perf_counter())  # Trainer's hook
+    with tempfile.TemporaryDirectory() as out:
+        train = dataclasses.replace(recipe.train, output_dir=out, max_steps=steps + warmup,
+                                    mixed_precision="bf16" if precision == "bf16" else "no",
+                                    device="cpu")
+        if grad_cache_chunk:
+            train = dataclasses.replace(train, grad_cache_chunk=grad_cache_chunk)
+        trainer = Trainer(args=train, method=method, train_dataset=_Subset(dataset, order),
+                          collate_fn=collate, recipe=dataclasses.replace(recipe, train=train))
+        trainer.train()
+    step_times = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])] if warmup else []
+    seconds = stamps[-1] - stamps[warmup - 1]
+    return batch * steps / seconds, step_times
+
+
+def twotower_step_times(batch: int, max_length: int, steps: int, warmup: int) -> list[float]:
+    return twotower_pairs_per_s(batch, max_length, steps, max(warmup, 1), "fp32")[1]
+
+
+def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int, warmup: int,
+                   precision: str) -> float:
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+    from transformers import TrainerCallback
+
+    from benchmarks.perf import st_model
+
+    model = st_model(max_length)
+    data = Dataset.from_dict({"anchor": [t["query"] for t in triples],
+                              "positive": [t["positive"] for t in triples],
+                              "negative": [t["negatives"][0] for t in triples]})
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps + warmup,
+            learning_rate=LR, warmup_steps=0, lr_scheduler_type="constant",
+            bf16=precision == "bf16", use_cpu=True, report_to=[], save_strategy="no",
+            logging_steps=10_000, dataloader_drop_last=True, seed=42)
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=data, callbacks=[Stamp()],
+            loss=losses.MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE))
+        trainer.train()
+    return batch * steps / (stamps[-1] - stamps[warmup - 1])
+
+
+def bare_pairs_per_s(built, batch: int, steps: int, warmup: int, precision: str) -> float:
+    """forward, the same loss (InfoNCE over positives + hard negatives), backward, clip, AdamW."""
+    from common.args import ModelArgs
+    from common.encoder import Encoder
+
+    recipe, _, _, collate, triples = built
+    encoder = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=recipe.model.max_doc_length))
+    encoder.train()
+    batches = [collate(triples[i:i + batch]) for i in range(0, len(triples), batch)]
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=LR)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    stamps = []
+    for b in batches[: steps + warmup]:
+        with autocast:
+            q = encoder(b["query_input_ids"], b["query_attention_mask"], tower="query")
+            d = encoder(b["doc_input_ids"], b["doc_attention_mask"], tower="doc")
+            loss = F.cross_entropy(q @ d.T / TEMPERATURE, torch.arange(q.shape[0]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return batch * steps / (stamps[-1] - stamps[warmup - 1])
+
+
+def bench_train(ns) -> dict:
+    logging.getLogger("twotower").setLevel(logging.WARNING)
+    batch, steps, warmup = ns.batch_size, ns.steps, max(ns.warmup, 1)
+    out: dict = {"batch_size": batch, "max_length": ns.max_length, "steps": steps,
+                 "warmup": warmup, "threads": torch.get_num_threads(),
+                 "load_before": load_average(), "rows": [], "overhead": {}}
+    built = build(batch, ns.max_length, batch * (steps + warmup))
+    speeds: dict = {}
+    for precision in ns.precisions:
+        speeds[("bare loop", precision)] = bare_pairs_per_s(built, batch, steps, warmup, precision)
+        # a fresh method (fresh weights) per run: build again
+        fresh = build(batch, ns.max_length, batch * (steps + warmup))
+        speeds[("twotower", precision)] = twotower_pairs_per_s(
+            batch, ns.max_length, steps, warmup, precision, built=fresh)[0]
+        speeds[("sentence-transformers", precision)] = st_pairs_per_s(
+            built[4], batch, ns.max_length, steps, warmup, precision)
+        out["overhead"][precision] = round(
+            speeds[("bare loop", precision)] / speeds[("twotower", precision)], 3)
+        print({k: round(v, 2) for k, v in speeds.items()}, flush=True)
+    for (system, precision), pps in speeds.items():
+        row = {"system": system, "precision": precision, "pairs_per_s": round(pps, 2)}
+        st_same = speeds.get(("sentence-transformers", precision))
+        st_fp32 = speeds.get(("sentence-transformers", "fp32"))
+        if st_same:
+            row["vs_st_same_precision"] = round(pps / st_same, 3)
+        if st_fp32:
+            row["vs_st_fp32"] = round(pps / st_fp32, 3)
+        out["rows"].append(row)
+    out["load_after"] = load_average()
+    out["median_note"] = "one run per system and precision (time budget); steps timed as a block"
+    return out

@@ -1,0 +1,39 @@
+"""Speed/memory switches change nothing but cost: gradient checkpointing (model.gradient_
+checkpointing), alone and with GradCache; and the benchmark's report renders its own results."""
+from tests.test_grad_cache import (assert_grads_close, cached_grads, finetune_batch,
+                                   make_finetune_method, uncached_grads)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain = make_finetune_method("infonce")
+    checkpointed = make_finetune_method("infonce", gradient_checkpointing=True)
+    assert checkpointed.encoder.query_model.is_activation_checkpointing
+    batch = finetune_batch(plain.encoder)
+    _, want = uncached_grads(plain, batch)
+    _, got = uncached_grads(checkpointed, batch)
+    assert_grads_close(got, want)
+    _, got_cached = cached_grads(checkpointed, batch, 2)
+    assert_grads_close(got_cached, want)
+
+
+def test_benchmark_report_renders_every_section():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.perf import markdown
+
+    load = [1.0, 1.0, 1.0]
+    res = {"encode": {"docs": 8, "batch_size": 4, "max_length": 16, "load_before": load,
+                      "load_after": load, "systems": {"twotower fp32": {
+                          "docs_per_s": 2.0, "speedup_vs_st": 1.5, "max_abs_diff_vs_st": 0.0}}},
+           "train": {"batch_size": 4, "max_length": 16, "steps": 2, "warmup": 1,
+                     "load_before": load, "load_after": load, "overhead": {"fp32": 1.02},
+                     "rows": [{"system": "twotower", "precision": "fp32", "pairs_per_s": 3.0,
+                               "vs_st_same_precision": 1.9, "vs_st_fp32": 1.9}]},
+           "memory": {"batch": 512, "max_length": 128, "load_before": load, "load_after": load,
+                      "rows": [{"setting": "GradCache chunk 32", "peak_rss_gb": 1.5, "step_s": 9}]}}
+    text = markdown(res)
+    for expected in ("| twotower fp32 | 2.0 | 1.5 | 0.0 |", "| twotower | fp32 | 3.0 | 1.9 | 1.9 |",
+                     "bare loop step = 1.02", "| GradCache chunk 32 | 1.5 | 9 |"):
+        assert expected in text
