@@ -70,7 +70,7 @@ def seconds_per_step(method, dataset, collate, batch_size: int, steps: int = 3) 
 def run_part(name: str, budget_s: float, max_docs: int, out_dir: Path) -> dict:
     from common.training import Trainer
     from pretrain.demo import loss_curve
-    from pretrain.evaluation import evaluate_encoder, load_eval_slice
+    from common.evaluate import evaluator_from_args
     from pretrain.run import build
 
     recipe_name, overrides = PARTS[name]
@@ -79,21 +79,22 @@ def run_part(name: str, budget_s: float, max_docs: int, out_dir: Path) -> dict:
         f"eval.max_docs={max_docs}", "eval.max_queries=0", "train.log_every=10",
         f"eval.metrics=[{','.join(MEASURES)}]"]
     recipe = load_recipe(PretrainRecipe, recipe_name, overrides)
-    method, dataset, collate, _ = build(recipe)
-    data = load_eval_slice(recipe.eval, recipe.train.seed)
+    method, dataset, collate = build(recipe)
+    evaluate = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+    data = evaluate.data
     t = time.perf_counter()
-    before = evaluate_encoder(method.encoder, data, recipe.eval, progress=True)
+    before = evaluate(method.encoder, progress=True)
     eval_s = time.perf_counter() - t
     per_step = seconds_per_step(method, dataset, collate, recipe.train.per_device_batch_size)
     steps = max(10, int(budget_s / per_step))
     recipe.train.max_steps = steps
     print(f"[{name}] before {before}; {per_step:.2f} s/step -> {steps} steps", flush=True)
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe, evaluate_fn=None)
+                      recipe=recipe, evaluate_fn=None, diagnostics_fn=None)  # evaluated here
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t
-    after = evaluate_encoder(method.encoder, data, recipe.eval, progress=True)
+    after = evaluate(method.encoder, progress=True)
     result = {"recipe": recipe_name, "overrides": overrides, "model": recipe.model.name_or_path,
               "random_init": recipe.model.random_init, "corpora": recipe.data.corpora,
               "training_items": len(dataset), "steps": steps,

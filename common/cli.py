@@ -6,7 +6,10 @@ argparse with `parse_args` (never `parse_known_args`): a mistyped flag is an err
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -37,3 +40,22 @@ def parse_run_args(description: str, argv: list[str] | None = None,
         if "=" not in item:
             parser.error(f"'{item}' is not a KEY=VALUE override (e.g. train.lr=3e-5)")
     return RunArgs(recipe=ns.recipe, overrides=ns.overrides, resume=ns.resume)
+
+
+def setup_logging() -> None:
+    """Warnings from libraries, progress of twotower's own modules."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("twotower").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def print_result(result: dict, output_dir: str) -> None:
+    """The final figures of a run, printed once (main process)."""
+    from common.distributed import is_main
+
+    if not is_main():
+        return
+    print(" | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                     for k, v in result.items()))
+    print(f"model saved to {Path(output_dir) / 'model'}")

@@ -232,15 +232,16 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
 
 def evaluator_from_args(eval_args, k: int = 1000,
                         seed: int = 0) -> Callable[[Any], Dict[str, float]]:
-    """For periodic evaluation while training: loads and slices `EvalArgs.data` once and returns
-    `encoder -> metrics` (dense retrieval, exact search, no progress bars)."""
+    """For evaluation before, during and after training: loads and slices `EvalArgs.data` once
+    and returns `encoder -> metrics` (dense retrieval, exact search); the slice is its `.data`."""
     data = subsample(load_eval_data(eval_args.data, eval_args.split), eval_args.max_queries,
                      eval_args.max_docs, seed)
 
-    def evaluate(encoder) -> Dict[str, float]:
+    def evaluate(encoder, progress: bool = False) -> Dict[str, float]:
         return evaluate_dense(encoder, data, k=k, batch_size=eval_args.batch_size,
-                              measures=eval_args.metrics, progress=False).metrics
+                              measures=eval_args.metrics, progress=progress).metrics
 
+    evaluate.data = data  # type: ignore[attr-defined]
     return evaluate
 
 

@@ -32,6 +32,9 @@ from common.config import recipe_to_yaml
 log = logging.getLogger("twotower.train")
 
 
+FROM_RECIPE = "from recipe.eval"  # the Trainer's default evaluation: what recipe.eval asks for
+
+
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss; raised before any update or checkpoint of the broken state."""
 
@@ -80,10 +83,11 @@ class EpochSampler(Sampler[int]):
 class Trainer:
     def __init__(self, args: TrainArgs, method: nn.Module, train_dataset: Dataset,
                  collate_fn: Callable[[list], dict], recipe: Any = None,
-                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 diagnostics_fn: Callable[[nn.Module], tuple[dict, bytes]] | None = None):
-        """`evaluate_fn` / `diagnostics_fn` default to those `recipe.eval` asks for (main process
-        only): retrieval metrics on `eval.data` and the embedding-space diagnostics."""
+                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None | str = FROM_RECIPE,
+                 diagnostics_fn: Callable[[nn.Module], tuple[dict, bytes]] | None | str = FROM_RECIPE):
+        """`evaluate_fn` / `diagnostics_fn` (run on the main process) default to what `recipe.eval`
+        asks for: retrieval metrics on `eval.data` and the embedding-space diagnostics. Pass a
+        callable to evaluate otherwise, or None for no evaluation during training."""
         self.args, self.recipe = args, recipe
         self.evaluate_fn, self.diagnostics_fn = evaluate_fn, diagnostics_fn
         self.output_dir = Path(args.output_dir)
@@ -151,15 +155,18 @@ class Trainer:
 
     def _build_evaluators(self) -> None:
         eval_args = getattr(self.recipe, "eval", None)
-        if not self.is_main or eval_args is None or not eval_args.data:
-            return
-        if self.evaluate_fn is None:
-            from common.evaluate import evaluator_from_args
-            self.evaluate_fn = evaluator_from_args(eval_args, seed=self.args.seed)
-        if self.diagnostics_fn is None and eval_args.diagnostics:
-            from common.analyze import AnalyzeArgs, diagnostics_evaluator
-            self.diagnostics_fn = diagnostics_evaluator(
-                eval_args, AnalyzeArgs(max_queries=100, max_docs=300, projection="pca"))
+        wanted = self.is_main and eval_args is not None and bool(eval_args.data)
+        if isinstance(self.evaluate_fn, str):
+            self.evaluate_fn = None
+            if wanted:
+                from common.evaluate import evaluator_from_args
+                self.evaluate_fn = evaluator_from_args(eval_args, seed=self.args.seed)
+        if isinstance(self.diagnostics_fn, str):
+            self.diagnostics_fn = None
+            if wanted and eval_args.diagnostics:
+                from common.analyze import AnalyzeArgs, diagnostics_evaluator
+                self.diagnostics_fn = diagnostics_evaluator(
+                    eval_args, AnalyzeArgs(max_queries=100, max_docs=300, projection="pca"))
 
     def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import parse_run_args  # noqa: E402
+from common.cli import parse_run_args, print_result, setup_logging  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
 
@@ -131,15 +130,9 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Fine-tune a dense retriever (finetune/)", argv)
     recipe = load_recipe(FinetuneRecipe, run.recipe, run.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     result = run_recipe(recipe, resume=run.resume)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(" | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
-                         for k, v in result.items()))
-        print(f"model saved to {Path(recipe.train.output_dir) / 'model'}")
+    print_result(result, recipe.train.output_dir)
     return result
 
 

@@ -9,8 +9,6 @@ Prints the before/after retrieval figures on the recipe's evaluation slice and t
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import setup_logging  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from pretrain.args import PretrainRecipe  # noqa: E402
 
@@ -54,27 +53,25 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(PretrainRecipe, ns.recipe, DEFAULTS + ns.overrides)
     if not recipe.eval.data:
         parser.error("the demo needs eval.data (a BEIR dataset) to show before/after figures")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("twotower").setLevel(logging.INFO)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
+    from common.evaluate import evaluator_from_args
     from common.training import Trainer
-    from pretrain.evaluation import evaluate_encoder, load_eval_slice
     from pretrain.run import build
 
     started = time.perf_counter()
-    method, dataset, collate, _ = build(recipe)
-    data = load_eval_slice(recipe.eval, recipe.train.seed)
+    method, dataset, collate = build(recipe)
+    evaluate = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+    data = evaluate.data
     print(f"[demo] {ns.recipe}: {recipe.model.name_or_path}, corpora {recipe.data.corpora} "
           f"(text only), {recipe.train.max_steps} steps of {recipe.method.name}"
           f"{' + relevance-aware' if recipe.method.relevance_aware else ''}, "
           f"{recipe.pairs.n_pairs} key crop(s) per query; evaluation: {data.name}/{data.split} "
           f"{len(data.qrels)} queries x {len(data.corpus)} documents", flush=True)
-    before = evaluate_encoder(method.encoder, data, recipe.eval)
+    before = evaluate(method.encoder)
     print(f"[demo] before: nDCG@10 {before.get('nDCG@10', float('nan')):.4f} "
           f"({time.perf_counter() - started:.0f}s)", flush=True)
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe,
-                      evaluate_fn=lambda encoder: evaluate_encoder(encoder, data, recipe.eval))
+                      recipe=recipe, evaluate_fn=evaluate)
     result = trainer.train()
     after = {k: v for k, v in result.items() if k in before}
     curve = loss_curve(Path(recipe.train.output_dir))

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import parse_run_args  # noqa: E402
+from common.cli import parse_run_args, print_result, setup_logging  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from pretrain.args import PretrainRecipe  # noqa: E402
 
@@ -21,47 +20,41 @@ log = logging.getLogger("twotower.pretrain")
 
 
 def build(recipe: PretrainRecipe, report=None):
-    """(method, dataset, collate_fn, evaluate_fn) of a recipe; `report` (common.data.SkipReport)
-    counts the corpus lines skipped with data.on_error=skip."""
+    """(method, dataset, collate_fn) of a recipe; `report` (common.data.SkipReport) counts the
+    corpus lines skipped with data.on_error=skip."""
     from accelerate.utils import set_seed
 
     from common.encoder import Encoder
     from pretrain.dataset import build_pair_dataset
-    from pretrain.evaluation import make_evaluate_fn
     from pretrain.method import build_method
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(recipe.model)
     dataset, collate = build_pair_dataset(recipe, encoder, report)
     method = build_method(encoder, recipe.method, recipe.pairs.n_pairs, recipe.train.seed)
-    return method, dataset, collate, make_evaluate_fn(recipe.eval, recipe.train.seed)
+    return method, dataset, collate
 
 
 def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Unsupervised contrastive pretraining (pretrain/)", argv)
     recipe = load_recipe(PretrainRecipe, run.recipe, run.overrides)
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("twotower").setLevel(logging.INFO)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     from common.data import SkipReport
     from common.training import Trainer
 
     skipped = SkipReport()
-    method, dataset, collate, evaluate_fn = build(recipe, skipped)
+    method, dataset, collate = build(recipe, skipped)
     log.info("%s: %d training items per epoch, method %s, %d key(s) per query", run.recipe,
              len(dataset), recipe.method.name, recipe.pairs.n_pairs)
+    # evaluation (and diagnostics) on recipe.eval.data: built by the Trainer
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe, evaluate_fn=evaluate_fn)
+                      recipe=recipe)
     result = trainer.train(resume=run.resume)
     if recipe.data.on_error == "skip":  # the opted-in count, at the end where it is seen
         result["skipped_bad_lines"] = skipped.total
         if skipped:
             log.warning("data.on_error=skip: %s", skipped.summary())
-    if trainer.is_main:
-        print(" | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
-                         for k, v in result.items()))
-        print(f"model saved to {Path(recipe.train.output_dir) / 'model'}")
+    print_result(result, recipe.train.output_dir)
     return result
 
 
