@@ -233,15 +233,18 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
 def evaluator_from_args(eval_args, k: int = 1000,
                         seed: int = 0) -> Callable[[Any], Dict[str, float]]:
     """For evaluation before, during and after training: loads and slices `EvalArgs.data` once
-    and returns `encoder -> metrics` (dense retrieval, exact search); the slice is its `.data`."""
+    and returns `encoder -> metrics` (dense retrieval, exact search); the slice is its `.data`,
+    the EvalResult of its latest call its `.last` (for the reports written after training)."""
     data = subsample(load_eval_data(eval_args.data, eval_args.split), eval_args.max_queries,
                      eval_args.max_docs, seed)
 
     def evaluate(encoder, progress: bool = False) -> Dict[str, float]:
-        return evaluate_dense(encoder, data, k=k, batch_size=eval_args.batch_size,
-                              measures=eval_args.metrics, progress=progress).metrics
+        evaluate.last = evaluate_dense(  # type: ignore[attr-defined]
+            encoder, data, k=k, batch_size=eval_args.batch_size, measures=eval_args.metrics,
+            progress=progress)
+        return evaluate.last.metrics  # type: ignore[attr-defined]
 
-    evaluate.data = data  # type: ignore[attr-defined]
+    evaluate.data, evaluate.last = data, None  # type: ignore[attr-defined]
     return evaluate
 
 

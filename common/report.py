@@ -71,7 +71,8 @@ def existing_outputs(output_dir: str | Path) -> list[str]:
 
 
 def write_outputs(result, output_dir: str | Path, overwrite: bool = False,
-                  extra: Mapping[str, Any] | None = None, data=None) -> Dict[str, Path]:
+                  extra: Mapping[str, Any] | None = None, data=None,
+                  recipe_yaml: str | None = None) -> Dict[str, Path]:
     """Write run.trec, metrics.json, report.md and report.html; refuse to replace existing ones
     unless `overwrite`. With `data` (the evaluated RetrievalData) both reports also show the best
     and worst queries with their retrieved passages."""
@@ -96,5 +97,5 @@ def write_outputs(result, output_dir: str | Path, overwrite: bool = False,
     if examples is not None:
         with paths["report"].open("a", encoding="utf-8") as f:
             f.write(examples_markdown(examples))
-    write_eval_html(result, paths["html"], examples=examples, extra=extra)
+    write_eval_html(result, paths["html"], examples=examples, extra=extra, recipe_yaml=recipe_yaml)
     return paths

@@ -5,6 +5,7 @@ Layout of `train.output_dir`:
   checkpoints/step-00000100/   accelerate state + trainer_state.json + COMPLETE (written last)
   model/             final encoder (transformers + sentence-transformers layout)
   logs/              tensorboard events            metrics.json   final evaluation
+  eval/              the final evaluation's run.trec, report.md, report.html
 """
 from __future__ import annotations
 

@@ -193,6 +193,18 @@ class Trainer:
                            sync_last=last_micro)
         return loss, stats, ok
 
+    def _write_eval_reports(self) -> None:
+        """The final evaluation's run.trec, report.md and report.html (best/worst queries, the
+        recipe) in output_dir/eval, when the evaluator keeps its result (evaluator_from_args)."""
+        result = getattr(self.evaluate_fn, "last", None)
+        if result is None:
+            return
+        from common.report import write_outputs
+
+        write_outputs(result, self.output_dir / "eval", overwrite=True,
+                      data=getattr(self.evaluate_fn, "data", None), extra={"step": self.state.step},
+                      recipe_yaml=recipe_to_yaml(self.recipe) if self.recipe is not None else None)
+
     def _check_finite(self, loss: torch.Tensor, batch: dict) -> bool:
         """True if the step may proceed. Every process takes the same decision."""
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
@@ -340,6 +352,7 @@ class Trainer:
             save_encoder_atomically(self.unwrapped.encoder, self.output_dir / "model")
             if metrics:
                 rundir.write_atomic(self.output_dir / "metrics.json", _json(metrics))
+                self._write_eval_reports()
         acc.wait_for_everyone()
         if state.skipped_nonfinite:
             log.warning("%d steps were skipped for a non-finite loss", state.skipped_nonfinite)

@@ -172,3 +172,9 @@ def test_periodic_evaluation_and_diagnostics_reach_tensorboard(tmp_path):
     assert "diagnostics/overview" in events.Tags()["images"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["nDCG@10"] == pytest.approx(ndcg[-1].value)
+    # the final evaluation's reports sit beside its metrics: recipe, best/worst queries
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["metrics"]["nDCG@10"] == pytest.approx(metrics["nDCG@10"]) and report["step"] == 4
+    html = (out / "eval" / "report.html").read_text()
+    assert "eval_every: 2" in html and "data:image/png;base64," in html
+    assert "## Worst queries by nDCG@10" in (out / "eval" / "report.md").read_text()
