@@ -116,6 +116,8 @@ def load_recipe(schema: type[T], name_or_path: str | None, overrides: list[str] 
     for item in overrides or []:
         if "=" not in item:
             raise RecipeError(f"override '{item}': expected KEY=VALUE, e.g. train.lr=3e-5")
+        if item.endswith("="):  # `eval.data=` means the empty string, not None (YAML's null)
+            item += "''"
         dotted = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         _check_keys(schema, dotted, f"override '{item}'")
         cfg = _merge(cfg, dotted, f"override '{item}'")

@@ -9,15 +9,10 @@ Loss weights live only here; a term with weight 0 is not computed.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from common.args import EvalArgs, ModelArgs, TrainArgs
+from common.args import EvalArgs, ModelArgs, TrainArgs, _choice
 from common.config import RecipeError
 
 DATA_KINDS = ("beir", "msmarco", "triples", "jsonl", "pseudo")
-
-
-def _choice(name: str, value: str, allowed: tuple) -> None:
-    if value not in allowed:
-        raise RecipeError(f"'{name}' must be one of {', '.join(allowed)}; got '{value}'")
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -144,6 +139,9 @@ class DataArgs:
     n_neg_queries: int = 0  # mined negative queries per group (DANCE, dual Margin-MSE)
     max_queries: int = 0  # few-shot: keep this many training queries (0 = all), sampled with seed
     sample_seed: int = 0
+    # a bad line in any of the files above: "raise" (the error names file and line) or "skip"
+    # (dropped, counted per file and reason; the count is reported at the end of the run)
+    on_error: str = "raise"
     # a group whose negative pool is smaller than k is filled with random corpus documents
     # (never one of its positives); "error" refuses instead
     short_pool: str = "random"
@@ -151,6 +149,7 @@ class DataArgs:
     mine: MiningArgs = field(default_factory=MiningArgs)
 
     def validate(self) -> None:
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
         _choice("data.kind", self.kind, DATA_KINDS)
         if self.mine.retriever and (self.hard_negatives or self.kind not in ("beir", "msmarco")):
             raise RecipeError("'data.mine' mines negatives for beir/msmarco data without a "

@@ -38,8 +38,9 @@ def _teacher(recipe: FinetuneRecipe, device):
 
 
 def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_processes: int,
-                device="cpu"):
-    """(method, dataset, collate) of one stage, starting from `model_path`."""
+                device="cpu", report=None):
+    """(method, dataset, collate) of one stage, starting from `model_path`; `report`
+    (common.data.SkipReport) counts the records skipped with data.on_error=skip."""
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
@@ -54,7 +55,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     with_teacher = stage.loss.needs_teacher_scores()
     # the main process computes teacher scores into the cache first; the others then read them
     with PartialState().main_process_first():
-        pool = build_pool(stage.data, teacher=teacher)
+        pool = build_pool(stage.data, teacher=teacher, report=report)
         if with_teacher and teacher is not None:
             n = teacher.fill_pool(pool, required_pairs(pool, with_neg_queries=stage.data.n_neg_queries > 0))
             log.info("teacher: %d pairs scored (%d computed, %d from the cache)", n,
@@ -88,9 +89,11 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
 def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     from accelerate import PartialState
 
+    from common.data import SkipReport
     from common.training import Trainer
 
     state = PartialState()
+    skipped = SkipReport()
     root = Path(recipe.train.output_dir)
     model_path = recipe.model.name_or_path
     if recipe.pretrain.recipe:
@@ -108,7 +111,7 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
                                     max_steps=stage.max_steps or recipe.train.max_steps,
                                     lr=stage.lr or recipe.train.lr)
         method, dataset, collate = build_stage(recipe, stage, model_path, state.num_processes,
-                                               device=state.device)
+                                               device=state.device, report=skipped)
         log.info("stage %s: %d groups, %d negatives and %d negative queries each, losses %s",
                  name, len(dataset), stage.data.n_negatives, stage.data.n_neg_queries,
                  stage.loss.active())
@@ -117,6 +120,10 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
                           recipe=recipe)
         result = {**trainer.train(resume=resume and out.exists()), "stage": name}
         model_path = str(out / "model")
+    if any(stage.data.on_error == "skip" for _, stage in stages):  # opted in: say what was lost
+        result["skipped_bad_lines"] = skipped.total
+        if skipped:
+            log.warning("data.on_error=skip: %s", skipped.summary())
     if not single and state.is_main_process:
         final = root / "model"
         if final.exists():

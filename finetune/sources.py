@@ -45,21 +45,22 @@ def _groups_from_qrels(qids: List[str], qrels: Dict[str, Dict[str, int]], min_re
 
 
 def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[Path],
-                      docs: TextStore, teacher: Dict[str, Dict[str, float]],
+                      docs: TextStore, teacher: Dict[str, Dict[str, float]], read: Dict,
                       use_file_positives: bool = False) -> List[TrainGroup]:
     """Negatives (and, for msmarco without qrels, positives) from a hard-negatives jsonl, with
     the per-system cap and the teacher-margin false-negative filter of the recipe."""
     if not data.hard_negatives:
         return groups
     path = D.resolve_data(_file(root, data.hard_negatives) if root else data.hard_negatives)
-    table = D.load_hard_negatives(path, systems=data.negative_systems or None)
+    table = D.load_hard_negatives(path, systems=data.negative_systems or None, **read)
     by_qid = {g.qid: g for g in groups}
     dropped = 0
     for row in table:
-        for pid in list(row["pos"]) + list(row["neg"]):
-            if pid not in docs:
-                raise D.DataError(f"query {row['qid']!r}: passage {pid!r} is not in the corpus",
-                                  path=path, reason="unknown passage")
+        unknown = [p for p in list(row["pos"]) + list(row["neg"]) if p not in docs]
+        if unknown:
+            _bad(D.DataError(f"query {row['qid']!r}: passage {unknown[0]!r} is not in the corpus",
+                             path=path, reason="unknown passage"), read)
+            continue
         group = by_qid.get(row["qid"])
         if group is None:
             if not use_file_positives:
@@ -91,38 +92,46 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
     return groups
 
 
-def _beir_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
-    rd = D.load_beir(data.path, data.split)
+def _bad(error: "D.DataError", read: Dict) -> None:
+    """A bad record: raised, or counted in the run's SkipReport when data.on_error=skip."""
+    if read["on_error"] != "skip":
+        raise error
+    read["report"].add(error)
+
+
+def _beir_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
+    rd = D.load_beir(data.path, data.split, **read)
     docs = TextStore.from_table(rd.corpus, with_title=True)
     queries = TextStore.from_table(rd.queries, with_title=False)
     groups = _groups_from_qrels(queries.ids, rd.qrels, data.min_relevance, f"{data.path}/{data.split}")
-    groups = _attach_negatives(groups, data, None, docs, teacher)
+    groups = _attach_negatives(groups, data, None, docs, teacher, read)
     _mine_negatives(groups, data, rd)
     return TrainingPool(groups, queries, docs, teacher=teacher, source=f"{data.path} ({data.split})")
 
 
-def _msmarco_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     root = D.resolve_data(data.path)
-    docs = TextStore.from_table(D.load_msmarco_collection(_file(root, data.collection)), True)
-    queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries)), False)
+    docs = TextStore.from_table(D.load_msmarco_collection(_file(root, data.collection), **read), True)
+    queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries), **read), False)
     if data.qrels:
         qrels = D.load_qrels(_file(root, data.qrels), query_ids=set(queries.ids),
-                             doc_ids=set(docs.ids))
+                             doc_ids=set(docs.ids), **read)
         groups = _groups_from_qrels(queries.ids, qrels, data.min_relevance, str(root))
     elif not data.hard_negatives:
         raise D.DataError("msmarco data needs data.qrels or data.hard_negatives (for positives)",
                           path=root)
     else:
         groups = []
-    groups = _attach_negatives(groups, data, root, docs, teacher, use_file_positives=not data.qrels)
+    groups = _attach_negatives(groups, data, root, docs, teacher, read,
+                               use_file_positives=not data.qrels)
     for g in groups:
         if g.qid not in queries:
             raise D.DataError(f"query {g.qid!r} has no text in {data.queries}", path=root)
     if data.mine.retriever:
         kept = [i for i, q in enumerate(queries.ids) if q in {g.qid for g in groups}]
-        table = D.load_msmarco_queries(_file(root, data.queries)).select(kept)
+        table = D.load_msmarco_queries(_file(root, data.queries), **read).select(kept)
         _mine_negatives(groups, data, D.RetrievalData(
-            corpus=D.load_msmarco_collection(_file(root, data.collection)), queries=table,
+            corpus=D.load_msmarco_collection(_file(root, data.collection), **read), queries=table,
             qrels={g.qid: {p: 1 for p in g.positives} for g in groups}, name=root.name,
             split="train"))
     return TrainingPool(groups, queries, docs, teacher=teacher, source=str(root))
@@ -143,8 +152,8 @@ def _mine_negatives(groups: List[TrainGroup], data: DataArgs, rd) -> None:
     log.info("mined %s negatives: %s", m.retriever, args.stats)
 
 
-def _triples_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
-    table = D.load_triples(data.path)
+def _triples_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
+    table = D.load_triples(data.path, **read)
     query_texts: Dict[str, str] = {}
     doc_texts: Dict[str, str] = {}
     groups: Dict[str, TrainGroup] = {}
@@ -170,43 +179,60 @@ def _jsonl_text(value, path: Path, line_no: int, name: str) -> str:
     return value
 
 
-def _jsonl_pool(data: DataArgs, teacher: Dict) -> TrainingPool:
+def _jsonl_group(path: Path, line_no: int, line: str, seen_queries: Dict[str, str]):
+    """One line of the generic jsonl: (group, {id: text} of its query and documents, teacher
+    scores or None); a bad line raises DataError naming file and line."""
+    from common.data.io import get_field, parse_json_object
+
+    obj = parse_json_object(path, line_no, line)
+    query = _jsonl_text(get_field(obj, "query", path, line_no), path, line_no, "query")
+    lists = {}
+    for name in ("positives", "negatives"):
+        value = obj.get(name, []) if name == "negatives" else get_field(obj, name, path, line_no)
+        if not isinstance(value, list):
+            raise D.DataError(f"'{name}' must be a list", path=path, line=line_no)
+        lists[name] = [_jsonl_text(v, path, line_no, name) for v in value]
+    if not lists["positives"]:
+        raise D.DataError("no positives", path=path, line=line_no, reason="no positives")
+    qid = text_id("q", query)
+    if qid in seen_queries:
+        raise D.DataError("the same query text appears on two lines; merge them", path=path,
+                          line=line_no, reason="duplicate query")
+    ids = {name: [text_id("d", t) for t in texts] for name, texts in lists.items()}
+    texts = {qid: query}
+    for name in ids:
+        texts.update(zip(ids[name], lists[name]))
+    scores = None
+    if obj.get("scores") is not None:
+        both = ids["positives"] + ids["negatives"]
+        if not isinstance(obj["scores"], list) or len(obj["scores"]) != len(both):
+            raise D.DataError(f"'scores' must list {len(both)} numbers (positives, then "
+                              "negatives)", path=path, line=line_no, reason="bad scores")
+        scores = {d: _score(v, path, line_no) for d, v in zip(both, obj["scores"])}
+    return TrainGroup(qid, ids["positives"], ids["negatives"]), texts, scores
+
+
+def _jsonl_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     """Generic jsonl: {"query", "positives": [..], "negatives": [..], "scores": [..]} per line;
     texts are strings or {title, text}; `scores` (optional) are teacher scores of the positives
     followed by the negatives, in order."""
-    from common.data.io import get_field, iter_lines, parse_json_object
+    from common.data.io import iter_lines
 
     path = D.resolve_data(data.path)
     query_texts: Dict[str, str] = {}
     doc_texts: Dict[str, str] = {}
     groups: List[TrainGroup] = []
     for line_no, line in iter_lines(path):
-        obj = parse_json_object(path, line_no, line)
-        query = _jsonl_text(get_field(obj, "query", path, line_no), path, line_no, "query")
-        lists = {}
-        for name in ("positives", "negatives"):
-            value = obj.get(name, []) if name == "negatives" else get_field(obj, name, path, line_no)
-            if not isinstance(value, list):
-                raise D.DataError(f"'{name}' must be a list", path=path, line=line_no)
-            lists[name] = [_jsonl_text(v, path, line_no, name) for v in value]
-        if not lists["positives"]:
-            raise D.DataError("no positives", path=path, line=line_no, reason="no positives")
-        qid = text_id("q", query)
-        if qid in query_texts:
-            raise D.DataError("the same query text appears on two lines; merge them", path=path,
-                              line=line_no, reason="duplicate query")
-        query_texts[qid] = query
-        ids = {name: [text_id("d", t) for t in texts] for name, texts in lists.items()}
-        for name in ids:
-            doc_texts.update(zip(ids[name], lists[name]))
-        if obj.get("scores") is not None:
-            scores = obj["scores"]
-            both = ids["positives"] + ids["negatives"]
-            if not isinstance(scores, list) or len(scores) != len(both):
-                raise D.DataError(f"'scores' must list {len(both)} numbers (positives, then "
-                                  "negatives)", path=path, line=line_no, reason="bad scores")
-            teacher[qid] = {d: _score(s, path, line_no) for d, s in zip(both, scores)}
-        groups.append(TrainGroup(qid, ids["positives"], ids["negatives"]))
+        try:
+            group, texts, scores = _jsonl_group(path, line_no, line, query_texts)
+        except D.DataError as error:
+            _bad(error, read)
+            continue
+        query_texts[group.qid] = texts.pop(group.qid)
+        doc_texts.update(texts)
+        if scores is not None:
+            teacher[group.qid] = scores
+        groups.append(group)
     return TrainingPool(groups, TextStore.from_dict(query_texts), TextStore.from_dict(doc_texts),
                         teacher=teacher, source=str(path))
 
@@ -230,11 +256,14 @@ def data_file(data: DataArgs, name: str) -> Path:
     return D.resolve_data(name)
 
 
-def build_pool(data: DataArgs, teacher=None) -> TrainingPool:
-    """The groups of `data` (few-shot sampled, teacher scores attached, negative queries mined)."""
+def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None) -> TrainingPool:
+    """The groups of `data` (few-shot sampled, teacher scores attached, negative queries mined).
+    With data.on_error=skip, bad records are dropped and counted in `report`."""
+    read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
     scores: Dict[str, Dict[str, float]] = {}
     if data.teacher_scores:
-        scores = {q: dict(by_pid) for q, by_pid in D.load_teacher_scores(data_file(data, data.teacher_scores)).items()}
+        table = D.load_teacher_scores(data_file(data, data.teacher_scores), **read)
+        scores = {q: dict(by_pid) for q, by_pid in table.items()}
     if data.kind == "pseudo":
         from finetune.pseudo import pseudo_label_pool
         if teacher is None:
@@ -243,7 +272,7 @@ def build_pool(data: DataArgs, teacher=None) -> TrainingPool:
         for qid, by_pid in scores.items():
             pool.teacher.setdefault(qid, {}).update(by_pid)
     else:
-        pool = READERS[data.kind](data, scores)
+        pool = READERS[data.kind](data, scores, read)
     if data.max_queries and data.max_queries < len(pool.groups):
         rng = np.random.default_rng(data.sample_seed)
         keep = np.sort(rng.choice(len(pool.groups), data.max_queries, replace=False))

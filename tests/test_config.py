@@ -60,6 +60,11 @@ def test_unknown_override_suggests_closest_key(recipes):
         load_recipe(Recipe, "paper", ["trian.lr=3"])
 
 
+def test_empty_override_is_the_empty_string(recipes):
+    r = load_recipe(Recipe, "paper", ["eval.data=", "model.query_prefix="])
+    assert r.eval.data == "" and r.model.query_prefix == ""
+
+
 def test_wrong_type_names_the_key(recipes):
     with pytest.raises(RecipeError, match=r"train.max_steps"):
         load_recipe(Recipe, "paper", ["train.max_steps=many"])

@@ -108,3 +108,29 @@ def test_skip_policy_stops_when_no_step_can_succeed(tmp_path):
     assert proc.returncode != 0
     assert "every batch of epoch 0 had a non-finite loss" in proc.stderr
     assert "step skipped (train.nonfinite_loss=skip)" in proc.stderr
+
+
+def test_finetuning_counted_skipping_is_opt_in_and_reported(tmp_path):
+    """Generic jsonl training data with a malformed line, a group without positives and a
+    duplicate query: the strict run names the first bad line; data.on_error=skip trains on the
+    good groups and reports the count at the end."""
+    good = [{"query": f"what about {w}", "positives": [f"{w} is a topic of study"],
+             "negatives": [f"nothing on {w[::-1]}"]}
+            for w in "protein cell gene river star planet forest city law market".split()]
+    lines = [json.dumps(g) for g in good]
+    lines.insert(2, '{"query": "broken", "positives": [')
+    lines.insert(5, json.dumps({"query": "no positives here", "positives": []}))
+    lines.insert(8, json.dumps(good[0]))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = ["--recipe", "fewshot_cpu", *TINY_MODEL, "data.kind=jsonl", f"data.path={data}",
+            "data.mine.retriever=", "data.n_negatives=1", "data.max_queries=0",
+            "train.per_device_batch_size=4",
+            "train.max_steps=2", 'eval.data=""']
+    proc = drive("finetune/run.py", *args, f"train.output_dir={tmp_path / 'strict'}")
+    assert proc.returncode != 0 and f"{data}:3:" in proc.stderr  # the first bad line, named
+    proc = drive("finetune/run.py", *args, "data.on_error=skip",
+                 f"train.output_dir={tmp_path / 'skip'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped_bad_lines: 3" in proc.stdout
+    assert "data.on_error=skip" in proc.stderr and str(data) in proc.stderr
