@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant
     from common.data import resolve_data
     from common.encoder import Encoder
-    from common.evaluate import load_eval_data, slug
+    from common.evaluate import load_eval_data
+    from common.evaluate_cli import slug
 
     data_path = resolve_data(ns.data)
     output_dir = Path(ns.output_dir or Path("runs", "analyze",

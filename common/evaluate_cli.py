@@ -1,0 +1,164 @@
+"""Evaluate a dense model or BM25 on a BEIR-style or MS MARCO folder (common/evaluate.py).
+
+    python -m common.evaluate --model bundled:all-MiniLM-L6-v2 --data scifact --split test
+    python -m common.evaluate --system bm25 --data scifact
+    python -m common.evaluate --model M --data msmarco_sample --split dev --rerank bm25_top20.trec
+    accelerate launch --multi_gpu --num_processes 2 -m common.evaluate --model M --data scifact
+        (the corpus is encoded in 2 shards; one process writes the outputs)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from common.bm25 import BM25Args
+from common.data import DataError, load_run, resolve_data
+from common.metrics import resolve_measures
+from common.evaluate import (evaluate_bm25, evaluate_dense, evaluate_rerank, load_eval_data,
+                             subsample)
+from common.report import existing_outputs, write_outputs
+
+def slug(text: str) -> str:
+    text = text.split(":", 1)[1] if text.startswith("bundled:") else text
+    text = Path(text).name if Path(text).exists() else text
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m common.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a mistyped flag must not match a prefix
+    p.add_argument("--system", choices=("dense", "bm25"), default="dense")
+    p.add_argument("--model", help="hub id, local folder or bundled:all-MiniLM-L6-v2 (dense)")
+    p.add_argument("--data", required=True, help="data name under $TWOTOWER_DATA or a folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--rerank", metavar="RUNFILE", help="TREC run whose candidates are scored")
+    p.add_argument("--k", type=int, help="retrieval depth (default 1000; not with --rerank)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--index", help="dense retrieval: flat (exact, default) | hnsw | ivf | a faiss "
+                   "index_factory string such as IVF4096,PQ64")
+    p.add_argument("--search-params", help="faiss parameters, e.g. efSearch=512 or nprobe=64")
+    p.add_argument("--metrics", nargs="+",
+                   help="default: nDCG@10 MRR@10 MAP@100 R@10 R@100 R@1000 (any ir_measures name)")
+    p.add_argument("--max-queries", type=int, default=0, help="sample this many judged queries")
+    p.add_argument("--max-docs", type=int, default=0,
+                   help="corpus = judged documents + this many sampled others")
+    p.add_argument("--seed", type=int, default=0, help="for --max-queries/--max-docs sampling")
+    p.add_argument("--output-dir", help="default runs/eval/<model>-<data>-<split>")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true")
+    enc = p.add_argument_group("encoder settings (default: what the model folder says)")
+    enc.add_argument("--pooling", choices=("auto", "mean", "cls"))
+    enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    enc.add_argument("--max-length", type=int, help="sets both query and document max tokens")
+    enc.add_argument("--max-query-length", type=int)
+    enc.add_argument("--max-doc-length", type=int)
+    enc.add_argument("--query-prefix")
+    enc.add_argument("--doc-prefix")
+    bm = p.add_argument_group("BM25 (--system bm25)")
+    bm.add_argument("--bm25-k1", type=float, help=f"default {BM25Args.k1}")
+    bm.add_argument("--bm25-b", type=float, help=f"default {BM25Args.b}")
+    return p
+
+
+def _model_args(ns):
+    from common.args import ModelArgs
+
+    given = {"pooling": ns.pooling, "normalize": ns.normalize, "query_prefix": ns.query_prefix,
+             "doc_prefix": ns.doc_prefix, "max_query_length": ns.max_query_length or ns.max_length,
+             "max_doc_length": ns.max_doc_length or ns.max_length}
+    return ModelArgs(name_or_path=ns.model, **{k: v for k, v in given.items() if v is not None})
+
+
+def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Flags that do not apply to the chosen system/mode are errors, not silently ignored."""
+    def given(*names):
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(ns, n) is not None]
+
+    encoder_flags = given("pooling", "normalize", "max_length", "max_query_length",
+                          "max_doc_length", "query_prefix", "doc_prefix")
+    if ns.system == "dense":
+        if not ns.model:
+            parser.error("--model is required for --system dense")
+        if given("bm25_k1", "bm25_b"):
+            parser.error(f"{', '.join(given('bm25_k1', 'bm25_b'))} need --system bm25")
+    elif ns.model or encoder_flags:
+        parser.error(f"--system bm25 takes no {', '.join(given('model') + encoder_flags)}")
+    if (ns.system == "bm25" or ns.rerank) and given("index", "search_params"):
+        parser.error("--index/--search-params are for dense retrieval (not bm25 or --rerank)")
+    if ns.rerank and (ns.max_docs or ns.k is not None):
+        parser.error("--max-docs and --k do not apply to --rerank (the candidates are scored)")
+    if ns.k is not None and ns.k <= 0 or ns.max_queries < 0 or ns.max_docs < 0:
+        parser.error("--k must be > 0; --max-queries and --max-docs >= 0")
+    try:
+        resolve_measures(ns.metrics)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _check_flags(parser, ns)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    from common.sharded import join_processes
+
+    several = join_processes()
+    try:
+        data_path = resolve_data(ns.data)
+    except DataError as err:
+        parser.error(str(err))
+    model_slug = "bm25" if ns.system == "bm25" else slug(ns.model)
+    default_dir = Path("runs", "eval", f"{model_slug}-{data_path.name}-{ns.split}"
+                       + ("-rerank" if ns.rerank else ""))
+    output_dir = Path(ns.output_dir) if ns.output_dir else default_dir
+    found = existing_outputs(output_dir)
+    if found and not ns.overwrite:  # refuse before any expensive work
+        parser.error(f"{output_dir} already has {', '.join(found)}; pass --overwrite to replace "
+                     "them, or choose another --output-dir")
+    try:
+        data = subsample(load_eval_data(data_path, ns.split), ns.max_queries, ns.max_docs, ns.seed)
+        candidates = load_run(ns.rerank) if ns.rerank else None
+    except DataError as err:  # names file and line; a traceback adds nothing
+        parser.exit(1, f"error: {err}\n")
+    depth = ns.k or 1000
+    if ns.system == "bm25":
+        bm25_args = BM25Args(**{f: v for f, v in (("k1", ns.bm25_k1), ("b", ns.bm25_b))
+                                if v is not None})
+        result = evaluate_bm25(data, k=depth, candidates=candidates, measures=ns.metrics,
+                               args=bm25_args)
+    else:
+        from common.encoder import Encoder  # torch: only when needed
+
+        encoder = Encoder.load(_model_args(ns))
+        if candidates is not None:
+            result = evaluate_rerank(encoder, data, candidates, batch_size=ns.batch_size,
+                                     measures=ns.metrics, progress=not ns.no_progress)
+        else:
+            result = evaluate_dense(encoder, data, k=depth, batch_size=ns.batch_size,
+                                    index=ns.index or "flat", search_params=ns.search_params,
+                                    measures=ns.metrics, progress=not ns.no_progress,
+                                    shard=several)
+    from common.distributed import is_main
+
+    if not is_main():  # every process has the result; one writes it
+        return 0
+    extra = {"data_path": str(data_path), "candidates": ns.rerank,
+             "max_queries": ns.max_queries or None, "max_docs": ns.max_docs or None,
+             "command": "python -m common.evaluate "
+                        + shlex.join(sys.argv[1:] if argv is None else list(argv))}
+    paths = write_outputs(result, output_dir, overwrite=ns.overwrite, data=data,
+                          extra={k: v for k, v in extra.items() if v is not None})
+    width = max(len(n) for n in result.metrics)
+    for name, value in result.metrics.items():
+        print(f"{name:<{width}}  {value:.4f}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+

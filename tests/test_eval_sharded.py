@@ -1,0 +1,78 @@
+"""Evaluation under `accelerate launch` with 2 processes: each encodes half of the corpus, the
+halves are gathered, and the outputs equal a single-process evaluation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.sharded import encode_sharded, shard_bounds
+from tests.dist_utils import free_port, run_distributed
+from tests.test_eval_cli import write_beir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_encoder_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_encoder_factory(hidden=32, layers=1, heads=2).save(path)
+    return path
+
+
+def test_shard_bounds_cover_everything_once():
+    for n in (0, 1, 5, 7, 12):
+        for processes in (1, 2, 3, 5):
+            spans = [shard_bounds(n, processes, i) for i in range(processes)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert max(e - s for s, e in spans) - min(e - s for s, e in spans) <= 1
+
+
+def _encode_in_two(rank, world):
+    items = list(range(7))  # uneven: 4 and 3 rows
+    seen = []
+
+    def encode(part):
+        seen.extend(part)
+        return np.array([[x, x * x] for x in part], dtype=np.float32)
+
+    return encode_sharded(encode, items), seen
+
+
+def test_encode_sharded_gathers_in_order_and_each_process_encodes_its_slice():
+    (full0, seen0), (full1, seen1) = run_distributed(_encode_in_two, 2)
+    expected = np.array([[x, x * x] for x in range(7)], dtype=np.float32)
+    assert np.array_equal(full0, expected) and np.array_equal(full1, expected)
+    assert seen0 == [0, 1, 2, 3] and seen1 == [4, 5, 6]
+
+
+def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
+    beir = tmp_path / "beir"
+    write_beir(beir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    args = ["--model", str(tiny_model_dir), "--data", str(beir), "--split", "test", "--k", "10",
+            "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "common.evaluate", *args, "--output-dir",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          "-m", "common.evaluate", *args, "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["timing"]["encode_processes"] == 2 and "encode_processes" not in m1["timing"]
+    assert m1["metrics"] == m2["metrics"]
+    run1 = (tmp_path / "one" / "run.trec").read_text().splitlines()
+    run2 = (tmp_path / "two" / "run.trec").read_text().splitlines()
+    assert [line.split()[:3] for line in run1] == [line.split()[:3] for line in run2]
+    scores1 = np.array([float(line.split()[4]) for line in run1])
+    scores2 = np.array([float(line.split()[4]) for line in run2])
+    np.testing.assert_allclose(scores1, scores2, atol=1e-5)
