@@ -58,8 +58,9 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
     for row in table:
         unknown = [p for p in list(row["pos"]) + list(row["neg"]) if p not in docs]
         if unknown:
-            _bad(D.DataError(f"query {row['qid']!r}: passage {unknown[0]!r} is not in the corpus",
-                             path=path, reason="unknown passage"), read)
+            D.BadLinePolicy(**read).handle(D.DataError(  # raised, or counted when skipping
+                f"query {row['qid']!r}: passage {unknown[0]!r} is not in the corpus",
+                path=path, reason="unknown passage"))
             continue
         group = by_qid.get(row["qid"])
         if group is None:
@@ -90,13 +91,6 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
         log.info("%s: teacher margin %.2f removed %d likely false negatives", path,
                  data.teacher_margin, dropped)
     return groups
-
-
-def _bad(error: "D.DataError", read: Dict) -> None:
-    """A bad record: raised, or counted in the run's SkipReport when data.on_error=skip."""
-    if read["on_error"] != "skip":
-        raise error
-    read["report"].add(error)
 
 
 def _beir_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
@@ -226,7 +220,7 @@ def _jsonl_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
         try:
             group, texts, scores = _jsonl_group(path, line_no, line, query_texts)
         except D.DataError as error:
-            _bad(error, read)
+            D.BadLinePolicy(**read).handle(error)  # raised, or counted when skipping
             continue
         query_texts[group.qid] = texts.pop(group.qid)
         doc_texts.update(texts)
