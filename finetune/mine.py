@@ -4,6 +4,8 @@ hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
     python -m finetune.mine --data scifact --split train --retriever bm25 --output negs.jsonl
     python -m finetune.mine --data msmarco_sample --retriever dense \
         --model bundled:all-MiniLM-L6-v2 --skip-top 3 --window 30 --n 10 --output negs.jsonl
+    accelerate launch --multi_gpu --num_processes 2 -m finetune.mine ... --retriever dense
+        (each process encodes a slice of the corpus and queries; one process writes the file)
 
 Per query: retrieve `depth` documents, drop every judged-relevant document (and any document
 whose text equals a positive's), keep the rank window [skip_top, skip_top + window) of what is
@@ -67,12 +69,16 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
     if not args.model:
         raise ValueError("--retriever dense needs --model")
     from common.encoder import Encoder
+    from common.evaluate import _corpus_rows
     from common.search import dense_search
+    from common.sharded import encode_sharded
 
     encoder = Encoder.load(args.model)
-    doc_ids = [str(d) for d in data.corpus["id"]]
-    doc_emb = encoder.encode_corpus(data.corpus, batch_size=args.batch_size)
-    query_emb = encoder.encode_queries(qtexts, batch_size=args.batch_size)
+    doc_ids, rows = _corpus_rows(data)
+    # under `accelerate launch` every process encodes its slice of the corpus and of the queries
+    doc_emb = encode_sharded(lambda part: encoder.encode_corpus(part, batch_size=args.batch_size), rows)
+    query_emb = encode_sharded(
+        lambda part: encoder.encode_queries(part, batch_size=args.batch_size), qtexts)
     run = dense_search(query_emb, doc_emb, qids, doc_ids, k=args.depth, similarity=encoder.similarity)
     if encoder.similarity == "cos":
         doc_emb = doc_emb / np.linalg.norm(doc_emb, axis=1, keepdims=True).clip(1e-12)
@@ -181,10 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
+    from common.distributed import is_main, world_size
     from common.evaluate import load_eval_data
+    from common.sharded import join_processes
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
+    several = join_processes()
     output = Path(ns.output)
     if output.exists() and not ns.overwrite:
         print(f"error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -200,10 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           cache_path=args.teacher_cache or None)
     data = load_eval_data(ns.data, ns.split)
     mined = mine(data, args, teacher)
+    if not is_main():  # every process has the same result; one writes it
+        return 0
     system = args.system or (args.retriever if args.retriever == "bm25" else f"dense:{Path(args.model).name}")
     write_hard_negatives(mined, system, output)
     sizes = [len(r["neg"]) for r in mined.values()]
     print(json.dumps({"output": str(output), "system": system, **args.stats,
+                      "processes": world_size() if several else 1,
                       "negatives_per_query_mean": float(np.mean(sizes)) if sizes else 0.0,
                       "queries_with_fewer_than_n": sum(s < args.n for s in sizes)}, indent=2))
     return 0

@@ -102,3 +102,36 @@ def test_dense_mining_and_the_cli_output(tmp_path):
         assert len(row["neg"]) == 3 and not set(row["neg"]) & set(row["pos"])
         assert set(row["neg_system"]) == {"dense:model"}
     assert main(argv) == 2  # refuses to overwrite without --overwrite
+
+
+def test_two_process_dense_mining_equals_one_process(tmp_path):
+    """Under `accelerate launch` each process encodes half of the corpus and queries; the gathered
+    embeddings give the same negatives as a single process, and only one process writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.dist_utils import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    write_beir(tmp_path / "beir")
+    tiny_bert(dropout=0.0).save(tmp_path / "model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    args = ["-m", "finetune.mine", "--data", str(tmp_path / "beir"), "--split", "train",
+            "--retriever", "dense", "--model", str(tmp_path / "model"), "--skip-top", "1",
+            "--n", "4", "--batch-size", "3"]
+    one = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          *args, "--output", str(tmp_path / "two.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout[two.stdout.index("{"):])["processes"] == 2
+    assert json.loads(one.stdout[one.stdout.index("{"):])["processes"] == 1
+    rows_one = load_hard_negatives(tmp_path / "one.jsonl").to_list()
+    assert rows_one == load_hard_negatives(tmp_path / "two.jsonl").to_list()
+    assert len(rows_one) == len(TOPICS) and all(len(r["neg"]) == 4 for r in rows_one)
