@@ -3,7 +3,7 @@
 No `from __future__ import annotations` here: OmegaConf reads these annotations at runtime.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from common.config import RecipeError
 
@@ -30,8 +30,8 @@ class ModelArgs:
     max_doc_length: int = 256
     # build the architecture from its config with random weights (tests, "from scratch" benchmarks)
     random_init: bool = False
-    # config fields changed before building, e.g. {num_hidden_layers: 2} for a tiny random BERT
-    config_overrides: Dict[str, int] = field(default_factory=dict)
+    # config fields changed before building, e.g. {num_hidden_layers: 2, hidden_dropout_prob: 0.0}
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:

@@ -96,8 +96,9 @@ class Encoder(nn.Module):
         self.doc_model = doc_model if doc_model is not None else (
             copy.deepcopy(query_model) if not args.shared_tower else None)
         for tower in self.towers():
-            if args.gradient_checkpointing:
-                tower.gradient_checkpointing_enable()
+            if args.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns
+                getattr(tower, "activation_checkpointing_enable",
+                        getattr(tower, "gradient_checkpointing_enable", None))()
             # BERT-style poolers are never used by mean/CLS pooling; frozen so that DDP does not
             # wait for their gradients (and AdamW does not decay them)
             for name, param in tower.named_parameters():

@@ -5,6 +5,8 @@
     python -m common.evaluate --model M --data msmarco_sample --split dev --rerank bm25_top20.trec
     accelerate launch --multi_gpu --num_processes 2 -m common.evaluate --model M --data scifact
         (the corpus is encoded in 2 shards; one process writes the outputs)
+    python -m common.evaluate --model M --qa-passages psgs_w100.tsv --qa-questions nq-test.qa.csv
+        (open-domain QA top-k answer accuracy as in DPR, common/qa.py; also --system bm25)
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)  # a mistyped flag must not match a prefix
     p.add_argument("--system", choices=("dense", "bm25"), default="dense")
     p.add_argument("--model", help="hub id, local folder or bundled:all-MiniLM-L6-v2 (dense)")
-    p.add_argument("--data", required=True, help="data name under $TWOTOWER_DATA or a folder")
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", help="data name under $TWOTOWER_DATA or a folder (or the --qa-* "
+                   "flags instead)")
+    p.add_argument("--split", help="default test")
     p.add_argument("--rerank", metavar="RUNFILE", help="TREC run whose candidates are scored")
     p.add_argument("--k", type=int, help="retrieval depth (default 1000; not with --rerank)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -60,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-doc-length", type=int)
     enc.add_argument("--query-prefix")
     enc.add_argument("--doc-prefix")
+    qa = p.add_argument_group("open-domain QA, top-k answer accuracy (instead of --data)")
+    qa.add_argument("--qa-passages", help="DPR passages TSV (id, text, title header; .tsv[.gz])")
+    qa.add_argument("--qa-questions", help="DPR qa.csv (question<TAB>[answers]) or jsonl "
+                    "{question, answers[, id]}")
+    qa.add_argument("--qa-k", type=int, nargs="+", help="accuracy cut-offs (default 5 20 100)")
+    qa.add_argument("--qa-match", choices=("string", "regex"),
+                    help="DPR answer matching (default string; regex for CuratedTREC)")
     bm = p.add_argument_group("BM25 (--system bm25)")
     bm.add_argument("--bm25-k1", type=float, help=f"default {BM25Args.k1}")
     bm.add_argument("--bm25-b", type=float, help=f"default {BM25Args.b}")
@@ -95,10 +105,32 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
         parser.error("--max-docs and --k do not apply to --rerank (the candidates are scored)")
     if ns.k is not None and ns.k <= 0 or ns.max_queries < 0 or ns.max_docs < 0:
         parser.error("--k must be > 0; --max-queries and --max-docs >= 0")
+    _check_qa_flags(parser, ns, given)
     try:
         resolve_measures(ns.metrics)
     except ValueError as err:
         parser.error(str(err))
+
+
+def _check_qa_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace, given) -> None:
+    """Either --data (BEIR / MS MARCO) or the two --qa input flags, never a mix."""
+    qa_inputs = given("qa_passages", "qa_questions")
+    if not qa_inputs:
+        if ns.data is None:
+            parser.error("--data is required (or --qa-passages with --qa-questions)")
+        if given("qa_k", "qa_match"):
+            parser.error(f"{', '.join(given('qa_k', 'qa_match'))} need --qa-passages and "
+                         "--qa-questions")
+        return
+    if len(qa_inputs) == 1:
+        parser.error("--qa-passages and --qa-questions go together")
+    not_for_qa = given("data", "split", "rerank", "k", "metrics") + [
+        f"--{n.replace('_', '-')}" for n in ("max_queries", "max_docs") if getattr(ns, n)]
+    if not_for_qa:
+        parser.error(f"{', '.join(not_for_qa)} do not apply to the QA evaluation (--qa-*; "
+                     "the retrieval depth is the largest --qa-k)")
+    if ns.qa_k is not None and min(ns.qa_k) <= 0:
+        parser.error("--qa-k values must be > 0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.sharded import join_processes
 
     several = join_processes()
+    command = "python -m common.evaluate " + shlex.join(sys.argv[1:] if argv is None
+                                                        else list(argv))
+    if ns.qa_passages:
+        from common.qa import run_cli
+
+        return run_cli(parser, ns, "bm25" if ns.system == "bm25" else slug(ns.model),
+                       None if ns.system == "bm25" else _model_args(ns), command, several)
+    ns.split = ns.split or "test"
     try:
         data_path = resolve_data(ns.data)
     except DataError as err:
@@ -151,8 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     extra = {"data_path": str(data_path), "candidates": ns.rerank,
              "max_queries": ns.max_queries or None, "max_docs": ns.max_docs or None,
-             "command": "python -m common.evaluate "
-                        + shlex.join(sys.argv[1:] if argv is None else list(argv))}
+             "command": command}
     paths = write_outputs(result, output_dir, overwrite=ns.overwrite, data=data,
                           extra={k: v for k, v in extra.items() if v is not None})
     width = max(len(n) for n in result.metrics)

@@ -253,7 +253,10 @@ class Trainer:
             try:
                 return self._loop()
             finally:
-                self.accelerator.end_training()
+                # not accelerator.end_training(): it also destroys the process group, which the
+                # caller may still need (a second stage, a final barrier)
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
 
     def _loop(self) -> dict[str, float]:
         args, acc, state = self.args, self.accelerator, self.state

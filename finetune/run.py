@@ -92,7 +92,11 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     from common.data import SkipReport
     from common.training import Trainer
 
-    state = PartialState()
+    from common.training import use_cpu
+
+    # join the process group before anything else touches Accelerate's state: a bare
+    # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
+    state = PartialState(cpu=use_cpu(recipe.train.device))
     skipped = SkipReport()
     root = Path(recipe.train.output_dir)
     model_path = recipe.model.name_or_path
