@@ -31,7 +31,7 @@ bench: EXTRAS = offline,test,bench
 # Full-size measurements (hours on 2 CPU cores); each script also runs alone, see README.
 bench: install
 	$(PY) benchmarks/acceptance.py
-	$(PY) benchmarks/perf.py encode train memory scaling --docs 512 --repeats 3 --steps 10 --warmup 2
+	$(PY) benchmarks/perf.py encode train memory scaling --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/finetune_fewshot.py
 

@@ -161,13 +161,19 @@ def bench_scaling(ns) -> dict:
     enc.encode(texts[:16], tower="doc", progress=False)
     for n in ns.scaling_docs:
         med, _ = median_time(lambda n=n: enc.encode(texts[:n], tower="doc", progress=False,
-                                                    batch_size=ns.encode_batch_size), ns.repeats)
+                                                    batch_size=ns.encode_batch_size),
+                            ns.scaling_repeats)
         out["encode"].append({"docs": n, "seconds": round(med, 2), "ms_per_doc": round(1000 * med / n, 1)})
+        if len(out["encode"]) > 1:  # cost growth when the corpus doubles (2.0 = linear)
+            prev = out["encode"][-2]
+            out["encode"][-1]["x_previous"] = round(med / prev["seconds"], 2)
     for b in ns.scaling_batches:
         times = twotower_step_times(b, ns.max_length, steps=ns.steps, warmup=ns.warmup)
         med = statistics.median(times)
         out["train"].append({"batch": b, "s_per_step": round(med, 2),
                              "ms_per_pair": round(1000 * med / b, 1)})
+        if len(out["train"]) > 1:  # cost growth when the batch doubles (2.0 = linear)
+            out["train"][-1]["x_previous"] = round(med / out["train"][-2]["s_per_step"], 2)
     out["load_after"] = load_average()
     return out
 
@@ -189,8 +195,8 @@ def write_results(section: str, result: dict, ns) -> None:
 def markdown(res: dict) -> str:
     lines = ["# twotower performance vs sentence-transformers", "",
              "Written by `benchmarks/perf.py` on a shared 2-core CPU (load average = 1/5/15-minute, "
-             "before and after). Encoding: medians of interleaved repeats; training: one block of "
-             "timed steps per system, run one after another (noisier).", ""]
+             "before and after). Encoding and training: medians of interleaved repeats (every "
+             "system once per round), so a burst of load hits all systems alike.", ""]
     if "encode" in res:
         e = res["encode"]
         lines += [f"## 1. Encoding SciFact documents ({e['docs']} docs, batch {e['batch_size']}, "
@@ -231,10 +237,12 @@ def markdown(res: dict) -> str:
     if "scaling" in res:
         s = res["scaling"]
         lines += [f"## 5. Scaling (load {s['load_before']} -> {s['load_after']})", "",
-                  "| corpus docs | encode s | ms/doc |", "|---|---|---|"]
-        lines += [f"| {r['docs']} | {r['seconds']} | {r['ms_per_doc']} |" for r in s["encode"]]
-        lines += ["", "| batch | s/step | ms/pair |", "|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['s_per_step']} | {r['ms_per_pair']} |" for r in s["train"]]
+                  "| corpus docs | encode s | ms/doc | × previous row |", "|---|---|---|---|"]
+        lines += [f"| {r['docs']} | {r['seconds']} | {r['ms_per_doc']} | {r.get('x_previous', '-')} |"
+                  for r in s["encode"]]
+        lines += ["", "| batch | s/step | ms/pair | × previous row |", "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['s_per_step']} | {r['ms_per_pair']} | "
+                  f"{r.get('x_previous', '-')} |" for r in s["train"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -251,11 +259,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="training batch (pairs)")
     p.add_argument("--steps", type=int, default=4, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    p.add_argument("--train-repeats", type=int, default=3,
+                   help="interleaved runs of every training system (median reported)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--memory-batch", type=int, default=512)
     p.add_argument("--memory-chunk", type=int, default=32)
-    p.add_argument("--scaling-docs", type=int, nargs="+", default=[64, 128, 256, 512])
-    p.add_argument("--scaling-batches", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--scaling-repeats", type=int, default=1)
+    p.add_argument("--scaling-docs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--scaling-batches", type=int, nargs="+", default=[16, 32, 64, 128])
     ns = p.parse_args(argv)
     if not os.environ.get("TWOTOWER_DATA"):
         p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import statistics
 import tempfile
 import time
 
@@ -156,26 +157,33 @@ def bare_pairs_per_s(built, batch: int, steps: int, warmup: int, precision: str)
 
 
 def bench_train(ns) -> dict:
+    """Every system and precision `ns.train_repeats` times, interleaved (a burst of load on the
+    shared machine hits every system alike); the median pairs/s of each is reported."""
     logging.getLogger("twotower").setLevel(logging.WARNING)
     batch, steps, warmup = ns.batch_size, ns.steps, max(ns.warmup, 1)
     out: dict = {"batch_size": batch, "max_length": ns.max_length, "steps": steps,
-                 "warmup": warmup, "threads": torch.get_num_threads(),
+                 "warmup": warmup, "repeats": ns.train_repeats, "threads": torch.get_num_threads(),
                  "load_before": load_average(), "rows": [], "overhead": {}}
     built = build(batch, ns.max_length, batch * (steps + warmup))
-    speeds: dict = {}
+    runs: dict = {}
+    for _ in range(ns.train_repeats):
+        for precision in ns.precisions:
+            runs.setdefault(("bare loop", precision), []).append(
+                bare_pairs_per_s(built, batch, steps, warmup, precision))
+            # a fresh method (fresh weights) per run: build again
+            fresh = build(batch, ns.max_length, batch * (steps + warmup))
+            runs.setdefault(("twotower", precision), []).append(twotower_pairs_per_s(
+                batch, ns.max_length, steps, warmup, precision, built=fresh)[0])
+            runs.setdefault(("sentence-transformers", precision), []).append(st_pairs_per_s(
+                built[4], batch, ns.max_length, steps, warmup, precision))
+            print({k: [round(x, 2) for x in v] for k, v in runs.items()}, flush=True)
+    speeds = {key: statistics.median(values) for key, values in runs.items()}
     for precision in ns.precisions:
-        speeds[("bare loop", precision)] = bare_pairs_per_s(built, batch, steps, warmup, precision)
-        # a fresh method (fresh weights) per run: build again
-        fresh = build(batch, ns.max_length, batch * (steps + warmup))
-        speeds[("twotower", precision)] = twotower_pairs_per_s(
-            batch, ns.max_length, steps, warmup, precision, built=fresh)[0]
-        speeds[("sentence-transformers", precision)] = st_pairs_per_s(
-            built[4], batch, ns.max_length, steps, warmup, precision)
         out["overhead"][precision] = round(
             speeds[("bare loop", precision)] / speeds[("twotower", precision)], 3)
-        print({k: round(v, 2) for k, v in speeds.items()}, flush=True)
     for (system, precision), pps in speeds.items():
-        row = {"system": system, "precision": precision, "pairs_per_s": round(pps, 2)}
+        row = {"system": system, "precision": precision, "pairs_per_s": round(pps, 2),
+               "runs": [round(x, 2) for x in runs[(system, precision)]]}
         st_same = speeds.get(("sentence-transformers", precision))
         st_fp32 = speeds.get(("sentence-transformers", "fp32"))
         if st_same:
@@ -184,5 +192,5 @@ def bench_train(ns) -> dict:
             row["vs_st_fp32"] = round(pps / st_fp32, 3)
         out["rows"].append(row)
     out["load_after"] = load_average()
-    out["median_note"] = "one run per system and precision (time budget); steps timed as a block"
+    out["median_note"] = f"median of {ns.train_repeats} interleaved runs per system and precision"
     return out

@@ -109,10 +109,10 @@ def diagnostics_evaluator(eval_args, args: AnalyzeArgs | None = None
                           ) -> Callable[[Any], tuple[dict[str, float], bytes]]:
     """For periodic evaluation while training: loads `eval_args.data` (common.args.EvalArgs)
     once and returns `encoder -> (diagnostic scalars, overview PNG)`."""
-    from common.evaluate import load_eval_data, subsample
+    from common.evaluate import eval_args_data, subsample
 
     args = args or AnalyzeArgs()
-    data = subsample(load_eval_data(eval_args.data, eval_args.split), args.max_queries,
+    data = subsample(eval_args_data(eval_args), args.max_queries,
                      args.max_docs, args.seed)
     sampled = replace(args, max_queries=0, max_docs=0)  # the same sample at every evaluation
 

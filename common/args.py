@@ -95,6 +95,11 @@ class EvalArgs:
     metrics: List[str] = field(
         default_factory=lambda: ["nDCG@10", "RR@10", "AP@100", "R@10", "R@100", "R@1000"]
     )
+    # a dev split carved from `split`: evaluate on `holdout` of its judged queries (chosen by a
+    # seeded hash, common.evaluate.holdout_queries); a fine-tuning stage trained on the same data
+    # and split leaves them out. For choices made without looking at the test split.
+    holdout: int = 0
+    holdout_seed: int = 0
     before_training: bool = False  # also evaluate the starting model
     # embedding-space diagnostics (common/analyze.py) logged to tensorboard at each evaluation,
     # on a small sample (100 queries, their judged documents + 300 others; PCA picture)

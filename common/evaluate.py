@@ -11,6 +11,7 @@ Metric definitions: common/metrics.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import sys
@@ -69,6 +70,37 @@ def judged_queries(data: RetrievalData) -> tuple[list[str], list[str]]:
     return [q for q, _ in judged], [t for _, t in judged]
 
 
+def holdout_queries(qids: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """`n` of `qids` (in their order): the n smallest seeded hashes of the ids, so the choice does
+    not depend on the order of `qids` and is the same on every machine and run.
+    The dev split of EvalArgs.holdout; fine-tuning on the same split leaves these out."""
+    if n <= 0 or n >= len(qids):
+        raise ValueError(f"a holdout of {n} queries out of {len(qids)} leaves nothing to "
+                         "evaluate or nothing to train on")
+    key = {q: hashlib.sha256(f"{seed}:{q}".encode()).hexdigest() for q in qids}
+    chosen = set(sorted(qids, key=lambda q: (key[q], q))[:n])
+    return [q for q in qids if q in chosen]
+
+
+def restrict_queries(data: RetrievalData, keep: Sequence[str]) -> RetrievalData:
+    """`data` with only the queries (and qrels) in `keep`; the corpus is unchanged."""
+    keep_q = set(keep)
+    queries = data.queries.select(
+        [i for i, q in enumerate(column(data.queries, "id")) if str(q) in keep_q])
+    return dataclasses.replace(data, queries=queries,
+                               qrels={q: dict(d) for q, d in data.qrels.items() if q in keep_q})
+
+
+def eval_args_data(eval_args) -> RetrievalData:
+    """EvalArgs.data/.split, restricted to the EvalArgs.holdout dev queries when that is set."""
+    data = load_eval_data(eval_args.data, eval_args.split)
+    if getattr(eval_args, "holdout", 0):
+        qids, _ = judged_queries(data)
+        data = restrict_queries(data, holdout_queries(qids, eval_args.holdout,
+                                                      eval_args.holdout_seed))
+    return data
+
+
 def subsample(data: RetrievalData, max_queries: int = 0, max_docs: int = 0,
               seed: int = 0) -> RetrievalData:
     """A quick slice: `max_queries` judged queries sampled with `seed` (0 = all), and a corpus of
@@ -79,11 +111,8 @@ def subsample(data: RetrievalData, max_queries: int = 0, max_docs: int = 0,
     qids, _ = judged_queries(data)
     if max_queries and max_queries < len(qids):
         qids = sorted(rng.sample(qids, max_queries), key=qids.index)
-    keep_q = set(qids)
-    qrels = {q: dict(docs) for q, docs in data.qrels.items() if q in keep_q}
-    queries = data.queries.select(
-        [i for i, q in enumerate(column(data.queries, "id")) if str(q) in keep_q])
-    corpus = data.corpus
+    data = restrict_queries(data, qids)
+    qrels, queries, corpus = data.qrels, data.queries, data.corpus
     if max_docs:
         judged = {d for docs in qrels.values() for d in docs}
         doc_ids = [str(d) for d in column(corpus, "id")]
@@ -242,8 +271,7 @@ def evaluator_from_args(eval_args, k: int = 1000,
     """For evaluation before, during and after training: loads and slices `EvalArgs.data` once
     and returns `encoder -> metrics` (dense retrieval, exact search); the slice is its `.data`,
     the EvalResult of its latest call its `.last` (for the reports written after training)."""
-    data = subsample(load_eval_data(eval_args.data, eval_args.split), eval_args.max_queries,
-                     eval_args.max_docs, seed)
+    data = subsample(eval_args_data(eval_args), eval_args.max_queries, eval_args.max_docs, seed)
 
     def evaluate(encoder, progress: bool = False) -> Dict[str, float]:
         evaluate.last = evaluate_dense(  # type: ignore[attr-defined]

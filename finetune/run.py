@@ -37,6 +37,19 @@ def _teacher(recipe: FinetuneRecipe, device):
     return Teacher(recipe.teacher, cache_path=cache, device=device)
 
 
+def dev_queries(recipe: FinetuneRecipe, stage: StageArgs) -> list[str]:
+    """The eval.holdout dev queries when the evaluation data is the stage's training data (same
+    folder): they are left out of training. [] otherwise."""
+    if not (recipe.eval.holdout and recipe.eval.data and stage.data.path):
+        return []
+    from common.data import resolve_data
+    from common.evaluate import eval_args_data
+
+    if resolve_data(recipe.eval.data).resolve() != resolve_data(stage.data.path).resolve():
+        return []
+    return list(eval_args_data(recipe.eval).qrels)
+
+
 def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_processes: int,
                 device="cpu", report=None):
     """(method, dataset, collate) of one stage, starting from `model_path`; `report`
@@ -55,7 +68,8 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     with_teacher = stage.loss.needs_teacher_scores()
     # the main process computes teacher scores into the cache first; the others then read them
     with PartialState().main_process_first():
-        pool = build_pool(stage.data, teacher=teacher, report=report)
+        pool = build_pool(stage.data, teacher=teacher, report=report,
+                          exclude=dev_queries(recipe, stage))
         if with_teacher and teacher is not None:
             n = teacher.fill_pool(pool, required_pairs(pool, with_neg_queries=stage.data.n_neg_queries > 0))
             log.info("teacher: %d pairs scored (%d computed, %d from the cache)", n,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -250,9 +250,11 @@ def data_file(data: DataArgs, name: str) -> Path:
     return D.resolve_data(name)
 
 
-def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None) -> TrainingPool:
+def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None,
+               exclude: Sequence[str] = ()) -> TrainingPool:
     """The groups of `data` (few-shot sampled, teacher scores attached, negative queries mined).
-    With data.on_error=skip, bad records are dropped and counted in `report`."""
+    With data.on_error=skip, bad records are dropped and counted in `report`. Queries in
+    `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot sampling."""
     read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
     scores: Dict[str, Dict[str, float]] = {}
     if data.teacher_scores:
@@ -267,6 +269,12 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
             pool.teacher.setdefault(qid, {}).update(by_pid)
     else:
         pool = READERS[data.kind](data, scores, read)
+    if exclude:
+        held_out = set(exclude)
+        before = len(pool.groups)
+        pool.groups = [g for g in pool.groups if g.qid not in held_out]
+        pool.source += f" ({before - len(pool.groups)} dev queries held out)"
+        log.info("%d dev queries held out of training (eval.holdout)", before - len(pool.groups))
     if data.max_queries and data.max_queries < len(pool.groups):
         rng = np.random.default_rng(data.sample_seed)
         keep = np.sort(rng.choice(len(pool.groups), data.max_queries, replace=False))
@@ -280,8 +288,8 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
 
 def mine_negative_queries(pool: TrainingPool, m: int, seed: int, fill_random: bool) -> None:
     """pool.neg_queries[pid] = queries that list pid among their negatives (and do not judge it
-    relevant); with fill_random, topped up to m with random queries fixed per pid (so a teacher
-    can score them before training)."""
+    relevant); with fill_random, topped up to m with random training queries fixed per pid (so a
+    teacher can score them before training)."""
     positives_of = {g.qid: set(g.positives) for g in pool.groups}
     wanted = {p for g in pool.groups for p in g.positives}
     found: Dict[str, List[str]] = {p: [] for p in wanted}
@@ -289,7 +297,9 @@ def mine_negative_queries(pool: TrainingPool, m: int, seed: int, fill_random: bo
         for pid in g.negatives:
             if pid in found and pid not in positives_of[g.qid]:
                 found[pid].append(g.qid)
-    query_ids = pool.queries.ids
+    # random negative queries come from the training groups only: a BEIR queries file also holds
+    # the dev/test queries, whose texts (and unknown relevance) must not enter training
+    query_ids = [g.qid for g in pool.groups]
     for pid, qids in found.items():
         if fill_random and len(qids) < m and len(query_ids) > m:
             rng = np.random.default_rng([seed, stable_hash(pid)])
