@@ -92,7 +92,12 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     if resume and (model / "config.json").is_file():
         log.info("pretraining already finished: %s", model)
         return str(model)
-    argv = ["--recipe", recipe.pretrain.recipe, *recipe.pretrain.overrides,
+    # by default the pretraining corpus is the fine-tuning data's own corpus (the target domain)
+    # and the intermediate model is not evaluated; pretrain.overrides come after, so they win
+    defaults = ["eval.data="]
+    if recipe.data.kind == "beir" and recipe.data.path:
+        defaults.append(f"data.corpora=[{recipe.data.path}]")
+    argv = ["--recipe", recipe.pretrain.recipe, *defaults, *recipe.pretrain.overrides,
             f"model.name_or_path={recipe.model.name_or_path}", f"train.output_dir={out}"]
     if recipe.train.overwrite_output_dir:
         argv.append("train.overwrite_output_dir=true")

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from common.config import RecipeError, load_recipe
@@ -117,3 +118,30 @@ def test_existing_output_dir_is_refused(tiny_setup):
     (root / "busy" / "something").write_text("x")
     with pytest.raises(Exception, match="already holds a run"):
         main(["--recipe", "fewshot", *common_overrides(root, "busy"), f"data.path={root / 'beir'}"])
+
+
+def test_domain_adapt_pretrains_on_the_target_corpus_then_finetunes(tiny_setup):
+    """domain_adapt: the pretraining stage reads the fine-tuning data's own corpus (no corpus named
+    in the recipe), is not evaluated itself, and the few-shot stage starts from its weights."""
+    from safetensors.torch import load_file
+
+    root = tiny_setup
+    recipe = root / "adapt.yaml"
+    recipe.write_text(f"""
+base: domain_adapt_cpu
+pretrain:
+  overrides: [train.max_steps=2, train.per_device_batch_size=4, pairs.chunk_length=16,
+              pairs.n_pairs=2, method.queue_size=16, data.cache_dir={root / 'pcache'}]
+""")
+    result = main(["--recipe", str(recipe), *common_overrides(root, "adapt"),
+                   f"data.path={root / 'beir'}", "data.max_queries=4"])
+    out = root / "adapt"
+    assert result["step"] == 2 and 0.0 <= result["nDCG@10"] <= 1.0
+    pre = (out / "pretrain" / "recipe.yaml").read_text()
+    assert str(root / "beir") in pre and "scifact" not in pre
+    assert not (out / "pretrain" / "metrics.json").exists()  # the intermediate model: no test eval
+    pretrained = load_file(str(out / "pretrain" / "model" / "model.safetensors"))
+    student = load_file(str(root / "student" / "model.safetensors"))
+    assert any(not torch.equal(pretrained[k], student[k]) for k in student)  # pretraining moved it
+    final = load_file(str(out / "model" / "model.safetensors"))
+    assert any(not torch.equal(final[k], pretrained[k]) for k in final)

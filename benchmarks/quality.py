@@ -1,0 +1,229 @@
+"""Domain adaptation on a CPU budget (issue #8): few-shot, label-free and both, on SciFact test.
+
+    TWOTOWER_DATA=../shared/data python benchmarks/quality.py SECTION [SECTION ...]
+        [--seeds 0 1 2] [--data scifact] [--dry-run]
+
+Sections (each writes its rows into benchmarks/results/quality.json and regenerates quality.md,
+so sections can be run separately; every row records wall and CPU seconds end to end, training
+plus the final evaluation of the whole test split):
+  reference     BM25 and the starting model (bundled all-MiniLM-L6-v2) on the test split
+  fewshot       recipe `fewshot` (all training queries) next to sentence-transformers' trainer
+                with MultipleNegativesRankingLoss on exactly the same triples (the same mined
+                negatives, epoch by epoch), batch, learning rate, steps and precision
+                (benchmarks/quality_st.py)
+  dev           the choices behind `fewshot`, on a dev split of 100 training queries held out of
+                training (eval.holdout; the test split is not used)
+  label_free    recipe `domain_pretrain` from the bundled model on the corpus only
+  domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot`
+  curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
+Every run is `python finetune/run.py` / `pretrain/run.py` in a subprocess with the committed
+recipe; the only overrides are the data folder, output folder, seed, few-shot size and the
+evaluation split: nothing is tuned on the test split (choices come from the `dev` section).
+Per-query nDCG@10 of each run is compared with BM25 and the start model by a paired t-test and
+a randomisation test (common/significance.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = REPO / "runs" / "quality"
+MODEL = "bundled:all-MiniLM-L6-v2"
+MEASURES = ["nDCG@10", "R@100"]
+TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
+             f"eval.metrics=[{','.join(MEASURES)}]"]
+DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=0",
+            f"eval.metrics=[{','.join(MEASURES)}]"]
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_script(script: str, recipe: str, out: Path, overrides: list[str], dry: bool) -> dict:
+    """One run in a subprocess; its final metrics.json plus wall and CPU seconds."""
+    cmd = [sys.executable, str(REPO / script), "--recipe", recipe, f"train.output_dir={out}",
+           "train.overwrite_output_dir=true", *overrides]
+    print("$", " ".join(cmd[1:]), flush=True)
+    if dry:
+        return {"command": " ".join(cmd[1:])}
+    cpu, start = children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
+    metrics_file = out / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {"command": " ".join(cmd[1:]), "wall_s": round(time.perf_counter() - start, 1),
+            "cpu_s": round(children_cpu_s() - cpu, 1), "run_file": str(_run_file(out)),
+            **{m: metrics.get(m) for m in MEASURES}}
+
+
+def _run_file(out: Path) -> Path:
+    for candidate in (out / "eval" / "run.trec", out / "stages" / "main" / "eval" / "run.trec"):
+        if candidate.is_file():
+            return candidate
+    return out / "eval" / "run.trec"
+
+
+def finetune(name: str, recipe: str, overrides: list[str], ns) -> dict:
+    return run_script("finetune/run.py", recipe, RUNS / name,
+                      [f"data.path={ns.data}", f"eval.data={ns.data}", *overrides], ns.dry_run)
+
+
+# ----------------------------------------------------------------------------- sections
+def section_reference(ns) -> dict:
+    from common.encoder import Encoder
+    from common.evaluate import evaluate_bm25, evaluate_dense, load_eval_data
+    from common.report import write_outputs
+
+    test = load_eval_data(ns.data, "test")
+    rows = {}
+    for name, run in (("BM25", lambda: evaluate_bm25(test, measures=MEASURES)),
+                      ("start model", lambda: evaluate_dense(Encoder.load(MODEL), test,
+                                                             measures=MEASURES, progress=False))):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = run()
+        out = RUNS / name.replace(" ", "_")
+        write_outputs(result, out, overwrite=True, data=test)
+        rows[name] = {**{m: result.metrics[m] for m in MEASURES},
+                      "wall_s": round(time.perf_counter() - start, 1),
+                      "cpu_s": round(time.process_time() - cpu, 1), "run_file": str(out / "run.trec")}
+    return rows
+
+
+def section_fewshot(ns) -> dict:
+    rows = {}
+    for seed in ns.seeds:
+        tag = f"seed {seed}"
+        rows[f"fewshot ({tag})"] = finetune(f"fewshot_s{seed}", "fewshot",
+                                            [f"train.seed={seed}", *TEST_EVAL], ns)
+        cmd = [sys.executable, str(REPO / "benchmarks" / "quality_st.py"), "--recipe", "fewshot",
+               "--output-dir", str(RUNS / f"st_mnrl_s{seed}"), "--seed", str(seed),
+               "--data", ns.data]
+        print("$", " ".join(cmd[1:]), flush=True)
+        if ns.dry_run:
+            continue
+        cpu, start = children_cpu_s(), time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        st = json.loads((RUNS / f"st_mnrl_s{seed}" / "metrics.json").read_text())
+        rows[f"sentence-transformers MNRL, same triples ({tag})"] = {
+            **{m: st["metrics"][m] for m in MEASURES}, "wall_s": round(time.perf_counter() - start, 1),
+            "cpu_s": round(children_cpu_s() - cpu, 1), "train_s": st.get("train_s"),
+            "run_file": str(RUNS / f"st_mnrl_s{seed}" / "run.trec"), "command": " ".join(cmd[1:])}
+    return rows
+
+
+DEV_CHOICES = {  # name -> overrides of recipe `fewshot`, all evaluated on the dev split
+    "fewshot as committed": [],
+}
+
+
+def section_dev(ns) -> dict:
+    return {f"dev: {name}": finetune("dev_" + name.replace(" ", "_"), "fewshot",
+                                     [*overrides, *DEV_EVAL], ns)
+            for name, overrides in DEV_CHOICES.items()}
+
+
+def section_label_free(ns) -> dict:
+    return {"domain_pretrain (label-free)": run_script(
+        "pretrain/run.py", "domain_pretrain", RUNS / "domain_pretrain",
+        [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
+         *TEST_EVAL], ns.dry_run)}
+
+
+def section_domain_adapt(ns) -> dict:
+    # the pretraining stage reads the fine-tuning data's corpus (finetune/run.py)
+    return {"domain_adapt (pretrain, then fewshot)": finetune(
+        "domain_adapt", "domain_adapt", TEST_EVAL, ns)}
+
+
+def section_curve(ns) -> dict:
+    rows = {}
+    for n in (8, 32, 128):
+        for seed in ns.seeds:
+            rows[f"fewshot, {n} queries (sample {seed})"] = finetune(
+                f"curve_{n}_s{seed}", "fewshot",
+                [f"data.max_queries={n}", f"data.sample_seed={seed}", *TEST_EVAL], ns)
+    return rows
+
+
+SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": section_dev,
+            "label_free": section_label_free, "domain_adapt": section_domain_adapt,
+            "curve": section_curve}
+
+
+# ----------------------------------------------------------------------------- report
+def significance(rows: dict, data: str) -> None:
+    """p-values of each run's per-query nDCG@10 against BM25 and the start model."""
+    from common.data import load_run
+    from common.evaluate import load_eval_data
+    from common.metrics import per_query
+    from common.significance import compare_paired
+
+    qrels = load_eval_data(data, "test").qrels
+    scores = {}
+    for name, row in rows.items():
+        path = Path(row.get("run_file", ""))
+        if path.is_file() and not name.startswith("dev:"):
+            scores[name] = per_query(qrels, load_run(path), ["nDCG@10"])["nDCG@10"]
+    for name, row in rows.items():
+        for ref in ("BM25", "start model"):
+            if name in scores and ref in scores and name != ref:
+                test = compare_paired(scores[name], scores[ref])
+                row[f"p_vs_{ref.replace(' ', '_')}"] = round(test.p_randomization, 4)
+
+
+def markdown(rows: dict) -> str:
+    lines = ["# Domain adaptation on SciFact (benchmarks/quality.py)", "",
+             "| run | nDCG@10 | R@100 | p vs BM25 | p vs start | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        def fmt(key, spec=".4f"):
+            value = r.get(key)
+            return format(value, spec) if isinstance(value, (int, float)) else "-"
+        lines.append(f"| {name} | {fmt('nDCG@10')} | {fmt('R@100')} | {fmt('p_vs_BM25')} | "
+                     f"{fmt('p_vs_start_model')} | {fmt('wall_s', '.0f')} | {fmt('cpu_s', '.0f')} |")
+    lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
+              "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ns = p.parse_args(argv)
+    if not os.environ.get("TWOTOWER_DATA") and not Path(ns.data).is_dir():
+        p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = RESULTS / "quality.json"
+    everything = json.loads(path.read_text()) if path.is_file() else {}
+    rows = everything.setdefault("rows", {})
+    for section in ns.sections:
+        rows.update(SECTIONS[section](ns))
+        if ns.dry_run:
+            continue
+        significance(rows, ns.data)
+        everything["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(everything, indent=2) + "\n")
+        (RESULTS / "quality.md").write_text(markdown(rows))
+    if not ns.dry_run:
+        print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
