@@ -61,8 +61,9 @@ def run_script(script: str, recipe: str, out: Path, overrides: list[str], dry: b
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
-    metrics_file = out / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    # one stage: <out>/metrics.json; several (domain_adapt): the last stage's in <out>/result.json
+    found = [f for f in (out / "metrics.json", out / "result.json") if f.is_file()]
+    metrics = json.loads(found[0].read_text()) if found else {}
     return {"command": " ".join(cmd[1:]), "wall_s": round(time.perf_counter() - start, 1),
             "cpu_s": round(children_cpu_s() - cpu, 1), "run_file": str(_run_file(out)),
             **{m: metrics.get(m) for m in MEASURES}}
@@ -86,6 +87,9 @@ def section_reference(ns) -> dict:
     from common.evaluate import evaluate_bm25, evaluate_dense, load_eval_data
     from common.report import write_outputs
 
+    if ns.dry_run:
+        print("$ (in process) BM25 and", MODEL, "on", ns.data, "test")
+        return {}
     test = load_eval_data(ns.data, "test")
     rows = {}
     for name, run in (("BM25", lambda: evaluate_bm25(test, measures=MEASURES)),
