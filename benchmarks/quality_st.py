@@ -25,13 +25,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def recipe_triples(recipe) -> list[dict]:
-    """The groups the Trainer would draw for recipe.train.max_steps steps (one process)."""
+def recipe_triples(recipe) -> tuple[list[dict], int]:
+    """The groups the Trainer would draw (one process), and its number of steps."""
+    from common.training import steps_for_epochs
     from finetune.run import build_stage  # leaves an eval.holdout dev split out, as in training
 
     (_, stage), = recipe.stage_list()
     _, dataset, _ = build_stage(recipe, stage, recipe.model.name_or_path, 1)
-    needed = recipe.train.max_steps * recipe.train.per_device_batch_size
+    steps = (steps_for_epochs(recipe.train, len(dataset)) if recipe.train.epochs > 0
+             else recipe.train.max_steps)
+    needed = steps * recipe.train.per_device_batch_size
     triples, epoch = [], 0
     while len(triples) < needed:
         dataset.set_epoch(epoch)
@@ -39,7 +42,7 @@ def recipe_triples(recipe) -> list[dict]:
         usable = len(order) - len(order) % recipe.train.per_device_batch_size  # drop_last
         triples += [dataset[i] for i in order[:usable]]
         epoch += 1
-    return triples[:needed]
+    return triples[:needed], steps
 
 
 def main(argv=None) -> int:
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     if set(stage.loss.active()) != {"infonce"}:
         p.error(f"the baseline is MNRL: recipe {ns.recipe} trains {sorted(stage.loss.active())}")
     train = recipe.train
-    triples = recipe_triples(recipe)
+    triples, steps = recipe_triples(recipe)
     columns = {"anchor": [t["query"] for t in triples], "positive": [t["positive"] for t in triples]}
     for j in range(stage.data.n_negatives):
         columns[f"negative_{j}"] = [t["negatives"][j] for t in triples]
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         args = SentenceTransformerTrainingArguments(
             output_dir=scratch, per_device_train_batch_size=train.per_device_batch_size,
-            max_steps=train.max_steps, learning_rate=train.lr, warmup_steps=train.warmup_steps,
+            max_steps=steps, learning_rate=train.lr, warmup_steps=train.warmup_steps,
             lr_scheduler_type=train.scheduler, weight_decay=train.weight_decay,
             max_grad_norm=train.max_grad_norm, bf16=train.mixed_precision == "bf16",
             use_cpu=True, report_to=[], save_strategy="no", logging_steps=max(train.log_every, 1),

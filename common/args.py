@@ -48,6 +48,10 @@ class TrainArgs:
     allow_recipe_change: bool = False
     seed: int = 42
     max_steps: int = 1000
+    # > 0: train this many passes over the data instead (max_steps = ceil(epochs x examples /
+    # global batch / accumulation), common.training.steps_for_epochs); a recipe then fits any
+    # training-set size, e.g. the few-shot sizes of one corpus or another corpus altogether
+    epochs: float = 0.0
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     lr: float = 5e-5
@@ -75,6 +79,8 @@ class TrainArgs:
 
     def validate(self) -> None:
         _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        if self.epochs < 0:
+            raise RecipeError("'train.epochs' must be >= 0 (0 = use train.max_steps)")
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         _choice("train.device", self.device, ("auto", "cpu"))

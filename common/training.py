@@ -8,6 +8,7 @@ resume, non-finite loss handling, tensorboard logging and periodic evaluation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -99,6 +100,12 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         set_seed(args.seed)
+        if args.epochs > 0:
+            steps = steps_for_epochs(args, len(train_dataset), self.accelerator.num_processes)
+            log.info("train.epochs=%g: %d steps of %d examples", args.epochs, steps,
+                     args.per_device_batch_size * args.gradient_accumulation_steps
+                     * self.accelerator.num_processes)
+            args = self.args = dataclasses.replace(args, max_steps=steps)
         self.state = TrainState()
         self.sampler = EpochSampler(train_dataset, args.seed)
         self.dataset = train_dataset
@@ -367,6 +374,15 @@ def micro_batch_seed(seed: int, micro_batch: int, process: int) -> int:
     import numpy as np
 
     return int(np.random.default_rng([seed, micro_batch, process]).integers(2**62))
+
+
+def steps_for_epochs(args: TrainArgs, n_examples: int, processes: int = 1) -> int:
+    """Optimizer steps for `args.epochs` passes over `n_examples` (incomplete batches dropped)."""
+    per_step = args.per_device_batch_size * args.gradient_accumulation_steps * processes
+    if n_examples < per_step:
+        raise ValueError(f"{n_examples} training examples do not fill one step of {per_step} "
+                         "(train.per_device_batch_size x gradient_accumulation_steps x processes)")
+    return max(1, math.ceil(args.epochs * (n_examples // per_step)))
 
 
 def use_cpu(device: str) -> bool:

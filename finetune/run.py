@@ -132,6 +132,8 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
             continue
         train = dataclasses.replace(recipe.train, output_dir=str(out),
                                     max_steps=stage.max_steps or recipe.train.max_steps,
+                                    # a stage's own max_steps wins over train.epochs
+                                    epochs=0.0 if stage.max_steps else recipe.train.epochs,
                                     lr=stage.lr or recipe.train.lr)
         method, dataset, collate = build_stage(recipe, stage, model_path, state.num_processes,
                                                device=state.device, report=skipped)

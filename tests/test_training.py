@@ -178,3 +178,20 @@ def test_periodic_evaluation_and_diagnostics_reach_tensorboard(tmp_path):
     html = (out / "eval" / "report.html").read_text()
     assert "eval_every: 2" in html and "data:image/png;base64," in html
     assert "## Worst queries by nDCG@10" in (out / "eval" / "report.md").read_text()
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    from common.args import TrainArgs
+    from common.training import steps_for_epochs
+
+    args = TrainArgs(per_device_batch_size=8, epochs=2.5)
+    assert steps_for_epochs(args, 48) == 15  # 6 full batches per epoch
+    assert steps_for_epochs(args, 50) == 15  # the incomplete batch is dropped
+    assert steps_for_epochs(args, 48, processes=2) == 8  # ceil(2.5 x 3)
+    with pytest.raises(ValueError, match="do not fill one step"):
+        steps_for_epochs(args, 7)
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=1000", "train.epochs=2", "train.per_device_batch_size=8")
+    state = json.loads(next((out / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
+    # 48 pairs / 8 = 6 steps per epoch; the run stops inside epoch index 1 (the second)
+    assert state["step"] == 12 and state["epoch"] == 1
