@@ -94,8 +94,10 @@ def twotower_pairs_per_s(batch: int, max_length: int, steps: int, warmup: int, p
     return batch * steps / seconds, step_times
 
 
-def twotower_step_times(batch: int, max_length: int, steps: int, warmup: int) -> list[float]:
-    return twotower_pairs_per_s(batch, max_length, steps, max(warmup, 1), "fp32")[1]
+def twotower_step_times(batch: int, max_length: int, steps: int, warmup: int,
+                        grad_cache_chunk: int = 0) -> list[float]:
+    return twotower_pairs_per_s(batch, max_length, steps, max(warmup, 1), "fp32",
+                                grad_cache_chunk=grad_cache_chunk)[1]
 
 
 def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int, warmup: int,

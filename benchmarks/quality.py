@@ -41,7 +41,9 @@ MODEL = "bundled:all-MiniLM-L6-v2"
 MEASURES = ["nDCG@10", "R@100"]
 TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
              f"eval.metrics=[{','.join(MEASURES)}]"]
-DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=0",
+# dev: 100 training queries held out; corpus = their judged documents + 2,000 others (cheaper
+# than the whole corpus, the same for every choice)
+DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=2000",
             f"eval.metrics=[{','.join(MEASURES)}]"]
 
 
@@ -50,22 +52,45 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_script(script: str, recipe: str, out: Path, overrides: list[str], dry: bool) -> dict:
+def _finished(out: Path, command: str) -> dict | None:
+    """A run of exactly `command` that already finished in `out` (--reuse), with its timing:
+    measured by this script, or else the span between the run's first and last files."""
+    found = [f for f in (out / "metrics.json", out / "result.json") if f.is_file()]
+    recipe = out / "recipe.yaml"
+    if not found or not recipe.is_file():
+        return None
+    timing_file = out / "quality_timing.json"
+    if timing_file.is_file():
+        timing = json.loads(timing_file.read_text())
+        if timing.get("command") != command:
+            return None
+    else:  # started by an earlier version of this script: file times, no CPU seconds
+        timing = {"wall_s": round(found[0].stat().st_mtime - recipe.stat().st_mtime, 1),
+                  "timing": "from file times"}
+    return {"metrics": json.loads(found[0].read_text()), **timing}
+
+
+def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) -> dict:
     """One run in a subprocess; its final metrics.json plus wall and CPU seconds."""
     cmd = [sys.executable, str(REPO / script), "--recipe", recipe, f"train.output_dir={out}",
            "train.overwrite_output_dir=true", *overrides]
-    print("$", " ".join(cmd[1:]), flush=True)
-    if dry:
-        return {"command": " ".join(cmd[1:])}
-    cpu, start = children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
+    command = " ".join(cmd[1:])
+    print("$", command, flush=True)
+    if ns.dry_run:
+        return {"command": command}
+    done = _finished(out, command) if ns.reuse else None
+    if done is None:
+        cpu, start = children_cpu_s(), time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode:
+            raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
+        timing = {"wall_s": round(time.perf_counter() - start, 1),
+                  "cpu_s": round(children_cpu_s() - cpu, 1), "command": command}
+        (out / "quality_timing.json").write_text(json.dumps(timing))
+        done = _finished(out, command) or {"metrics": {}, **timing}
     # one stage: <out>/metrics.json; several (domain_adapt): the last stage's in <out>/result.json
-    found = [f for f in (out / "metrics.json", out / "result.json") if f.is_file()]
-    metrics = json.loads(found[0].read_text()) if found else {}
-    return {"command": " ".join(cmd[1:]), "wall_s": round(time.perf_counter() - start, 1),
-            "cpu_s": round(children_cpu_s() - cpu, 1), "run_file": str(_run_file(out)),
+    metrics = done.pop("metrics")
+    return {**done, "command": command, "run_file": str(_run_file(out)),
             **{m: metrics.get(m) for m in MEASURES}}
 
 
@@ -78,7 +103,7 @@ def _run_file(out: Path) -> Path:
 
 def finetune(name: str, recipe: str, overrides: list[str], ns) -> dict:
     return run_script("finetune/run.py", recipe, RUNS / name,
-                      [f"data.path={ns.data}", f"eval.data={ns.data}", *overrides], ns.dry_run)
+                      [f"data.path={ns.data}", f"eval.data={ns.data}", *overrides], ns)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -92,9 +117,18 @@ def section_reference(ns) -> dict:
         return {}
     test = load_eval_data(ns.data, "test")
     rows = {}
+    for name in ("BM25", "start model") if ns.reuse else ():
+        out = RUNS / name.replace(" ", "_")
+        if (out / "metrics.json").is_file() and (out / "run.trec").is_file():
+            saved = json.loads((out / "metrics.json").read_text())
+            rows[name] = {**{m: saved["metrics"][m] for m in MEASURES},
+                          "wall_s": saved.get("timing", {}).get("total_s"),
+                          "run_file": str(out / "run.trec"), "timing": "earlier run"}
     for name, run in (("BM25", lambda: evaluate_bm25(test, measures=MEASURES)),
                       ("start model", lambda: evaluate_dense(Encoder.load(MODEL), test,
                                                              measures=MEASURES, progress=False))):
+        if name in rows:
+            continue
         start, cpu = time.perf_counter(), time.process_time()
         result = run()
         out = RUNS / name.replace(" ", "_")
@@ -117,32 +151,50 @@ def section_fewshot(ns) -> dict:
         print("$", " ".join(cmd[1:]), flush=True)
         if ns.dry_run:
             continue
-        cpu, start = children_cpu_s(), time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        st = json.loads((RUNS / f"st_mnrl_s{seed}" / "metrics.json").read_text())
+        out = RUNS / f"st_mnrl_s{seed}"
+        timing_file = out / "quality_timing.json"
+        reusable = (ns.reuse and timing_file.is_file()
+                    and json.loads(timing_file.read_text()).get("command") == " ".join(cmd[1:]))
+        if not reusable:
+            cpu, start = children_cpu_s(), time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            timing_file.write_text(json.dumps({
+                "wall_s": round(time.perf_counter() - start, 1),
+                "cpu_s": round(children_cpu_s() - cpu, 1), "command": " ".join(cmd[1:])}))
+        st = json.loads((out / "metrics.json").read_text())
         rows[f"sentence-transformers MNRL, same triples ({tag})"] = {
-            **{m: st["metrics"][m] for m in MEASURES}, "wall_s": round(time.perf_counter() - start, 1),
-            "cpu_s": round(children_cpu_s() - cpu, 1), "train_s": st.get("train_s"),
-            "run_file": str(RUNS / f"st_mnrl_s{seed}" / "run.trec"), "command": " ".join(cmd[1:])}
+            **{m: st["metrics"][m] for m in MEASURES}, **json.loads(timing_file.read_text()),
+            "train_s": st.get("train_s"), "run_file": str(out / "run.trec")}
     return rows
 
 
-DEV_CHOICES = {  # name -> overrides of recipe `fewshot`, all evaluated on the dev split
+# name -> overrides of recipe `fewshot`, each trained on the other training queries and
+# evaluated on the dev split; the committed recipe is the best of these (see the README table)
+_BUDGET = ["train.epochs=3", "train.per_device_batch_size=32", "train.mixed_precision=bf16",
+           "train.warmup_steps=10"]
+DEV_CHOICES = {
     "fewshot as committed": [],
+    "lr 2e-5, 1 BM25 negative": [*_BUDGET, "train.lr=2e-5", "data.n_negatives=1"],
+    "lr 5e-5, 1 BM25 negative": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=1"],
+    "lr 5e-5, 3 BM25 negatives": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=3"],
 }
 
 
 def section_dev(ns) -> dict:
-    return {f"dev: {name}": finetune("dev_" + name.replace(" ", "_"), "fewshot",
-                                     [*overrides, *DEV_EVAL], ns)
-            for name, overrides in DEV_CHOICES.items()}
+    chosen = ns.choices or list(DEV_CHOICES)
+    unknown = set(chosen) - set(DEV_CHOICES)
+    if unknown:
+        raise SystemExit(f"unknown --choices {sorted(unknown)}; known: {list(DEV_CHOICES)}")
+    return {f"dev: {name}": finetune("dev_" + "".join(c if c.isalnum() else "_" for c in name),
+                                     "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
+            for name in chosen}
 
 
 def section_label_free(ns) -> dict:
     return {"domain_pretrain (label-free)": run_script(
         "pretrain/run.py", "domain_pretrain", RUNS / "domain_pretrain",
         [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
-         *TEST_EVAL], ns.dry_run)}
+         *TEST_EVAL], ns)}
 
 
 def section_domain_adapt(ns) -> dict:
@@ -152,12 +204,17 @@ def section_domain_adapt(ns) -> dict:
 
 
 def section_curve(ns) -> dict:
+    from common.config import load_recipe
+    from finetune.args import FinetuneRecipe
+
+    batch = load_recipe(FinetuneRecipe, "fewshot").train.per_device_batch_size
     rows = {}
     for n in (8, 32, 128):
-        for seed in ns.seeds:
+        for seed in ns.seeds:  # a batch never larger than the training set
             rows[f"fewshot, {n} queries (sample {seed})"] = finetune(
                 f"curve_{n}_s{seed}", "fewshot",
-                [f"data.max_queries={n}", f"data.sample_seed={seed}", *TEST_EVAL], ns)
+                [f"data.max_queries={n}", f"data.sample_seed={seed}",
+                 f"train.per_device_batch_size={min(batch, n)}", *TEST_EVAL], ns)
     return rows
 
 
@@ -208,6 +265,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--reuse", action="store_true",
+                   help="record runs that already finished with the same command instead of "
+                        "training them again (an interrupted benchmark goes on where it stopped)")
+    p.add_argument("--choices", nargs="+", help="dev section: run only these DEV_CHOICES")
     ns = p.parse_args(argv)
     if not os.environ.get("TWOTOWER_DATA") and not Path(ns.data).is_dir():
         p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")

@@ -1,5 +1,6 @@
 """Speed/memory switches change nothing but cost: gradient checkpointing (model.gradient_
-checkpointing), alone and with GradCache; and the benchmark's report renders its own results."""
+checkpointing), alone and with GradCache; chunked forward calls (model.forward_chunk); and the
+benchmark's report renders its own results."""
 from tests.test_grad_cache import (assert_grads_close, cached_grads, finetune_batch,
                                    make_finetune_method, uncached_grads)
 
@@ -14,6 +15,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert_grads_close(got, want)
     _, got_cached = cached_grads(checkpointed, batch, 2)
     assert_grads_close(got_cached, want)
+
+
+def test_forward_chunk_gives_the_same_embeddings_and_gradients():
+    import torch
+
+    from tests.test_grad_cache import texts
+
+    plain = make_finetune_method("samtone_symmetric")
+    chunked = make_finetune_method("samtone_symmetric", forward_chunk=3)
+    batch = finetune_batch(plain.encoder)  # documents of 4-20 words: slices of unequal width
+    docs = plain.encoder.tokenize(texts(7, 5, 1, 30), tower="doc")
+    want = plain.encoder(docs["input_ids"], docs["attention_mask"], tower="doc")
+    got = chunked.encoder(docs["input_ids"], docs["attention_mask"], tower="doc")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    loss_plain, want_grads = uncached_grads(plain, batch)
+    loss_chunked, got_grads = uncached_grads(chunked, batch)
+    torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-5, atol=1e-6)
+    assert_grads_close(got_grads, want_grads)
+    _, cached = cached_grads(chunked, batch, 2)  # and inside GradCache
+    assert_grads_close(cached, want_grads)
 
 
 def test_benchmark_report_renders_every_section():
