@@ -32,8 +32,9 @@ def recipe_triples(recipe) -> tuple[list[dict], int]:
 
     (_, stage), = recipe.stage_list()
     _, dataset, _ = build_stage(recipe, stage, recipe.model.name_or_path, 1)
-    steps = (steps_for_epochs(recipe.train, len(dataset)) if recipe.train.epochs > 0
-             else recipe.train.max_steps)
+    steps = recipe.train.max_steps  # a cap when train.epochs is set, as in the Trainer
+    if recipe.train.epochs > 0:
+        steps = min(steps, steps_for_epochs(recipe.train, len(dataset)))
     needed = steps * recipe.train.per_device_batch_size
     triples, epoch = [], 0
     while len(triples) < needed:

@@ -52,9 +52,9 @@ class TrainArgs:
     allow_recipe_change: bool = False
     seed: int = 42
     max_steps: int = 1000
-    # > 0: train this many passes over the data instead (max_steps = ceil(epochs x examples /
-    # global batch / accumulation), common.training.steps_for_epochs); a recipe then fits any
-    # training-set size, e.g. the few-shot sizes of one corpus or another corpus altogether
+    # > 0: train this many passes over the data (ceil(epochs x examples / global batch /
+    # accumulation) steps, common.training.steps_for_epochs), max_steps staying a cap; a recipe
+    # then fits any training-set size: the few-shot sizes of one corpus, or another corpus
     epochs: float = 0.0
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1

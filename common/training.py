@@ -100,8 +100,9 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         set_seed(args.seed)
-        if args.epochs > 0:
-            steps = steps_for_epochs(args, len(train_dataset), self.accelerator.num_processes)
+        if args.epochs > 0:  # train.max_steps stays a cap
+            steps = min(args.max_steps, steps_for_epochs(args, len(train_dataset),
+                                                         self.accelerator.num_processes))
             log.info("train.epochs=%g: %d steps of %d examples", args.epochs, steps,
                      args.per_device_batch_size * args.gradient_accumulation_steps
                      * self.accelerator.num_processes)

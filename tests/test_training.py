@@ -195,3 +195,7 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     state = json.loads(next((out / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
     # 48 pairs / 8 = 6 steps per epoch; the run stops inside epoch index 1 (the second)
     assert state["step"] == 12 and state["epoch"] == 1
+    capped = tmp_path / "capped"  # train.max_steps stays a cap
+    run_toy(capped, "train.max_steps=5", "train.epochs=2", "train.per_device_batch_size=8")
+    state = json.loads(next((capped / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
+    assert state["step"] == 5
