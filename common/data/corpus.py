@@ -24,7 +24,7 @@ import datasets
 
 from .build import build_dataset
 from .errors import BadLinePolicy, DataError, SkipReport
-from .io import (DuplicateChecker, as_id, as_text, first_line_with, get_field, iter_lines,
+from .io import (as_id, as_text, get_field, iter_lines, unique_records,
                  parse_json_object, require_file, split_tsv)
 from .resolve import resolve_data
 
@@ -138,20 +138,9 @@ def _records(path: Path, options: dict, policy: BadLinePolicy):
             return _tsv_record(path, line_no, split_tsv(path, line_no, line, len(roles)), roles,
                                options)
 
-    def id_of(line_no, line):
-        return parse(line_no, line)["id"]
-
     what = "document id" if options["with_title"] else "query id"
-    duplicates = DuplicateChecker(path, what, lambda key: first_line_with(
-        ((n, text) for n, text in iter_lines(path) if n > header_line), id_of, key))
-    for line_no, line in lines:
-        try:
-            record = parse(line_no, line)
-        except DataError as e:
-            policy.handle(e)
-            continue
-        if not options["check_duplicates"] or duplicates.check(record["id"], line_no, policy):
-            yield record
+    yield from unique_records(path, lines, parse, what, header_line, policy,
+                              options["check_duplicates"])
 
 
 def _chain_first(first, rest):

@@ -226,6 +226,24 @@ def first_line_with(lines: Iterable[tuple[int, str]], key_of, key: str) -> int |
     return "?"
 
 
+def unique_records(path: Path, lines: Iterable[tuple[int, str]], parse, what: str,
+                   after_line: int, policy: BadLinePolicy, check_duplicates: bool = True):
+    """Yield `parse(line_no, line)` of each line (a dict with "id"), bad lines and repeated ids
+    raising or counted by `policy`; a repeated id's message names the line of its first
+    occurrence, found by re-reading the lines after `after_line` (the header)."""
+    duplicates = DuplicateChecker(path, what, lambda key: first_line_with(
+        ((n, text) for n, text in iter_lines(path) if n > after_line),
+        lambda n, text: parse(n, text)["id"], key))
+    for line_no, line in lines:
+        try:
+            record = parse(line_no, line)
+        except DataError as e:
+            policy.handle(e)
+            continue
+        if not check_duplicates or duplicates.check(record["id"], line_no, policy):
+            yield record
+
+
 def write_text_atomic(path: Path, write) -> None:
     """Write a text file via a temporary file in the same folder, then ``os.replace`` it."""
     path = Path(path)

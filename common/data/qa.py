@@ -34,7 +34,7 @@ import regex
 from .build import build_dataset
 from .corpus import CORPUS_FEATURES
 from .errors import BadLinePolicy, DataError, SkipReport
-from .io import (DuplicateChecker, as_id, first_line_with, get_field, iter_lines,
+from .io import (as_id, get_field, iter_lines, unique_records,
                  parse_json_object, require_file)
 from .resolve import resolve_data
 
@@ -100,17 +100,7 @@ def _passage_records(path: Path, options: dict, policy: BadLinePolicy):
                             line=line_no, reason="empty text")
         return record
 
-    duplicates = DuplicateChecker(path, "passage id", lambda key: first_line_with(
-        ((n, t) for n, t in iter_lines(path) if n > header_no),
-        lambda n, t: parse(n, t)["id"], key))
-    for line_no, line in lines:
-        try:
-            record = parse(line_no, line)
-        except DataError as e:
-            policy.handle(e)
-            continue
-        if duplicates.check(record["id"], line_no, policy):
-            yield record
+    yield from unique_records(path, lines, parse, "passage id", header_no, policy)
 
 
 def load_dpr_passages(path: str | os.PathLike, *, on_error: str = "raise",
