@@ -33,7 +33,7 @@ bench: install
 	$(PY) benchmarks/acceptance.py
 	$(PY) benchmarks/perf.py encode train memory scaling --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) benchmarks/pretrain_quality.py
-	$(PY) benchmarks/finetune_fewshot.py
+	$(PY) benchmarks/quality.py reference dev fewshot --reuse
 
 clean:
 	rm -rf .make runs

@@ -185,9 +185,22 @@ def section_dev(ns) -> dict:
     unknown = set(chosen) - set(DEV_CHOICES)
     if unknown:
         raise SystemExit(f"unknown --choices {sorted(unknown)}; known: {list(DEV_CHOICES)}")
-    return {f"dev: {name}": finetune("dev_" + "".join(c if c.isalnum() else "_" for c in name),
+    rows = {f"dev: {name}": finetune("dev_" + "".join(c if c.isalnum() else "_" for c in name),
                                      "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
             for name in chosen}
+    if not ns.dry_run:  # the start model on the same dev split and corpus slice
+        from common.config import load_recipe
+        from common.encoder import Encoder
+        from common.evaluate import evaluator_from_args
+        from finetune.args import FinetuneRecipe
+
+        recipe = load_recipe(FinetuneRecipe, "fewshot", [f"eval.data={ns.data}", *DEV_EVAL])
+        start = time.perf_counter()
+        # the Trainer's own evaluator, with the Trainer's default seed for the corpus slice
+        metrics = evaluator_from_args(recipe.eval, seed=recipe.train.seed)(Encoder.load(MODEL))
+        rows["dev: start model (no training)"] = {
+            **{m: metrics[m] for m in MEASURES}, "wall_s": round(time.perf_counter() - start, 1)}
+    return rows
 
 
 def section_label_free(ns) -> dict:
