@@ -10,7 +10,9 @@ from common.config import RecipeError
 
 def _choice(name: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
-        raise RecipeError(f"'{name}' must be one of {', '.join(allowed)}; got '{value}'")
+        hint = (" (YAML reads an unquoted no/yes/off/on as a boolean: write \"no\")"
+                if value in ("True", "False") else "")
+        raise RecipeError(f"'{name}' must be one of {', '.join(allowed)}; got '{value}'{hint}")
 
 
 @dataclass

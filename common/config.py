@@ -119,6 +119,12 @@ def load_recipe(schema: type[T], name_or_path: str | None, overrides: list[str] 
         if item.endswith("="):  # `eval.data=` means the empty string, not None (YAML's null)
             item += "''"
         dotted = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        key, raw = item.split("=", 1)
+        if isinstance(OmegaConf.select(cfg, key, default=None), str):
+            # a text field takes the text as typed: YAML would read `no`/`off` as False, 3e-5 as
+            # a float, and OmegaConf would then store "False" (train.mixed_precision=no)
+            dotted = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={raw!r}"])) \
+                if raw and raw[0] not in "'\"" else dotted
         _check_keys(schema, dotted, f"override '{item}'")
         cfg = _merge(cfg, dotted, f"override '{item}'")
     try:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -92,6 +93,11 @@ class Trainer:
         self.args, self.recipe = args, recipe
         self.evaluate_fn, self.diagnostics_fn = evaluate_fn, diagnostics_fn
         self.output_dir = Path(args.output_dir)
+        # one process may train several runs in turn (domain_adapt: pretraining then fine-tuning,
+        # each with its own mixed precision); Accelerate keeps its settings process-wide and
+        # refuses a change, so drop them. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             cpu=use_cpu(args.device), mixed_precision=args.mixed_precision, log_with="tensorboard",
             project_dir=str(self.output_dir / "logs"),

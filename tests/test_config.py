@@ -65,6 +65,16 @@ def test_empty_override_is_the_empty_string(recipes):
     assert r.eval.data == "" and r.model.query_prefix == ""
 
 
+def test_text_fields_take_overrides_as_typed(recipes):
+    """YAML would read `no` as False and OmegaConf would store "False"; a text field keeps the text."""
+    r = load_recipe(Recipe, "paper", ["train.mixed_precision=no", "model.query_prefix=query: ",
+                                      "model.doc_prefix='1e-5'"])
+    assert (r.train.mixed_precision, r.model.query_prefix, r.model.doc_prefix) == ("no", "query: ", "1e-5")
+    (recipes / "unquoted.yaml").write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(RecipeError, match='train.mixed_precision.*got .False. .*write "no"'):
+        load_recipe(Recipe, "unquoted")
+
+
 def test_wrong_type_names_the_key(recipes):
     with pytest.raises(RecipeError, match=r"train.max_steps"):
         load_recipe(Recipe, "paper", ["train.max_steps=many"])

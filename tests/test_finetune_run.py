@@ -145,3 +145,14 @@ pretrain:
     assert any(not torch.equal(pretrained[k], student[k]) for k in student)  # pretraining moved it
     final = load_file(str(out / "model" / "model.safetensors"))
     assert any(not torch.equal(final[k], pretrained[k]) for k in final)
+
+
+def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
+    """Accelerate keeps mixed precision process-wide and refuses a change; a process that trains
+    several runs in turn (domain_adapt, a notebook, this test session) must still get each run's."""
+    root = tiny_setup
+    for i, precision in enumerate(("no", "bf16", "no")):
+        result = main(["--recipe", "fewshot", *common_overrides(root, f"mp-{i}"),
+                       f"data.path={root / 'beir'}", "data.max_queries=4",
+                       f"train.mixed_precision={precision}"])
+        assert result["step"] == 2
