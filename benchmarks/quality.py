@@ -14,6 +14,11 @@ plus the final evaluation of the whole test split):
   dev           the choices behind `fewshot`, on a dev split of 100 training queries held out of
                 training (eval.holdout; the test split is not used)
   label_free    recipe `domain_pretrain` from the bundled model on the corpus only
+  label_free_dev  the choices behind `domain_pretrain` (crop vs ICT, learning rate), on the dev
+                split (the labels of the held-out training queries only choose; training never
+                sees a query)
+  label_free_negatives  Contriever's ablation of the number of negatives for that run (MoCo
+                queue 1024 / 4096 / 16384, in-batch only), on the dev split
   domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot`
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
 Every run is `python finetune/run.py` / `pretrain/run.py` in a subprocess with the committed
@@ -52,12 +57,23 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _final_stage(out: Path) -> Path:
+    """Where a run's last Trainer wrote recipe.yaml, metrics.json and eval/: `out` itself, or for
+    a recipe of several stages (domain_adapt) the stage that `out`/result.json names."""
+    result = out / "result.json"
+    if result.is_file():
+        stage = json.loads(result.read_text()).get("stage")
+        if stage and (out / "stages" / stage).is_dir():
+            return out / "stages" / stage
+    return out
+
+
 def _finished(out: Path, command: str) -> dict | None:
     """A run of exactly `command` that already finished in `out` (--reuse), with its timing:
     measured by this script, or else the span between the run's first and last files."""
-    found = [f for f in (out / "metrics.json", out / "result.json") if f.is_file()]
-    recipe = out / "recipe.yaml"
-    if not found or not recipe.is_file():
+    final = _final_stage(out)
+    metrics, recipes = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
+    if not metrics.is_file() or not recipes:
         return None
     timing_file = out / "quality_timing.json"
     if timing_file.is_file():
@@ -65,9 +81,10 @@ def _finished(out: Path, command: str) -> dict | None:
         if timing.get("command") != command:
             return None
     else:  # started by an earlier version of this script: file times, no CPU seconds
-        timing = {"wall_s": round(found[0].stat().st_mtime - recipe.stat().st_mtime, 1),
+        first = min(r.stat().st_mtime for r in recipes)
+        timing = {"wall_s": round(metrics.stat().st_mtime - first, 1),
                   "timing": "from file times"}
-    return {"metrics": json.loads(found[0].read_text()), **timing}
+    return {"metrics": json.loads(metrics.read_text()), **timing}
 
 
 def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) -> dict:
@@ -87,18 +104,12 @@ def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) ->
         timing = {"wall_s": round(time.perf_counter() - start, 1),
                   "cpu_s": round(children_cpu_s() - cpu, 1), "command": command}
         (out / "quality_timing.json").write_text(json.dumps(timing))
-        done = _finished(out, command) or {"metrics": {}, **timing}
-    # one stage: <out>/metrics.json; several (domain_adapt): the last stage's in <out>/result.json
+        done = _finished(out, command)
+        if done is None:  # a table row without its numbers would hide the failure
+            raise SystemExit(f"{script} --recipe {recipe} wrote no metrics.json under {out}")
     metrics = done.pop("metrics")
-    return {**done, "command": command, "run_file": str(_run_file(out)),
+    return {**done, "command": command, "run_file": str(_final_stage(out) / "eval" / "run.trec"),
             **{m: metrics.get(m) for m in MEASURES}}
-
-
-def _run_file(out: Path) -> Path:
-    for candidate in (out / "eval" / "run.trec", out / "stages" / "main" / "eval" / "run.trec"):
-        if candidate.is_file():
-            return candidate
-    return out / "eval" / "run.trec"
 
 
 def finetune(name: str, recipe: str, overrides: list[str], ns) -> dict:
@@ -145,6 +156,8 @@ def section_fewshot(ns) -> dict:
         tag = f"seed {seed}"
         rows[f"fewshot ({tag})"] = finetune(f"fewshot_s{seed}", "fewshot",
                                             [f"train.seed={seed}", *TEST_EVAL], ns)
+        if ns.without_st:
+            continue
         cmd = [sys.executable, str(REPO / "benchmarks" / "quality_st.py"), "--recipe", "fewshot",
                "--output-dir", str(RUNS / f"st_mnrl_s{seed}"), "--seed", str(seed),
                "--data", ns.data]
@@ -210,6 +223,45 @@ def section_label_free(ns) -> dict:
          *TEST_EVAL], ns)}
 
 
+# name -> overrides of recipe `domain_pretrain` (from the bundled model, the corpus only),
+# evaluated on the dev split: the choices behind that recipe (labels used only to choose)
+LABEL_FREE_DEV_CHOICES = {
+    "crop, lr 1e-5, 300 steps": ["train.epochs=0", "train.max_steps=300"],
+    "ICT, lr 1e-5, 400 steps": ["pairs.task=ict", "pairs.n_pairs=1", "method.relevance_aware=false",
+                                "train.epochs=0", "train.max_steps=400"],
+    "crop, lr 3e-5, 1 epoch": ["train.lr=3e-5"],
+}
+
+
+def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
+    return run_script(
+        "pretrain/run.py", "domain_pretrain",
+        RUNS / ("dev_lf_" + "".join(c if c.isalnum() else "_" for c in name)),
+        [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
+         "train.save_every=0", *overrides, *DEV_EVAL], ns)
+
+
+def section_label_free_dev(ns) -> dict:
+    return {f"dev: label-free {name}": _label_free_dev(name, overrides, ns)
+            for name, overrides in LABEL_FREE_DEV_CHOICES.items()}
+
+
+# Contriever's ablation of the number of negatives (arXiv 2112.09118, ablation section: MoCo queue
+# size, in-batch batch size; figure number not checked offline), for the label-free run: the
+# first dev choice with other queues, and in-batch negatives only (the 31 x 4 key crops of the
+# other chunks of a 32-chunk batch: 124 negatives per query). Queue 4096 is that dev run itself.
+NEGATIVES = {"queue 1024": ["method.queue_size=1024"], "queue 16384": ["method.queue_size=16384"],
+             "in-batch only": ["method.name=inbatch"]}
+
+
+def section_label_free_negatives(ns) -> dict:
+    base_name, base = next(iter(LABEL_FREE_DEV_CHOICES.items()))
+    rows = {"dev: label-free negatives, queue 4096": _label_free_dev(base_name, base, ns)}
+    rows.update({f"dev: label-free negatives, {name}": _label_free_dev(
+        f"{base_name} {name}", [*base, *overrides], ns) for name, overrides in NEGATIVES.items()})
+    return rows
+
+
 def section_domain_adapt(ns) -> dict:
     # the pretraining stage reads the fine-tuning data's corpus (finetune/run.py)
     return {"domain_adapt (pretrain, then fewshot)": finetune(
@@ -232,13 +284,20 @@ def section_curve(ns) -> dict:
 
 
 SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": section_dev,
-            "label_free": section_label_free, "domain_adapt": section_domain_adapt,
+            "label_free": section_label_free, "label_free_dev": section_label_free_dev,
+            "label_free_negatives": section_label_free_negatives,
+            "domain_adapt": section_domain_adapt,
             "curve": section_curve}
 
 
 # ----------------------------------------------------------------------------- report
+# every test-split row is compared with these (whichever have a run file): the zero-shot
+# baselines, and the labelled-data run that domain_adapt must beat
+REFERENCES = ("BM25", "start model", "fewshot (seed 0)")
+
+
 def significance(rows: dict, data: str) -> None:
-    """p-values of each run's per-query nDCG@10 against BM25 and the start model."""
+    """p-values of each run's per-query nDCG@10 against each of REFERENCES."""
     from common.data import load_run
     from common.evaluate import load_eval_data
     from common.metrics import per_query
@@ -251,7 +310,7 @@ def significance(rows: dict, data: str) -> None:
         if path.is_file() and not name.startswith("dev:"):
             scores[name] = per_query(qrels, load_run(path), ["nDCG@10"])["nDCG@10"]
     for name, row in rows.items():
-        for ref in ("BM25", "start model"):
+        for ref in REFERENCES:
             if name in scores and ref in scores and name != ref:
                 test = compare_paired(scores[name], scores[ref])
                 row[f"p_vs_{ref.replace(' ', '_')}"] = round(test.p_randomization, 4)
@@ -259,14 +318,15 @@ def significance(rows: dict, data: str) -> None:
 
 def markdown(rows: dict) -> str:
     lines = ["# Domain adaptation on SciFact (benchmarks/quality.py)", "",
-             "| run | nDCG@10 | R@100 | p vs BM25 | p vs start | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | nDCG@10 | R@100 | p vs BM25 | p vs start | p vs fewshot | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         def fmt(key, spec=".4f"):
             value = r.get(key)
             return format(value, spec) if isinstance(value, (int, float)) else "-"
         lines.append(f"| {name} | {fmt('nDCG@10')} | {fmt('R@100')} | {fmt('p_vs_BM25')} | "
-                     f"{fmt('p_vs_start_model')} | {fmt('wall_s', '.0f')} | {fmt('cpu_s', '.0f')} |")
+                     f"{fmt('p_vs_start_model')} | {fmt('p_vs_fewshot_(seed_0)')} | "
+                     f"{fmt('wall_s', '.0f')} | {fmt('cpu_s', '.0f')} |")
     lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
               "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
     return "\n".join(lines) + "\n"
@@ -282,6 +342,9 @@ def main(argv=None) -> int:
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
     p.add_argument("--choices", nargs="+", help="dev section: run only these DEV_CHOICES")
+    p.add_argument("--without-st", action="store_true",
+                   help="fewshot section: twotower's runs only (sentence-transformers' rows "
+                        "stay as recorded)")
     ns = p.parse_args(argv)
     if not os.environ.get("TWOTOWER_DATA") and not Path(ns.data).is_dir():
         p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")

@@ -109,9 +109,7 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     from accelerate import PartialState
 
     from common.data import SkipReport
-    from common.training import Trainer
-
-    from common.training import use_cpu
+    from common.training import Trainer, use_cpu
 
     # join the process group before anything else touches Accelerate's state: a bare
     # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
