@@ -150,6 +150,8 @@ pretrain:
 
     recorded = _finished(out, "python finetune/run.py --recipe adapt.yaml")
     assert recorded["metrics"]["nDCG@10"] == result["nDCG@10"]
+    assert Path(recorded["run_file"]) == out / "stages" / "main" / "eval" / "run.trec"
+    assert Path(recorded["run_file"]).is_file()  # the per-query scores its p-values come from
 
 
 def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
