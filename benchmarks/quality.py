@@ -21,6 +21,12 @@ plus the final evaluation of the whole test split):
                 queue 1024 / 4096 / 16384, in-batch only), on the dev split
   domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot`
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
+  other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
+                100 held-out queries, the other 100 for few-shot training)
+  ablation      which seed methods help: one change at a time from `fewshot` (negatives: none,
+                BM25, dense-mined, with a false-negative filter; dual loss; SamToNe) and from the
+                label-free dev run (multi-pair, relevance-aware weights), on the dev split, each
+                compared with its base query by query (benchmarks/quality_choices.py)
 Every run is `python finetune/run.py` / `pretrain/run.py` in a subprocess with the committed
 recipe; the only overrides are the data folder, output folder, seed, few-shot size and the
 evaluation split: nothing is tuned on the test split (choices come from the `dev` section).
@@ -40,9 +46,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.quality_choices import (DEV_CHOICES, FEWSHOT_ABLATION,  # noqa: E402
+                                        LABEL_FREE_ABLATION, LABEL_FREE_BASE,
+                                        LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
+from benchmarks.quality_report import markdown, significance  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "quality"
-MODEL = "bundled:all-MiniLM-L6-v2"
 MEASURES = ["nDCG@10", "R@100"]
 TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
              f"eval.metrics=[{','.join(MEASURES)}]"]
@@ -181,18 +191,6 @@ def section_fewshot(ns) -> dict:
     return rows
 
 
-# name -> overrides of recipe `fewshot`, each trained on the other training queries and
-# evaluated on the dev split; the committed recipe is the best of these (see the README table)
-_BUDGET = ["train.epochs=3", "train.per_device_batch_size=32", "train.mixed_precision=bf16",
-           "train.warmup_steps=10"]
-DEV_CHOICES = {
-    "fewshot as committed": [],
-    "lr 2e-5, 1 BM25 negative": [*_BUDGET, "train.lr=2e-5", "data.n_negatives=1"],
-    "lr 5e-5, 1 BM25 negative": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=1"],
-    "lr 5e-5, 3 BM25 negatives": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=3"],
-}
-
-
 def section_dev(ns) -> dict:
     chosen = ns.choices or list(DEV_CHOICES)
     unknown = set(chosen) - set(DEV_CHOICES)
@@ -223,16 +221,6 @@ def section_label_free(ns) -> dict:
          *TEST_EVAL], ns)}
 
 
-# name -> overrides of recipe `domain_pretrain` (from the bundled model, the corpus only),
-# evaluated on the dev split: the choices behind that recipe (labels used only to choose)
-LABEL_FREE_DEV_CHOICES = {
-    "crop, lr 1e-5, 300 steps": ["train.epochs=0", "train.max_steps=300"],
-    "ICT, lr 1e-5, 400 steps": ["pairs.task=ict", "pairs.n_pairs=1", "method.relevance_aware=false",
-                                "train.epochs=0", "train.max_steps=400"],
-    "crop, lr 3e-5, 1 epoch": ["train.lr=3e-5"],
-}
-
-
 def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
     return run_script(
         "pretrain/run.py", "domain_pretrain",
@@ -246,19 +234,86 @@ def section_label_free_dev(ns) -> dict:
             for name, overrides in LABEL_FREE_DEV_CHOICES.items()}
 
 
-# Contriever's ablation of the number of negatives (arXiv 2112.09118, ablation section: MoCo queue
-# size, in-batch batch size; figure number not checked offline), for the label-free run: the
-# first dev choice with other queues, and in-batch negatives only (the 31 x 4 key crops of the
-# other chunks of a 32-chunk batch: 124 negatives per query). Queue 4096 is that dev run itself.
-NEGATIVES = {"queue 1024": ["method.queue_size=1024"], "queue 16384": ["method.queue_size=16384"],
-             "in-batch only": ["method.name=inbatch"]}
-
-
 def section_label_free_negatives(ns) -> dict:
-    base_name, base = next(iter(LABEL_FREE_DEV_CHOICES.items()))
+    base_name, base = LABEL_FREE_BASE, LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE]
     rows = {"dev: label-free negatives, queue 4096": _label_free_dev(base_name, base, ns)}
     rows.update({f"dev: label-free negatives, {name}": _label_free_dev(
         f"{base_name} {name}", [*base, *overrides], ns) for name, overrides in NEGATIVES.items()})
+    return rows
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def section_ablation(ns) -> dict:
+    """One change at a time from the committed recipes, on the dev split; each row names its
+    base (the committed recipe's dev run), and is compared with it query by query."""
+    rows = {}
+    for part, table, run in (
+            ("fewshot", FEWSHOT_ABLATION,
+             lambda first, name, overrides: finetune(
+                 "dev_" + _slug("fewshot as committed" if first else name), "fewshot",
+                 [*overrides, *DEV_EVAL], ns)),
+            ("label-free", LABEL_FREE_ABLATION,
+             lambda first, name, overrides: _label_free_dev(
+                 LABEL_FREE_BASE if first else f"{LABEL_FREE_BASE} {name}",
+                 [*LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE], *overrides], ns))):
+        base = None
+        for name, overrides in table.items():
+            row = {**run(base is None, name, overrides), "qrels": [ns.data, "train"]}
+            rows[f"ablation, {part}: {name}"] = {**row, "base": base} if base else row
+            base = base or f"ablation, {part}: {name}"
+    return rows
+
+
+def section_other_corpus(ns) -> dict:
+    """The committed recipes, unchanged, on another corpus (--other; offline: the MS MARCO
+    sample): 100 of its judged queries held out for evaluation, the others the few-shot
+    training set; the only overrides name the data."""
+    from common.config import load_recipe
+    from common.data import resolve_data
+    from common.encoder import Encoder
+    from common.evaluate import evaluate_bm25, evaluator_from_args
+    from common.report import write_outputs
+    from finetune.args import FinetuneRecipe
+
+    other, prefix = ns.other, f"other corpus, {ns.other}: "
+    held_out = [f"eval.data={other}", "eval.split=train", "eval.holdout=100", "eval.max_queries=0",
+                "eval.max_docs=0", f"eval.metrics=[{','.join(MEASURES)}]"]
+    ms = (resolve_data(other) / "collection.tsv").is_file()
+    source = [f"data.kind={'msmarco' if ms else 'beir'}", f"data.path={other}"]
+    where = {"qrels": [other, "train"]}
+    rows = {}
+    if not ns.dry_run:  # zero-shot rows, on the evaluator the trained runs use
+        recipe = load_recipe(FinetuneRecipe, "fewshot", [*source, *held_out])
+        evaluator = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+
+        def start_model():
+            evaluator(Encoder.load(MODEL))
+            return evaluator.last
+        for name, run in (("start model", start_model),
+                          ("BM25", lambda: evaluate_bm25(evaluator.data, measures=MEASURES))):
+            out = RUNS / f"{_slug(other)}_{_slug(name)}"
+            start, cpu = time.perf_counter(), time.process_time()
+            result = run()
+            write_outputs(result, out, overwrite=True, data=evaluator.data)
+            rows[prefix + name] = {
+                **{m: result.metrics[m] for m in MEASURES}, **where,
+                "wall_s": round(time.perf_counter() - start, 1),
+                "cpu_s": round(time.process_time() - cpu, 1), "run_file": str(out / "run.trec")}
+    trained = {"domain_pretrain (label-free)": (
+                   "pretrain/run.py", "domain_pretrain",
+                   [f"model.name_or_path={MODEL}", f"data.corpora=[{other}]"]),
+               "fewshot": ("finetune/run.py", "fewshot", source),
+               "domain_adapt": ("finetune/run.py", "domain_adapt", source)}
+    for name, (script, recipe_name, data) in trained.items():
+        rows[prefix + name] = {**run_script(script, recipe_name,
+                                            RUNS / f"{_slug(other)}_{_slug(name)}",
+                                            [*data, *held_out], ns),
+                               **where, "base": prefix + "start model"}
+    if prefix + "BM25" in rows:
+        rows[prefix + "BM25"]["base"] = prefix + "start model"
     return rows
 
 
@@ -290,53 +345,8 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
             "domain_adapt": section_domain_adapt,
-            "curve": section_curve}
-
-
-# ----------------------------------------------------------------------------- report
-# every test-split row is compared with these (whichever have a run file): the zero-shot
-# baselines, and the labelled-data run that domain_adapt must beat; row name -> column title
-REFERENCES = {"BM25": "p vs BM25", "start model": "p vs start", "fewshot (seed 0)": "p vs fewshot"}
-
-
-def _p_key(reference: str) -> str:
-    return f"p_vs_{reference.replace(' ', '_')}"
-
-
-def significance(rows: dict, data: str) -> None:
-    """p-values of each run's per-query nDCG@10 against each of REFERENCES."""
-    from common.data import load_run
-    from common.evaluate import load_eval_data
-    from common.metrics import per_query
-    from common.significance import compare_paired
-
-    qrels = load_eval_data(data, "test").qrels
-    scores = {}
-    for name, row in rows.items():
-        path = Path(row.get("run_file", ""))
-        if path.is_file() and not name.startswith("dev:"):
-            scores[name] = per_query(qrels, load_run(path), ["nDCG@10"])["nDCG@10"]
-    for name, row in rows.items():
-        for ref in REFERENCES:
-            if name in scores and ref in scores and name != ref:
-                test = compare_paired(scores[name], scores[ref])
-                row[_p_key(ref)] = round(test.p_randomization, 4)
-
-
-def markdown(rows: dict) -> str:
-    lines = ["# Domain adaptation on SciFact (benchmarks/quality.py)", "",
-             "| run | nDCG@10 | R@100 | " + " | ".join(REFERENCES.values()) + " | wall s | CPU s |",
-             "|---" * (5 + len(REFERENCES)) + "|"]
-    for name, r in rows.items():
-        def fmt(key, spec=".4f"):
-            value = r.get(key)
-            return format(value, spec) if isinstance(value, (int, float)) else "-"
-        cells = [fmt("nDCG@10"), fmt("R@100"), *(fmt(_p_key(ref)) for ref in REFERENCES),
-                 fmt("wall_s", ".0f"), fmt("cpu_s", ".0f")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
-              "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
-    return "\n".join(lines) + "\n"
+            "curve": section_curve, "ablation": section_ablation,
+            "other_corpus": section_other_corpus}
 
 
 def main(argv=None) -> int:
@@ -344,6 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
+    p.add_argument("--other", default="msmarco_sample",
+                   help="other_corpus section: a BEIR or MS MARCO-layout folder (or name)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--reuse", action="store_true",
                    help="record runs that already finished with the same command instead of "

@@ -281,6 +281,7 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=state.step, disable=not self.is_main,
                    desc="train", unit="step")
         running, counted, tick = torch.zeros((), device=acc.device), 0, time.perf_counter()
+        step_ok = True  # no non-finite micro-batch yet in this accumulation window
         self.method.train()
         while state.step < args.max_steps:
             if hasattr(self.dataset, "set_epoch"):
@@ -318,20 +319,25 @@ class Trainer:
                             acc.backward(loss / accum)
                             running += loss.detach()
                             counted += 1
+                # one non-finite micro-batch skips the whole accumulated step (skip mode)
+                step_ok = step_ok and ok
                 if not last_micro:
                     continue
+                ok, step_ok = step_ok, True
                 if ok:
                     if args.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.method.parameters(), args.max_grad_norm)
                     self.optimizer.step()
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                # method hooks: after a step (MoCo: enqueue, momentum update), or instead of it
+                hook = getattr(self.unwrapped, "on_optimizer_step" if ok else "on_step_skipped",
+                               None)
+                if callable(hook):
+                    hook()
                 if not ok:
                     continue
                 state.step += 1
-                hook = getattr(self.unwrapped, "on_optimizer_step", None)
-                if callable(hook):
-                    hook()
                 bar.update(1)
                 if state.step % args.log_every == 0 or state.step == args.max_steps:
                     elapsed = time.perf_counter() - tick

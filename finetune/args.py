@@ -108,9 +108,16 @@ class MiningArgs:
     skip_top: int = 0  # ranks (after removing judged positives) skipped at the top
     window: int = 0  # sample from the next `window` ranks (0 = all remaining)
     n: int = 20  # negatives kept per query (the pool the sampler draws k from)
+    # false-negative filters on the mining retriever's own scores (finetune.mine): drop d- with
+    # s(q, d-) >= max_pos_ratio * min_pos s(q, d+) (NV-Retriever's TopK-PercPos: 0.95) or
+    # s(q, d-) >= max_score; null = off
+    max_pos_ratio: Optional[float] = None
+    max_score: Optional[float] = None
 
     def validate(self) -> None:
         _choice("data.mine.retriever", self.retriever, ("", "bm25", "dense"))
+        if self.max_pos_ratio is not None and self.max_pos_ratio <= 0:
+            raise RecipeError(f"'data.mine.max_pos_ratio' must be > 0; got {self.max_pos_ratio}")
         if self.retriever == "dense" and not self.model:
             raise RecipeError("'data.mine.retriever=dense' needs 'data.mine.model'")
 

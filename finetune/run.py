@@ -83,6 +83,21 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize)
 
 
+def target_corpus(recipe: FinetuneRecipe) -> str:
+    """The corpus of the last stage's training data (BEIR folder, or the MS MARCO collection
+    file); "" for data without one (triples, jsonl)."""
+    from finetune.sources import data_file
+
+    data = recipe.stage_list()[-1][1].data
+    if not data.path:
+        return ""
+    if data.kind in ("beir", "pseudo"):
+        return data.path
+    if data.kind == "msmarco":
+        return str(data_file(data, data.collection))
+    return ""
+
+
 def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     """domain_adapt: the pretraining stage's driver on its own recipe; returns its model path."""
     from pretrain.run import main as pretrain_main
@@ -95,8 +110,16 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     # by default the pretraining corpus is the fine-tuning data's own corpus (the target domain)
     # and the intermediate model is not evaluated; pretrain.overrides come after, so they win
     defaults = ["eval.data="]
-    if recipe.data.kind == "beir" and recipe.data.path:
-        defaults.append(f"data.corpora=[{recipe.data.path}]")
+    named = any(o.startswith("data.corpora=") for o in recipe.pretrain.overrides)
+    corpus = target_corpus(recipe)
+    if corpus:
+        defaults.append(f"data.corpora=[{corpus}]")
+    elif not named:  # the pretraining recipe's own corpus would be a silent wrong default
+        from common.config import RecipeError
+
+        raise RecipeError("pretrain: the fine-tuning data has no corpus to pretrain on "
+                          f"(data.kind={recipe.stage_list()[-1][1].data.kind}); name one in "
+                          "'pretrain.overrides: [data.corpora=[...]]'")
     argv = ["--recipe", recipe.pretrain.recipe, *defaults, *recipe.pretrain.overrides,
             f"model.name_or_path={recipe.model.name_or_path}", f"train.output_dir={out}"]
     if recipe.train.overwrite_output_dir:

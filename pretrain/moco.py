@@ -6,8 +6,10 @@ Timing: contriever updates the key encoder at the start of each forward, with th
 the previous optimizer step produced. Here `on_optimizer_step()` (called by common.training after
 every optimizer step) does the same update at the end of the step: the next forward sees the same
 key encoder, and gradient accumulation (several forwards per step) does not update it several
-times. The keys of every process are gathered before enqueueing, so all processes hold the same
-queue. The queue, its pointer and the key encoder are part of this module's state_dict, hence of
+times. The keys of every process are gathered, and enqueued by that same hook, after the
+optimizer step: all processes hold the same queue, the micro-batches of one accumulated step all
+see the same queue (as one batch of their size would), and a step the trainer skips for a
+non-finite loss (train.nonfinite_loss=skip, `on_step_skipped()`) leaves no keys behind. The queue, its pointer and the key encoder are part of this module's state_dict, hence of
 every checkpoint.
 """
 from __future__ import annotations
@@ -74,6 +76,7 @@ class MoCo(PairMethod):
         queue = F.normalize(torch.randn(args.queue_size, encoder.dim, generator=gen), dim=1)
         self.register_buffer("queue", queue.to(encoder.device))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=encoder.device))
+        self.pending_keys: list[torch.Tensor] = []  # this step's keys, enqueued once it is taken
 
     def embedding_inputs(self, batch: dict) -> dict:
         return {"query": (batch["q_input_ids"], batch["q_attention_mask"], "query")}
@@ -91,9 +94,15 @@ class MoCo(PairMethod):
         relevance = self.pair_scores(q.detach(), k) if self.args.relevance_aware else None
         loss, weights = self.weighted_loss(pos, neg_lse, relevance)
         stats = self.stats(loss, pos, neg_max, q, k, weights)
-        if self.training:  # after the logits: this batch's keys are not its own negatives
-            enqueue(self.queue, self.queue_ptr, gather_nograd(k))
+        if self.training:  # enqueued after the step: never this batch's own negatives
+            self.pending_keys.append(gather_nograd(k))
         return loss, stats
 
     def on_optimizer_step(self) -> None:
+        for keys in self.pending_keys:
+            enqueue(self.queue, self.queue_ptr, keys)
+        self.pending_keys.clear()
         momentum_update(self.key_encoder, self.encoder, self.args.momentum)
+
+    def on_step_skipped(self) -> None:
+        self.pending_keys.clear()

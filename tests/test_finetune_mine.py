@@ -88,6 +88,30 @@ def test_false_negative_filters(tmp_path):
         mine(data, MineArgs(retriever="bm25", teacher_margin=1.0))
 
 
+def test_recipe_mining_applies_the_false_negative_filter(tmp_path):
+    """data.mine.max_pos_ratio in a recipe reaches the miner: the training pool keeps only
+    negatives scoring below the ratio times the query's weakest positive."""
+    from finetune.args import DataArgs, MiningArgs
+    from finetune.sources import build_pool
+
+    data = write_beir(tmp_path / "beir")
+    queries = dict(zip(data.queries["id"], data.queries["text"]))
+    scores = BM25Index(data.corpus).search(["q0"], [queries["q0"]], 50)["q0"]
+
+    def negatives(**filters):
+        args = DataArgs(kind="beir", path=str(tmp_path / "beir"), split="train",
+                        mine=MiningArgs(retriever="bm25", depth=50, n=50, **filters))
+        args.mine.validate()
+        return {g.qid: g.negatives for g in build_pool(args).groups}["q0"]
+
+    unfiltered, filtered = negatives(), negatives(max_pos_ratio=0.8)
+    ceiling = 0.8 * min(scores["mangrove0"], scores["mangrove1"])
+    assert filtered and all(scores[d] < ceiling for d in filtered)
+    assert set(filtered) == {d for d in unfiltered if scores[d] < ceiling} != set(unfiltered)
+    with pytest.raises(Exception, match="max_pos_ratio"):
+        MiningArgs(retriever="bm25", max_pos_ratio=0).validate()
+
+
 def test_dense_mining_and_the_cli_output(tmp_path):
     write_beir(tmp_path / "beir")
     model = tiny_bert(dropout=0.0)

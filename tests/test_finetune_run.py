@@ -154,6 +154,29 @@ pretrain:
     assert Path(recorded["run_file"]).is_file()  # the per-query scores its p-values come from
 
 
+def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):
+    """The pretraining corpus of domain_adapt is the target data's: a BEIR folder, an MS MARCO
+    collection file; data without a corpus (triples) must name one instead of silently
+    pretraining on the pretraining recipe's own default corpus."""
+    from finetune.run import run_domain_pretraining, target_corpus
+
+    (tmp_path / "ms").mkdir()
+    (tmp_path / "ms" / "passages.tsv").write_text("p1\tsome text\n")
+    beir = load_recipe(FinetuneRecipe, "domain_adapt", ["data.path=/x/beir"])
+    assert target_corpus(beir) == "/x/beir"
+    ms = load_recipe(FinetuneRecipe, "domain_adapt", ["data.kind=msmarco", "data.mine.retriever=",
+                                                     f"data.path={tmp_path / 'ms'}",
+                                                     "data.collection=passages.tsv"])
+    assert target_corpus(ms) == str(tmp_path / "ms" / "passages.tsv")
+    triples = load_recipe(FinetuneRecipe, "domain_adapt", ["data.kind=triples", "data.mine.retriever=",
+                                                          f"data.path={tmp_path / 't.tsv'}",
+                                                          f"train.output_dir={tmp_path / 'out'}"])
+    assert target_corpus(triples) == ""
+    with pytest.raises(RecipeError, match=r"pretrain\.overrides"):
+        run_domain_pretraining(triples, resume=False)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
     """Accelerate keeps mixed precision process-wide and refuses a change; a process that trains
     several runs in turn (domain_adapt, a notebook, this test session) must still get each run's."""

@@ -173,8 +173,11 @@ def test_moco_enqueues_this_batch_after_its_logits_and_state_dict_holds_the_queu
     n_docs, n_pairs = 2, 2
     enc = TableEncoder(n_docs * 3)
     method = MoCo(enc, MethodArgs(queue_size=6), n_pairs, seed=0).train()
+    start = method.queue.clone()
     method(make_batch(n_docs, n_pairs))
+    assert torch.equal(method.queue, start)  # the keys wait for the optimizer step
     keys = method.key_encoder.table.detach()[n_docs:]
+    method.on_optimizer_step()
     torch.testing.assert_close(method.queue[:4], keys)  # all n_pairs keys of every document
     assert int(method.queue_ptr) == 4
     state = method.state_dict()
@@ -184,6 +187,22 @@ def test_moco_enqueues_this_batch_after_its_logits_and_state_dict_holds_the_queu
     assert torch.equal(fresh.queue, method.queue) and int(fresh.queue_ptr) == 4
     method.eval()(make_batch(n_docs, n_pairs))  # evaluation forwards leave the queue alone
     assert int(method.queue_ptr) == 4
+
+
+def test_moco_step_skipped_for_a_nonfinite_loss_enqueues_nothing():
+    n_docs, n_pairs = 2, 2
+    method = MoCo(TableEncoder(n_docs * 3), MethodArgs(queue_size=12), n_pairs, seed=0).train()
+    start = method.queue.clone()
+    method(make_batch(n_docs, n_pairs))
+    method.on_step_skipped()  # common.training: train.nonfinite_loss=skip dropped the step
+    method.on_optimizer_step()  # the next step taken
+    assert torch.equal(method.queue, start) and int(method.queue_ptr) == 0
+    # accumulation: two micro-batches, both enqueued after the step, in order
+    method(make_batch(n_docs, n_pairs))
+    method(make_batch(n_docs, n_pairs))
+    assert torch.equal(method.queue, start)
+    method.on_optimizer_step()
+    assert int(method.queue_ptr) == 2 * n_docs * n_pairs
 
 
 def test_moco_queue_starts_random_unit_rows_seeded():

@@ -54,6 +54,10 @@ class ToyInBatch(nn.Module):
         self.encoder, self.temperature, self.nan_at_step = encoder, temperature, nan_at_step
         self.sleep = sleep
         self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    def on_step_skipped(self):  # the Trainer's hook for a step dropped by nonfinite_loss=skip
+        self.skipped_steps += 1
 
     def forward(self, batch):
         self.forward_calls += 1

@@ -1,0 +1,43 @@
+"""benchmarks/quality_report.py: a row with a `base` is compared with that row on its own held-out
+queries (not the test split), by the same paired test as everything else; the tables keep the
+test-split rows apart from the ablation and other-corpus rows."""
+import math
+
+import pytest
+
+from benchmarks.quality_report import markdown, significance
+from common.data import write_run
+from common.significance import compare_paired
+from tests.test_finetune_mine import TOPICS, write_beir
+
+
+def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
+    write_beir(tmp_path / "beir")  # train qrels: q_t -> topic0 (1), topic1 (2), topic2 (0)
+    (tmp_path / "beir" / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq0\tmangrove0\t1\n")
+    held_out = ["q1", "q2", "q3"]  # a dev split: three of the five training queries
+    good = {q: {f"{TOPICS[int(q[1])]}1": 2.0, f"{TOPICS[int(q[1])]}5": 1.0} for q in held_out}
+    poor = {q: {f"{TOPICS[int(q[1])]}5": 2.0, f"{TOPICS[int(q[1])]}1": 1.0} for q in held_out}
+    poor["q3"] = good["q3"]
+    files = {}
+    for name, run in (("base", good), ("change", poor)):
+        files[name] = str(write_run(run, tmp_path / f"{name}.trec"))
+    rows = {"ablation, x: base": {"run_file": files["base"], "qrels": [str(tmp_path / "beir"), "train"]},
+            "ablation, x: change": {"run_file": files["change"], "base": "ablation, x: base",
+                                    "qrels": [str(tmp_path / "beir"), "train"], "nDCG@10": 0.5}}
+    significance(rows, str(tmp_path / "beir"))
+    row = rows["ablation, x: change"]
+    # by hand (trec_eval's gain = grade): the grade-2 document at rank 1 or 2, no other relevant
+    # one retrieved; the ideal ranking has the grade-2 and the grade-1 document on top
+    ideal = 2.0 + 1.0 / math.log2(3)
+    at1, at2 = 2.0 / ideal, 2.0 / math.log2(3) / ideal
+    want = compare_paired({"q1": at2, "q2": at2, "q3": at1}, {q: at1 for q in held_out})
+    assert row["delta_vs_base"] == pytest.approx(round(want.mean_a - want.mean_b, 4))
+    assert row["p_vs_base"] == pytest.approx(round(want.p_randomization, 4))
+    assert "p_vs_BM25" not in row  # not a test-split row
+    table = markdown(rows)
+    assert "## Ablation" in table and "| x: change | 0.5000 |" in table
+    assert table.index("| x: change") > table.index("## Ablation")
+    rows["ablation, x: change"]["run_file"] = str(write_run({"q1": good["q1"]}, tmp_path / "o.trec"))
+    with pytest.raises(SystemExit, match="different queries"):
+        significance(rows, str(tmp_path / "beir"))
