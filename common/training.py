@@ -158,6 +158,14 @@ class Trainer:
                                       self.state.state_dict(), self.args.keep_last)
         acc.wait_for_everyone()
 
+    def _tensorboard_kwargs(self, resume: bool) -> dict:
+        """On resume, tensorboard hides what a killed run logged after its last checkpoint
+        (SummaryWriter's purge_step): those steps are logged again, and would show twice."""
+        done = rundir.complete_checkpoints(self.output_dir) if resume else []
+        if not done:
+            return {}
+        return {"tensorboard": {"purge_step": int(done[-1].name.split("-")[1]) + 1}}
+
     def _resume(self) -> None:
         done = rundir.complete_checkpoints(self.output_dir)
         if not done:
@@ -260,7 +268,7 @@ class Trainer:
                 rundir.write_atomic(recipe_file, new)
                 rundir.write_atomic(self.output_dir / "run_info.json", _json(
                     rundir.run_info(self.accelerator.num_processes)))
-            self.accelerator.init_trackers("tb")
+            self.accelerator.init_trackers("tb", init_kwargs=self._tensorboard_kwargs(resume))
             self._build_evaluators()
             if resume:
                 self._resume()

@@ -140,6 +140,33 @@ def test_nonfinite_loss_stops_without_checkpoint_or_is_skipped(tmp_path):
     assert state["skipped_nonfinite"] == 1 and state["step"] == 5
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """Steps a killed run logged after its last checkpoint are logged again on resume; reading the
+    whole log folder (as tensorboard does) must show each step once, with the resumed values.
+    The kill is simulated deterministically: a run logs steps 1-3, its step-3 checkpoint is
+    removed (as if the process died before writing it), and the resume goes on from step 2."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = ["train.per_device_batch_size=8", "train.save_every=2", "train.keep_last=5"]
+    run_toy(out, "train.max_steps=3", *common)
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
+    run_toy(out, "train.max_steps=4", *common, resume=True)
+    files = list((out / "logs").rglob("events.out.tfevents*"))
+    assert len(files) == 2 and len({f.parent for f in files}) == 1
+    events = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4]
+    resumed = EventAccumulator(str(max(files, key=lambda f: float(f.name.split(".")[3]))),
+                               size_guidance={"scalars": 0})
+    resumed.Reload()
+    assert {e.step: e.value for e in resumed.Scalars("train/loss")} == {
+        e.step: e.value for e in events.Scalars("train/loss") if e.step >= 3}
+
+
 def test_skip_mode_drops_the_whole_accumulated_step(tmp_path):
     """With gradient accumulation, a non-finite micro-batch skips its whole optimizer step: a NaN
     in the first or in the last micro-batch of step 2 gives the same weights (before, a NaN in
