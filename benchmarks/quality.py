@@ -192,10 +192,7 @@ def section_fewshot(ns) -> dict:
 
 
 def section_dev(ns) -> dict:
-    chosen = ns.choices or list(DEV_CHOICES)
-    unknown = set(chosen) - set(DEV_CHOICES)
-    if unknown:
-        raise SystemExit(f"unknown --choices {sorted(unknown)}; known: {list(DEV_CHOICES)}")
+    chosen = _chosen(ns, DEV_CHOICES)
     rows = {f"dev: {name}": finetune("dev_" + "".join(c if c.isalnum() else "_" for c in name),
                                      "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
             for name in chosen}
@@ -230,8 +227,18 @@ def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
 
 
 def section_label_free_dev(ns) -> dict:
-    return {f"dev: label-free {name}": _label_free_dev(name, overrides, ns)
-            for name, overrides in LABEL_FREE_DEV_CHOICES.items()}
+    chosen = _chosen(ns, LABEL_FREE_DEV_CHOICES)
+    return {f"dev: label-free {name}": _label_free_dev(name, LABEL_FREE_DEV_CHOICES[name], ns)
+            for name in chosen}
+
+
+def _chosen(ns, table: dict) -> list:
+    """--choices (names of `table`), or all of it."""
+    chosen = ns.choices or list(table)
+    unknown = set(chosen) - set(table)
+    if unknown:
+        raise SystemExit(f"unknown --choices {sorted(unknown)}; known: {list(table)}")
+    return chosen
 
 
 def section_label_free_negatives(ns) -> dict:
@@ -360,7 +367,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
-    p.add_argument("--choices", nargs="+", help="dev section: run only these DEV_CHOICES")
+    p.add_argument("--choices", nargs="+", help="dev / label_free_dev sections: run only these "
+                   "of their choices (benchmarks/quality_choices.py)")
     p.add_argument("--without-st", action="store_true",
                    help="fewshot section: twotower's runs only (sentence-transformers' rows "
                         "stay as recorded)")

@@ -20,6 +20,9 @@ LABEL_FREE_DEV_CHOICES = {
     "ICT, lr 1e-5, 400 steps": ["pairs.task=ict", "pairs.n_pairs=1", "method.relevance_aware=false",
                                 "train.epochs=0", "train.max_steps=400"],
     "crop, lr 3e-5, 1 epoch": ["train.lr=3e-5"],
+    # the documents' own titles as queries (pretrain/titles.py): one epoch = one pair a document
+    "title -> text, lr 1e-5, 1 epoch": ["pairs.task=title", "pairs.n_pairs=1",
+                                        "method.relevance_aware=false"],
 }
 LABEL_FREE_BASE = "crop, lr 1e-5, 300 steps"  # the recipe's choice; base of the ablations below
 

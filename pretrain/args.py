@@ -38,7 +38,9 @@ class DataArgs:
 
 @dataclass
 class PairArgs:
-    task: str = "crop"  # crop (independent cropping, Contriever §3) | ict (inverse cloze task)
+    # crop (independent cropping, Contriever §3) | ict (inverse cloze task) | title (a document's
+    # title as the query, its text as the key: pretrain/titles.py)
+    task: str = "crop"
     # Contriever: "we cut the concatenated text into chunks of 256 tokens", re-chunked each epoch
     # with a new random offset (contriever src/data.py generate_offset). ICT: the passage budget.
     chunk_length: int = 256
@@ -62,7 +64,7 @@ class PairArgs:
     prob_augmentation: float = 0.1
 
     def validate(self) -> None:
-        _choice("pairs.task", self.task, ("crop", "ict"))
+        _choice("pairs.task", self.task, ("crop", "ict", "title"))
         _choice("pairs.punkt", self.punkt, ("auto", "pretrained", "train"))
         for name in self.augmentation:
             _choice("pairs.augmentation[]", name, AUGMENTATIONS)

@@ -1,4 +1,4 @@
-"""From a recipe to (pair dataset, collate function): corpora → tokens → crops or ICT pairs."""
+"""From a recipe to (pair dataset, collate function): corpora → tokens → crops, ICT or title pairs."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,6 +9,7 @@ from pretrain.args import PretrainRecipe
 from pretrain.chunks import Chunker, load_corpora, token_stream
 from pretrain.ict import ict_passages
 from pretrain.pairs import CropPairs, ICTPairs, PairCollator
+from pretrain.titles import TitlePairs, title_pairs
 
 
 def model_positions(encoder) -> int:
@@ -25,6 +26,12 @@ def pairs_from_corpora(corpora: Sequence[datasets.Dataset], recipe: PretrainReci
         stream = token_stream(corpora, tok, d.cache_dir, d.tokenize_batch_size)
         dataset = CropPairs(Chunker(stream, p.chunk_length, recipe.train.seed), p, tok,
                             recipe.train.seed, max_length=model_positions(encoder))
+    elif p.task == "title":
+        limit = model_positions(encoder)
+        dataset = TitlePairs(title_pairs(corpora, tok, d.cache_dir, d.tokenize_batch_size), p, tok,
+                             recipe.train.seed,
+                             max_query_length=min(recipe.model.max_query_length, limit),
+                             max_doc_length=min(recipe.model.max_doc_length, limit))
     else:
         passages = ict_passages(corpora, tok, p.chunk_length, p.punkt, p.punkt_train_chars,
                                 d.cache_dir, d.tokenize_batch_size)

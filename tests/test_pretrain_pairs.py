@@ -12,6 +12,7 @@ from pretrain.args import MethodArgs, PairArgs
 from pretrain.chunks import Chunker, token_stream, tokenize_corpus
 from pretrain.ict import group_passages, ict_passages
 from pretrain.pairs import CropPairs, ICTPairs, PairCollator, random_crop
+from pretrain.titles import TitlePairs, title_pairs
 
 NOUNS = ["proteins", "cells", "coasts", "rivers", "genes", "stars", "planets", "forests", "cities",
          "laws", "markets", "engines", "bridges", "islands", "vaccines", "storms", "languages",
@@ -138,6 +139,34 @@ def test_ict_query_is_removed_from_the_key_with_the_configured_probability(encod
             removed += item["removed"]
             total += 1
     assert abs(removed / total - 0.75) < 0.06
+
+
+def test_title_pairs_query_the_title_and_key_its_own_text(encoder):
+    tok = encoder.tokenizer
+    titles = ["Mangrove roots", "", "Glacier retreat", "Volcano gases"]
+    texts = ["Roots of mangroves hold the coast together.", "No title here.",
+             "Glaciers retreat in warm years.", ""]
+    corpus = datasets.Dataset.from_dict({"id": ["a", "b", "c", "d"], "title": titles, "text": texts})
+    pairs = title_pairs([corpus], tok)
+    assert len(pairs) == 2  # no title or no text: left out
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    args = PairArgs(task="title", augmentation=["none"])
+    data = TitlePairs(pairs, args, tok, seed=0, max_query_length=16, max_doc_length=64)
+    item = data[1]
+    assert decode(item["query"]) == "glacier retreat"
+    assert [decode(k) for k in item["keys"]] == ["glaciers retreat in warm years."]
+    assert item["query"][0] == tok.cls_token_id and item["keys"][0][-1] == tok.sep_token_id
+    # several keys: independent crops of the text, never of the title
+    multi = TitlePairs(pairs, PairArgs(task="title", n_pairs=3, augmentation=["none"]), tok,
+                       seed=0, max_query_length=16, max_doc_length=64)
+    text = pairs[0][1].tolist()
+    for key, (start, end) in zip(multi[0]["keys"], multi[0]["spans"][1:]):
+        assert key[1:-1].tolist() == text[start:end] and end - start >= 1
+    batch = PairCollator(tok.pad_token_id)([multi[0], multi[1]])
+    assert batch["k_input_ids"].shape[0] == 6
+    untitled = datasets.Dataset.from_dict({"id": ["x"], "title": [""], "text": ["text only"]})
+    with pytest.raises(ValueError, match="no document has both a title and a text"):
+        title_pairs([untitled], tok)
 
 
 def test_passages_group_whole_sentences_within_the_budget():

@@ -114,6 +114,10 @@ def test_ict_and_inbatch_recipes_run(tiny_setup):
                "pairs.punkt=train", "train.max_steps=2", 'eval.data=""')
     assert "trained an unsupervised Punkt sentence splitter" in proc.stderr
     assert (root / "ict" / "model" / "model.safetensors").is_file()
+    proc = run(recipe, root / "title", "pairs.task=title", "pairs.n_pairs=2", "train.max_steps=2",
+               'eval.data=""')
+    assert "title pairs: 80 documents" in proc.stderr
+    assert (root / "title" / "model" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", RECIPES + [f"{n}_cpu" for n in RECIPES])
