@@ -89,22 +89,28 @@ class CropPairs(_PairDataset):
                 "id": f"chunk {index} (epoch {self.epoch}, token {where})"}
 
 
-class ICTPairs(_PairDataset):
-    """Inverse cloze task (Lee et al. 2019): one sentence of a passage is the query, the passage
-    is the key; with probability `ict_remove_prob` the sentence is removed from the key."""
+class _QueryKeyPairs(_PairDataset):
+    """Pairs built from a fixed list of units (ICT passages, titled documents), with a query
+    and a key length limit."""
 
-    def __init__(self, passages: list[list[np.ndarray]], args: PairArgs, tokenizer, seed: int,
+    def __init__(self, units: list, args: PairArgs, tokenizer, seed: int,
                  max_query_length: int, max_doc_length: int):
         super().__init__(args, tokenizer, seed)
-        self.passages = passages
+        self.units = units
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
 
     def __len__(self) -> int:
-        return len(self.passages)
+        return len(self.units)
+
+
+class ICTPairs(_QueryKeyPairs):
+    """Inverse cloze task (Lee et al. 2019): one sentence of a passage is the query, the passage
+    is the key; with probability `ict_remove_prob` the sentence is removed from the key.
+    Units: passages, each a list of sentence token ids."""
 
     def __getitem__(self, index: int) -> dict:
         rng = self.rng(index)
-        sentences = self.passages[index]
+        sentences = self.units[index]
         pick = int(rng.integers(len(sentences)))
         removed = bool(rng.random() < self.args.ict_remove_prob)
         context = [s for i, s in enumerate(sentences) if not (removed and i == pick)]

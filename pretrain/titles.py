@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 
 from pretrain.chunks import cached_map, tokenizer_key
-from pretrain.pairs import _PairDataset, random_crop
+from pretrain.pairs import _QueryKeyPairs, random_crop
 
 log = logging.getLogger("twotower.pretrain")
 
@@ -55,19 +55,12 @@ def title_pairs(corpora: Sequence[datasets.Dataset], tokenizer, cache_dir: str =
     return pairs
 
 
-class TitlePairs(_PairDataset):
-    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], args, tokenizer, seed: int,
-                 max_query_length: int, max_doc_length: int):
-        super().__init__(args, tokenizer, seed)
-        self.pairs = pairs
-        self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+class TitlePairs(_QueryKeyPairs):
+    """Units: (title ids, text ids) of each document (title_pairs)."""
 
     def __getitem__(self, index: int) -> dict:
         rng = self.rng(index)
-        title, text = self.pairs[index]
+        title, text = self.units[index]
         a = self.args
         spans = ([(0, len(text))] if a.n_pairs == 1 else
                  [random_crop(len(text), a.ratio_min, a.ratio_max, rng) for _ in range(a.n_pairs)])
