@@ -259,7 +259,7 @@ def section_ablation(ns) -> dict:
     rows = {}
     for part, table, run in (
             ("fewshot", FEWSHOT_ABLATION,
-             lambda first, name, overrides: finetune(
+             lambda first, name, overrides: finetune(  # the base: the `dev` section's own run
                  "dev_" + _slug("fewshot as committed" if first else name), "fewshot",
                  [*overrides, *DEV_EVAL], ns)),
             ("label-free", LABEL_FREE_ABLATION,

@@ -9,8 +9,9 @@ key encoder, and gradient accumulation (several forwards per step) does not upda
 times. The keys of every process are gathered, and enqueued by that same hook, after the
 optimizer step: all processes hold the same queue, the micro-batches of one accumulated step all
 see the same queue (as one batch of their size would), and a step the trainer skips for a
-non-finite loss (train.nonfinite_loss=skip, `on_step_skipped()`) leaves no keys behind. The queue, its pointer and the key encoder are part of this module's state_dict, hence of
-every checkpoint.
+non-finite loss (train.nonfinite_loss=skip, `on_step_skipped()`) leaves no keys behind. The
+queue, its pointer and the key encoder are part of this module's state_dict, hence of every
+checkpoint.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperatu
     """
     batch = q.shape[0]
     pos = torch.einsum("bh,bnh->bn", q, k.view(batch, -1, k.shape[-1])) / temperature
-    # a copy: the queue is updated in place after the logits, before backward
+    # a copy: the queue changes in place at the optimizer step; the logits must not alias it
     neg = q @ queue.detach().clone().T.to(q.dtype) / temperature
     return pos, torch.logsumexp(neg, dim=1), neg.max(dim=1).values
 

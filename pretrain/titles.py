@@ -1,7 +1,7 @@
 """Title -> body pairs (pairs.task=title): a document's own title is the query and its text the
-key, as in the title-body pairs of E5's CCPairs (Wang et al. 2022, arXiv 2212.03533, §3.1) and
-GTR/Sentence-T5 pretraining. Label-free: it reads the corpus only, but needs documents with
-titles (BEIR corpora have them; an MS MARCO collection has none).
+key, as in the (title, passage) and (title, abstract) pairs of E5's CCPairs (Wang et al. 2022,
+arXiv 2212.03533; section number not checked offline). Label-free: it reads the corpus only, but
+needs documents with titles (BEIR corpora have them; an MS MARCO collection has none).
 
 Titles and texts are tokenised once, in a cached `datasets.map`. Documents with an empty title or
 text are left out (counted in the log). With pairs.n_pairs = 1 the key is the whole text (cut to
