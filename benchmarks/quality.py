@@ -62,6 +62,10 @@ DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.
             f"eval.metrics=[{','.join(MEASURES)}]"]
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -193,7 +197,7 @@ def section_fewshot(ns) -> dict:
 
 def section_dev(ns) -> dict:
     chosen = _chosen(ns, DEV_CHOICES)
-    rows = {f"dev: {name}": finetune("dev_" + "".join(c if c.isalnum() else "_" for c in name),
+    rows = {f"dev: {name}": finetune("dev_" + _slug(name),
                                      "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
             for name in chosen}
     if not ns.dry_run:  # the start model on the same dev split and corpus slice
@@ -221,7 +225,7 @@ def section_label_free(ns) -> dict:
 def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
     return run_script(
         "pretrain/run.py", "domain_pretrain",
-        RUNS / ("dev_lf_" + "".join(c if c.isalnum() else "_" for c in name)),
+        RUNS / ("dev_lf_" + _slug(name)),
         [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
          "train.save_every=0", *overrides, *DEV_EVAL], ns)
 
@@ -247,10 +251,6 @@ def section_label_free_negatives(ns) -> dict:
     rows.update({f"dev: label-free negatives, {name}": _label_free_dev(
         f"{base_name} {name}", [*base, *overrides], ns) for name, overrides in NEGATIVES.items()})
     return rows
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def section_ablation(ns) -> dict:

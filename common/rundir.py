@@ -121,7 +121,12 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step-*") if (p / COMPLETE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (step-00000042 -> 42)."""
+    return int(path.name.split("-")[1])
 
 
 def staging_dir(output_dir: Path, step: int) -> Path:

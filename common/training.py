@@ -164,7 +164,7 @@ class Trainer:
         done = rundir.complete_checkpoints(self.output_dir) if resume else []
         if not done:
             return {}
-        return {"tensorboard": {"purge_step": int(done[-1].name.split("-")[1]) + 1}}
+        return {"tensorboard": {"purge_step": rundir.checkpoint_step(done[-1]) + 1}}
 
     def _resume(self) -> None:
         done = rundir.complete_checkpoints(self.output_dir)
