@@ -25,6 +25,7 @@ def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
     rows = {"ablation, x: base": {"run_file": files["base"], "qrels": [str(tmp_path / "beir"), "train"]},
             "ablation, x: change": {"run_file": files["change"], "base": "ablation, x: base",
                                     "qrels": [str(tmp_path / "beir"), "train"], "nDCG@10": 0.5}}
+    rows["BM25"] = {"run_file": files["base"]}  # a test-split reference row
     significance(rows, str(tmp_path / "beir"))
     row = rows["ablation, x: change"]
     # by hand (trec_eval's gain = grade): the grade-2 document at rank 1 or 2, no other relevant
@@ -34,7 +35,10 @@ def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
     want = compare_paired({"q1": at2, "q2": at2, "q3": at1}, {q: at1 for q in held_out})
     assert row["delta_vs_base"] == pytest.approx(round(want.mean_a - want.mean_b, 4))
     assert row["p_vs_base"] == pytest.approx(round(want.p_randomization, 4))
-    assert "p_vs_BM25" not in row  # not a test-split row
+    assert "p_vs_BM25" not in row  # a dev-split row is not compared on the test split
+    plain = {"change": {"run_file": files["change"]}, "BM25": rows["BM25"]}
+    significance(plain, str(tmp_path / "beir"))
+    assert "p_vs_BM25" in plain["change"]  # the same run file, without `qrels`: it would be
     table = markdown(rows)
     assert "## Ablation" in table and "| x: change | 0.5000 |" in table
     assert table.index("| x: change") > table.index("## Ablation")
