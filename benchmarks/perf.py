@@ -3,7 +3,8 @@
     TWOTOWER_DATA=../shared/data python benchmarks/perf.py [encode] [train] [memory] [scaling]
         [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
 
-1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast) vs
+1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast, each also
+   under torch.compile with weight freezing; the compilation is timed apart as warm-up) vs
    `SentenceTransformer.encode`, bundled all-MiniLM-L6-v2, max length 256, equal batch size. The
    speed ratio is measured on the first --docs documents (median of --repeats); with --full the
    whole corpus (5,183 docs) is encoded once per system and nDCG@10 on SciFact test is compared.
@@ -101,11 +102,19 @@ def bench_encode(ns) -> dict:
         "twotower fp32": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False),
         "twotower bf16": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False,
                                               bf16=True),
+        # torch.compile + weight freezing (eval.compile / --compile); compiled in the warm-up
+        "twotower fp32 compiled": lambda t: enc.encode(t, tower="doc", batch_size=bs,
+                                                       progress=False, compile=True),
+        "twotower bf16 compiled": lambda t: enc.encode(t, tower="doc", batch_size=bs,
+                                                       progress=False, bf16=True, compile=True),
     }
     out: dict = {"docs": len(sample), "batch_size": bs, "max_length": ns.max_length,
                  "threads": torch.get_num_threads(), "load_before": load_average(), "systems": {}}
-    for name, fn in systems.items():  # one untimed warm-up pass on a few docs each
+    warmup_s = {}
+    for name, fn in systems.items():  # one warm-up pass on a few docs each (compiles), timed apart
+        t = time.perf_counter()
         fn(sample[:bs])
+        warmup_s[name] = round(time.perf_counter() - t, 1)
     times: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(ns.repeats):  # interleaved, so a burst of load hits every system alike
         for name, fn in systems.items():
@@ -117,10 +126,11 @@ def bench_encode(ns) -> dict:
         med = statistics.median(ts)
         out["systems"][name] = {"median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
                                 "docs_per_s": round(len(sample) / med, 2),
-                                "speedup_vs_st": round(base / med, 3)}
+                                "speedup_vs_st": round(base / med, 3),
+                                "warmup_s": warmup_s[name]}
     # same embeddings? (max abs difference on the sample, fp32 and bf16 vs sentence-transformers)
     ref = systems["sentence-transformers fp32"](sample[:64])
-    for name in ("twotower fp32", "twotower bf16"):
+    for name in [n for n in systems if n.startswith("twotower")]:
         diff = float(abs(systems[name](sample[:64]) - ref).max())
         out["systems"][name]["max_abs_diff_vs_st"] = round(diff, 6)
     if ns.full:
@@ -134,7 +144,7 @@ def bench_encode(ns) -> dict:
                 query_emb = st.encode(qtexts, batch_size=bs, show_progress_bar=False)
             else:
                 query_emb = enc.encode(qtexts, tower="query", batch_size=bs, progress=False,
-                                       bf16=name.endswith("bf16"))
+                                       bf16="bf16" in name, compile=name.endswith("compiled"))
             full[name] = {"nDCG@10": round(ndcg_of(data, doc_emb, query_emb, doc_ids), 4),
                           "corpus_s": round(seconds, 1),
                           "docs_per_s": round(len(texts) / seconds, 2)}
@@ -213,11 +223,11 @@ def markdown(res: dict) -> str:
         e = res["encode"]
         lines += [f"## 1. Encoding SciFact documents ({e['docs']} docs, batch {e['batch_size']}, "
                   f"max length {e['max_length']}; load {e['load_before']} -> {e['load_after']})", "",
-                  "| system | docs/s | × sentence-transformers | max abs diff vs ST |",
-                  "|---|---|---|---|"]
+                  "| system | docs/s | × sentence-transformers | max abs diff vs ST | "
+                  "warm-up s (compiles) |", "|---|---|---|---|---|"]
         for name, s in e["systems"].items():
             lines.append(f"| {name} | {s['docs_per_s']} | {s['speedup_vs_st']} | "
-                         f"{s.get('max_abs_diff_vs_st', '-')} |")
+                         f"{s.get('max_abs_diff_vs_st', '-')} | {s.get('warmup_s', '-')} |")
         if "full_corpus" in e:
             f = e["full_corpus"]
             lines += ["", f"Full corpus ({f['docs']} docs, {f['queries']} test queries):", "",

@@ -36,6 +36,7 @@ a randomisation test (common/significance.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -46,8 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.quality_choices import (DEV_CHOICES, FEWSHOT_ABLATION,  # noqa: E402
-                                        LABEL_FREE_ABLATION, LABEL_FREE_BASE,
+from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
+                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
 from benchmarks.quality_report import markdown, significance  # noqa: E402
 
@@ -82,9 +83,27 @@ def _final_stage(out: Path) -> Path:
     return out
 
 
-def _finished(out: Path, command: str) -> dict | None:
-    """A run of exactly `command` that already finished in `out` (--reuse), with its timing:
-    measured by this script, or else the span between the run's first and last files."""
+def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
+    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
+    does not record a run of a recipe file edited since."""
+    from common.config import load_recipe, recipe_to_yaml
+    from finetune.args import FinetuneRecipe
+    from pretrain.args import PretrainRecipe
+
+    resolved = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
+                           recipe, overrides)
+    texts = [recipe_to_yaml(resolved)]
+    stage = getattr(resolved, "pretrain", None)
+    if stage is not None and stage.recipe:
+        texts.append(recipe_to_yaml(load_recipe(PretrainRecipe, stage.recipe,
+                                                list(stage.overrides))))
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+
+def _finished(out: Path, command: str, digest: str = "") -> dict | None:
+    """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
+    with its timing: measured by this script, or else the span between the run's first and last
+    files. Runs recorded before digests were kept are taken on the command alone."""
     final = _final_stage(out)
     metrics, recipes = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
     if not metrics.is_file() or not recipes:
@@ -92,7 +111,7 @@ def _finished(out: Path, command: str) -> dict | None:
     timing_file = out / "quality_timing.json"
     if timing_file.is_file():
         timing = json.loads(timing_file.read_text())
-        if timing.get("command") != command:
+        if timing.get("command") != command or timing.get("recipe_digest", digest) != digest:
             return None
     else:  # started by an earlier version of this script: file times, no CPU seconds
         first = min(r.stat().st_mtime for r in recipes)
@@ -110,16 +129,18 @@ def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) ->
     print("$", command, flush=True)
     if ns.dry_run:
         return {"command": command}
-    done = _finished(out, command) if ns.reuse else None
+    digest = recipe_digest(script, recipe, cmd[cmd.index(recipe) + 1:])
+    done = _finished(out, command, digest) if ns.reuse else None
     if done is None:
         cpu, start = children_cpu_s(), time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode:
             raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
         timing = {"wall_s": round(time.perf_counter() - start, 1),
-                  "cpu_s": round(children_cpu_s() - cpu, 1), "command": command}
+                  "cpu_s": round(children_cpu_s() - cpu, 1), "command": command,
+                  "recipe_digest": digest}
         (out / "quality_timing.json").write_text(json.dumps(timing))
-        done = _finished(out, command)
+        done = _finished(out, command, digest)
         if done is None:  # a table row without its numbers would hide the failure
             raise SystemExit(f"{script} --recipe {recipe} wrote no metrics.json under {out}")
     metrics = done.pop("metrics")
@@ -312,6 +333,12 @@ def section_other_corpus(ns) -> dict:
     trained = {"domain_pretrain (label-free)": (
                    "pretrain/run.py", "domain_pretrain",
                    [f"model.name_or_path={MODEL}", f"data.corpora=[{other}]"]),
+               # diagnostic, not the recipe: is stream chunking across ~60-token passages what
+               # hurts here? (README, "The same recipes on another corpus")
+               "domain_pretrain, chunks inside documents (diagnostic)": (
+                   "pretrain/run.py", "domain_pretrain",
+                   [f"model.name_or_path={MODEL}", f"data.corpora=[{other}]",
+                    "pairs.chunking=document"]),
                "fewshot": ("finetune/run.py", "fewshot", source),
                "domain_adapt": ("finetune/run.py", "domain_adapt", source)}
     for name, (script, recipe_name, data) in trained.items():
@@ -330,21 +357,37 @@ def section_domain_adapt(ns) -> dict:
         "domain_adapt", "domain_adapt", TEST_EVAL, ns)}
 
 
-def section_curve(ns) -> dict:
+def _sample(n: int, seed: int) -> list[str]:
+    """Overrides of recipe `fewshot` for n sampled training queries: a batch of at most n / 2 (a
+    batch of all n queries must hold every text, and two queries sharing a judged document cannot
+    share a batch: the run stops, "no global batch ... without a repeated text")."""
     from common.config import load_recipe
     from finetune.args import FinetuneRecipe
 
     batch = load_recipe(FinetuneRecipe, "fewshot").train.per_device_batch_size
+    return [f"data.max_queries={n}", f"data.sample_seed={seed}",
+            f"train.per_device_batch_size={min(batch, n // 2)}"]
+
+
+def section_curve(ns) -> dict:
+    return {f"fewshot, {n} queries (sample {seed})": finetune(
+                f"curve_{n}_s{seed}", "fewshot", [*_sample(n, seed), *TEST_EVAL], ns)
+            for n in (8, 32, 128) for seed in ns.seeds}
+
+
+def section_curve_dev(ns) -> dict:
+    """The steps of a small few-shot sample (CURVE_DEV_CHOICES), on the dev split, each choice
+    against the committed recipe on the same sample."""
     rows = {}
-    for n in (8, 32, 128):
-        for seed in ns.seeds:
-            # a batch at most half the training set: a batch of all n queries must hold every
-            # text, and two queries sharing a judged document cannot share a batch (the run
-            # stops: "no global batch ... without a repeated text")
-            rows[f"fewshot, {n} queries (sample {seed})"] = finetune(
-                f"curve_{n}_s{seed}", "fewshot",
-                [f"data.max_queries={n}", f"data.sample_seed={seed}",
-                 f"train.per_device_batch_size={min(batch, n // 2)}", *TEST_EVAL], ns)
+    for n in (8, 32):
+        base = None
+        for name in _chosen(ns, CURVE_DEV_CHOICES):
+            row = {**finetune(f"dev_curve_{n}_{_slug(name)}", "fewshot",
+                              [*_sample(n, 0), *CURVE_DEV_CHOICES[name], *DEV_EVAL], ns),
+                   "qrels": [ns.data, "train"]}
+            key = f"ablation, fewshot on {n} sampled queries: {name}"
+            rows[key] = {**row, "base": base} if base else row
+            base = base or key
     return rows
 
 
@@ -352,7 +395,7 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
             "domain_adapt": section_domain_adapt,
-            "curve": section_curve, "ablation": section_ablation,
+            "curve": section_curve, "curve_dev": section_curve_dev, "ablation": section_ablation,
             "other_corpus": section_other_corpus}
 
 
@@ -367,7 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
-    p.add_argument("--choices", nargs="+", help="dev / label_free_dev sections: run only these "
+    p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev sections: run "
+                   "only these "
                    "of their choices (benchmarks/quality_choices.py)")
     p.add_argument("--without-st", action="store_true",
                    help="fewshot section: twotower's runs only (sentence-transformers' rows "

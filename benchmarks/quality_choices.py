@@ -55,4 +55,15 @@ LABEL_FREE_ABLATION = {
     "4 pairs, relevance-aware (ReContriever)": [],
     "4 pairs, uniform weights": ["method.relevance_aware=false"],
     "1 pair (Contriever's cropping)": ["pairs.n_pairs=1", "method.relevance_aware=false"],
+    # chunks cut inside each document (pretrain/chunks.py DocumentChunker), not across them
+    "chunks inside documents": ["pairs.chunking=document"],
+}
+
+# `curve_dev`: how many steps a small few-shot sample gets. At 8 or 32 sampled queries the
+# committed 3 epochs are 6 steps, fewer than the recipe's 10 warmup steps; train.min_steps gives
+# more passes over the sample. Run on 8 and 32 sampled queries (sample 0), dev split.
+CURVE_DEV_CHOICES = {
+    "as committed (3 epochs)": [],
+    "at least 25 steps": ["train.min_steps=25"],
+    "at least 75 steps (the 809-query run's count)": ["train.min_steps=75"],
 }

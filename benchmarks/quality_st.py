@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def recipe_triples(recipe) -> tuple[list[dict], int]:
     """The groups the Trainer would draw (one process), and its number of steps."""
-    from common.training import steps_for_epochs
+    from common.epochs import steps_for_epochs
     from finetune.run import build_stage  # leaves an eval.holdout dev split out, as in training
 
     (_, stage), = recipe.stage_list()

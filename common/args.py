@@ -55,9 +55,12 @@ class TrainArgs:
     seed: int = 42
     max_steps: int = 1000
     # > 0: train this many passes over the data (ceil(epochs x examples / global batch /
-    # accumulation) steps, common.training.steps_for_epochs), max_steps staying a cap; a recipe
+    # accumulation) steps, common.epochs.steps_for_epochs), max_steps staying a cap; a recipe
     # then fits any training-set size: the few-shot sizes of one corpus, or another corpus
     epochs: float = 0.0
+    # with epochs: at least this many steps (more passes over a small training set -- a few-shot
+    # sample of 8 queries is 2 steps an epoch); max_steps still caps
+    min_steps: int = 0
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     lr: float = 5e-5
@@ -87,6 +90,8 @@ class TrainArgs:
         _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if self.epochs < 0:
             raise RecipeError("'train.epochs' must be >= 0 (0 = use train.max_steps)")
+        if self.min_steps < 0:
+            raise RecipeError(f"'train.min_steps' must be >= 0; got {self.min_steps}")
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         _choice("train.device", self.device, ("auto", "cpu"))
@@ -112,6 +117,11 @@ class EvalArgs:
     # and split leaves them out. For choices made without looking at the test split.
     holdout: int = 0
     holdout_seed: int = 0
+    # encoding speed (README, Performance): bf16 autocast (embeddings differ from fp32 by ~1e-3;
+    # CPUs with AVX512_BF16 and GPUs), and torch.compile with weight freezing (fp32 ~2x here,
+    # after about a minute of compilation per process)
+    bf16: bool = False
+    compile: bool = False
     before_training: bool = False  # also evaluate the starting model
     # embedding-space diagnostics (common/analyze.py) logged to tensorboard at each evaluation,
     # on a small sample (100 queries, their judged documents + 300 others; PCA picture)

@@ -62,10 +62,11 @@ class EmbeddingCache:
 
     def encode(self, encoder, texts: Sequence[str], tower: str = "doc", batch_size: int = 64,
                max_length: int | None = None, progress: bool = True,
-               bf16: bool = False) -> np.ndarray:
+               bf16: bool | None = None) -> np.ndarray:
         """`encoder.encode(texts, ...)`, from the cache when this exact model, text list and
-        settings were encoded before."""
+        settings were encoded before (bf16 None: the encoder's inference_options)."""
         texts = list(texts)
+        bf16 = encoder.encode_bf16 if bf16 is None else bf16
         settings = {"tower": tower, "max_length": max_length or encoder.max_length(tower),
                     "bf16": bool(bf16)}
         model_fp, data_fp = model_fingerprint(encoder), data_fingerprint(texts)

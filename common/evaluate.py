@@ -274,9 +274,10 @@ def evaluator_from_args(eval_args, k: int = 1000,
     data = subsample(eval_args_data(eval_args), eval_args.max_queries, eval_args.max_docs, seed)
 
     def evaluate(encoder, progress: bool = False) -> Dict[str, float]:
-        evaluate.last = evaluate_dense(  # type: ignore[attr-defined]
-            encoder, data, k=k, batch_size=eval_args.batch_size, measures=eval_args.metrics,
-            progress=progress)
+        with encoder.inference_options(bf16=eval_args.bf16, compile=eval_args.compile):
+            evaluate.last = evaluate_dense(  # type: ignore[attr-defined]
+                encoder, data, k=k, batch_size=eval_args.batch_size, measures=eval_args.metrics,
+                progress=progress)
         return evaluate.last.metrics  # type: ignore[attr-defined]
 
     evaluate.data, evaluate.last = data, None  # type: ignore[attr-defined]

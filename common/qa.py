@@ -309,7 +309,9 @@ def run_cli(parser, ns, model_slug: str, model_args, command: str, shard: bool =
     else:
         from common.encoder import Encoder
 
-        result = evaluate_qa_dense(Encoder.load(model_args), passages, questions, args,
+        encoder = Encoder.load(model_args)
+        encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
+        result = evaluate_qa_dense(encoder, passages, questions, args,
                                    batch_size=ns.batch_size, index=ns.index or "flat",
                                    search_params=ns.search_params,
                                    progress=not ns.no_progress, shard=shard)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,13 +21,15 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import rundir
 from common.args import TrainArgs
 from common.config import recipe_to_yaml
+from common.epochs import (EpochSampler, TrainState, micro_batch_seed,  # noqa: F401
+                            steps_for_epochs)
 
 log = logging.getLogger("twotower.train")
 
@@ -39,47 +39,6 @@ FROM_RECIPE = "from recipe.eval"  # the Trainer's default evaluation: what recip
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss; raised before any update or checkpoint of the broken state."""
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint so that resume continues the same data order."""
-
-    step: int = 0  # optimizer steps done
-    micro_batches: int = 0  # micro-batches consumed in total (accumulation continues across epochs)
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed by this process
-    skipped_nonfinite: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation that is a pure function of (seed, epoch): identical on every process, so
-    Accelerate's batch sharding gives rank r the r-th slice of each global batch. A dataset may
-    define `epoch_order(epoch, seed) -> list[int]` to choose the order itself (e.g. keeping the
-    same text out of one batch)."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __iter__(self):
-        order = getattr(self.dataset, "epoch_order", None)
-        if callable(order):
-            return iter(order(self.epoch, self.seed))
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self), generator=gen).tolist())
 
 
 class Trainer:
@@ -390,22 +349,6 @@ class Trainer:
         return {**metrics, "step": state.step, "skipped_nonfinite": state.skipped_nonfinite}
 
 
-def micro_batch_seed(seed: int, micro_batch: int, process: int) -> int:
-    """The torch seed of one micro-batch (see `Trainer._loop`)."""
-    import numpy as np
-
-    return int(np.random.default_rng([seed, micro_batch, process]).integers(2**62))
-
-
-def steps_for_epochs(args: TrainArgs, n_examples: int, processes: int = 1) -> int:
-    """Optimizer steps for `args.epochs` passes over `n_examples` (incomplete batches dropped)."""
-    per_step = args.per_device_batch_size * args.gradient_accumulation_steps * processes
-    if n_examples < per_step:
-        raise ValueError(f"{n_examples} training examples do not fill one step of {per_step} "
-                         "(train.per_device_batch_size x gradient_accumulation_steps x processes)")
-    return max(1, math.ceil(args.epochs * (n_examples // per_step)))
-
-
 def use_cpu(device: str) -> bool:
     """Accelerate only picks gloo for several CPU processes when told to run on the CPU; without a
     GPU, `accelerate launch --multi_gpu --num_processes 2` (or torchrun) would otherwise give N
@@ -439,9 +382,3 @@ def _json(obj: Any) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=str)
-
-
-def steps_per_epoch(n_examples: int, args: TrainArgs, num_processes: int) -> int:
-    """Optimizer steps in one pass over `n_examples` (drop_last batching)."""
-    batches = n_examples // (args.per_device_batch_size * num_processes)
-    return max(math.floor(batches / max(args.gradient_accumulation_steps, 1)), 0)

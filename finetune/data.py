@@ -2,7 +2,7 @@
 sampled as a pure function of (seed, epoch, group index), in an epoch order that keeps the same
 text out of one global batch (no false in-batch negatives), and collated into token tensors.
 
-How the batch order survives sharding: common.training's EpochSampler asks the dataset for
+How the batch order survives sharding: common.epochs' EpochSampler asks the dataset for
 `epoch_order(epoch, seed)`; that order is cut sequentially into per-process batches and
 Accelerate gives rank r the r-th batch of every run of `world` batches. So one *global batch*
 is `global_batch_size` consecutive positions of the order; `epoch_order` packs groups so that no

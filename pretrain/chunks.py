@@ -1,10 +1,12 @@
-"""Raw text → one token stream → fixed-length chunks, re-cut with a new offset each epoch.
+"""Raw text → one token stream → chunks: fixed-length across documents (Contriever), or within them.
 
 Contriever tokenises its corpora once, concatenates all tokens, and at every epoch cuts the stream
 into chunks of `chunk_length` tokens starting at a random offset in [0, chunk_length)
 (facebookresearch/contriever src/data.py, `generate_offset`). Here the tokenisation is a cached
 `datasets.map` (keyed by the corpus fingerprint and the tokenizer), and the offset is a pure
 function of (seed, epoch), so every process and every resumed run cut the same chunks.
+`DocumentChunker` (pairs.chunking=document) cuts each document on its own instead, so that no
+chunk -- and so no positive pair -- joins the end of one document to the start of another.
 """
 from __future__ import annotations
 
@@ -99,20 +101,41 @@ def tokenize_corpus(corpus: datasets.Dataset, tokenizer, cache_dir: str = "",
                       cache_dir, batch_size)
 
 
+def _list_column(tokenized: datasets.Dataset, column: str):
+    table = tokenized.with_format("arrow")[:][column]
+    return table.combine_chunks() if hasattr(table, "combine_chunks") else table
+
+
 def flatten_ids(tokenized: datasets.Dataset, column: str = "input_ids") -> np.ndarray:
     """All token ids of a list column, concatenated in row order (through Arrow, no Python loop)."""
-    table = tokenized.with_format("arrow")[:][column]
-    values = table.combine_chunks() if hasattr(table, "combine_chunks") else table
+    values = _list_column(tokenized, column)
     return np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+def row_lengths(tokenized: datasets.Dataset, column: str = "input_ids") -> np.ndarray:
+    """The length of each row of a list column (its documents' token counts)."""
+    offsets = _list_column(tokenized, column).offsets.to_numpy(zero_copy_only=False)
+    return np.diff(offsets).astype(np.int64)
+
+
+def token_documents(corpora: Sequence[datasets.Dataset], tokenizer, cache_dir: str = "",
+                    batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of every document of every corpus, concatenated (contriever's layout), and
+    each document's token count (in the same order), which marks where documents end."""
+    tokenized = [tokenize_corpus(c, tokenizer, cache_dir, batch_size) for c in corpora]
+    parts = [flatten_ids(t) for t in tokenized]
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    lengths = (np.concatenate([row_lengths(t) for t in tokenized]) if tokenized
+               else np.zeros(0, dtype=np.int64))
+    log.info("token stream: %d tokens, %d documents from %d corpora", len(stream), len(lengths),
+             len(parts))
+    return stream, lengths
 
 
 def token_stream(corpora: Sequence[datasets.Dataset], tokenizer, cache_dir: str = "",
                  batch_size: int = 1000) -> np.ndarray:
-    """The tokens of every document of every corpus, concatenated (contriever's layout)."""
-    parts = [flatten_ids(tokenize_corpus(c, tokenizer, cache_dir, batch_size)) for c in corpora]
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    log.info("token stream: %d tokens from %d corpora", len(stream), len(parts))
-    return stream
+    """The tokens of every document of every corpus, concatenated."""
+    return token_documents(corpora, tokenizer, cache_dir, batch_size)[0]
 
 
 # ------------------------------------------------------------------------------ chunking
@@ -140,3 +163,43 @@ class Chunker:
     def chunk(self, epoch: int, index: int) -> np.ndarray:
         start = self.start(epoch, index)
         return self.stream[start:start + self.chunk_length]
+
+
+class DocumentChunker:
+    """Chunks that stay inside one document: a document of n tokens gives ceil(n / L) chunks of
+    near-equal length (n = 300, L = 128: 100 + 100 + 100), a document of at most L tokens is one
+    chunk; documents without tokens give none (counted in the log). The cut is the same every
+    epoch -- the crops drawn from a chunk change -- so epoch lengths never change.
+
+    Why: Contriever's stream chunking joins unrelated documents inside one chunk, so on a corpus
+    of short passages (MS MARCO: ~60 tokens) most 128-token chunks hold two or three passages and
+    a query crop's positive may come from another passage."""
+
+    def __init__(self, stream: np.ndarray, lengths: np.ndarray, chunk_length: int, seed: int):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(stream):
+            raise ValueError(f"document lengths sum to {int(lengths.sum())}, the stream has "
+                             f"{len(stream)} tokens")
+        self.stream, self.chunk_length, self.seed = stream, chunk_length, seed
+        doc_starts = np.cumsum(lengths) - lengths
+        pieces = -(-lengths // chunk_length)  # ceil; 0 for an empty document
+        self.empty_documents = int((lengths == 0).sum())
+        if self.empty_documents:
+            log.warning("%d documents have no tokens and give no chunk", self.empty_documents)
+        if not pieces.sum():
+            raise ValueError("the corpus has no tokens: nothing to chunk")
+        doc = np.repeat(np.arange(len(lengths)), pieces)
+        piece = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        n, k = lengths[doc], pieces[doc]
+        self.starts = doc_starts[doc] + piece * n // k
+        self.ends = doc_starts[doc] + (piece + 1) * n // k
+        self.num_chunks = len(self.starts)
+
+    def start(self, epoch: int, index: int) -> int:
+        if not 0 <= index < self.num_chunks:
+            raise IndexError(f"chunk {index} out of range (0..{self.num_chunks - 1})")
+        return int(self.starts[index])
+
+    def chunk(self, epoch: int, index: int) -> np.ndarray:
+        start = self.start(epoch, index)
+        return self.stream[start:int(self.ends[index])]

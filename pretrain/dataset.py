@@ -6,7 +6,7 @@ from typing import Sequence
 import datasets
 
 from pretrain.args import PretrainRecipe
-from pretrain.chunks import Chunker, load_corpora, token_stream
+from pretrain.chunks import Chunker, DocumentChunker, load_corpora, token_documents
 from pretrain.ict import ict_passages
 from pretrain.pairs import CropPairs, ICTPairs, PairCollator
 from pretrain.titles import TitlePairs, title_pairs
@@ -23,8 +23,10 @@ def pairs_from_corpora(corpora: Sequence[datasets.Dataset], recipe: PretrainReci
     """The pair dataset of `recipe.pairs` over already loaded corpora, and its collator."""
     p, d, tok = recipe.pairs, recipe.data, encoder.tokenizer
     if p.task == "crop":
-        stream = token_stream(corpora, tok, d.cache_dir, d.tokenize_batch_size)
-        dataset = CropPairs(Chunker(stream, p.chunk_length, recipe.train.seed), p, tok,
+        stream, lengths = token_documents(corpora, tok, d.cache_dir, d.tokenize_batch_size)
+        chunker = (DocumentChunker(stream, lengths, p.chunk_length, recipe.train.seed)
+                   if p.chunking == "document" else Chunker(stream, p.chunk_length, recipe.train.seed))
+        dataset = CropPairs(chunker, p, tok,
                             recipe.train.seed, max_length=model_positions(encoder))
     elif p.task == "title":
         limit = model_positions(encoder)

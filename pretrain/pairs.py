@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from pretrain.args import PairArgs
 from pretrain.augment import TokenAugmenter
-from pretrain.chunks import Chunker
+from pretrain.chunks import Chunker, DocumentChunker
 
 
 def random_crop(n: int, ratio_min: float, ratio_max: float,
@@ -66,7 +66,7 @@ class CropPairs(_PairDataset):
     one-document-multi-pair (arXiv 2306.03166): one query crop and `n_pairs` key crops, each
     drawn independently from the same chunk and augmented independently."""
 
-    def __init__(self, chunker: Chunker, args: PairArgs, tokenizer, seed: int,
+    def __init__(self, chunker: Chunker | DocumentChunker, args: PairArgs, tokenizer, seed: int,
                  max_length: int = 512):
         super().__init__(args, tokenizer, seed)
         if args.chunk_length + self.n_special > max_length:

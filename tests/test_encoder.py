@@ -98,3 +98,29 @@ def test_unreachable_hub_id_says_what_to_set(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="bundled:all-MiniLM-L6-v2"):
         Encoder.load("someone/not-a-cached-model")
+
+
+def test_compiled_encoding_equals_eager_and_follows_weight_updates():
+    enc = tiny_bert()
+    texts = TEXTS * 3
+    eager = enc.encode(texts, batch_size=4, progress=False)
+    compiled = enc.encode(texts, batch_size=4, progress=False, compile=True)
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
+    with torch.no_grad():  # an optimizer step between two evaluations
+        for p in enc.query_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    eager_after = enc.encode(texts, batch_size=4, progress=False)
+    assert np.abs(eager_after - eager).max() > 1e-3
+    np.testing.assert_allclose(enc.encode(texts, batch_size=4, progress=False, compile=True),
+                               eager_after, atol=1e-5)  # not the weights of the first compile
+
+
+def test_inference_options_set_encode_defaults_within_their_block():
+    enc = tiny_bert()
+    fp32 = enc.encode(TEXTS, progress=False)
+    bf16 = enc.encode(TEXTS, progress=False, bf16=True)
+    assert np.abs(bf16 - fp32).max() > 1e-4  # autocast did change the arithmetic
+    with enc.inference_options(bf16=True):
+        np.testing.assert_array_equal(enc.encode(TEXTS, progress=False), bf16)
+        np.testing.assert_array_equal(enc.encode(TEXTS, progress=False, bf16=False), fp32)
+    np.testing.assert_array_equal(enc.encode(TEXTS, progress=False), fp32)

@@ -177,3 +177,28 @@ def test_evaluator_from_args_uses_the_sliced_data(beir_dir, tiny_model_dir):
     want = evaluate_dense(encoder, data, measures=["nDCG@10", "RR@10"], progress=False)
     assert want.info["n_queries"] == 3 and want.info["n_docs"] == 5
     assert got == want.metrics and list(got) == ["nDCG@10", "MRR@10"]
+
+
+def test_eval_bf16_and_compile_reach_the_encoder(beir_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """--bf16/--compile (CLI) and eval.bf16/eval.compile (training evaluations) set what every
+    encode call of the evaluation uses."""
+    from common.args import EvalArgs
+    from common.encoder import Encoder
+    from common.evaluate import evaluator_from_args
+
+    seen = []
+    original = Encoder.encode
+
+    def spy(self, texts, *args, **kwargs):
+        seen.append((self.encode_bf16, self.encode_compile))
+        return original(self, texts, *args, **{**kwargs, "compile": False})  # no compile wait
+    monkeypatch.setattr(Encoder, "encode", spy)
+    assert main(["--model", str(tiny_model_dir), "--data", str(beir_dir), "--split", "test",
+                 "--output-dir", str(tmp_path / "a"), "--no-progress", "--bf16", "--compile"]) == 0
+    assert seen and set(seen) == {(True, True)}
+    seen.clear()
+    evaluate = evaluator_from_args(EvalArgs(data=str(beir_dir), bf16=True))
+    encoder = Encoder.load(str(tiny_model_dir))
+    evaluate(encoder)
+    assert set(seen) == {(True, False)}
+    assert (encoder.encode_bf16, encoder.encode_compile) == (False, False)  # restored after

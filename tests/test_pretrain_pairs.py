@@ -9,7 +9,7 @@ import torch
 
 from common.encoder import tiny_bert
 from pretrain.args import MethodArgs, PairArgs
-from pretrain.chunks import Chunker, token_stream, tokenize_corpus
+from pretrain.chunks import Chunker, DocumentChunker, token_documents, token_stream, tokenize_corpus
 from pretrain.ict import group_passages, ict_passages
 from pretrain.pairs import CropPairs, ICTPairs, PairCollator, random_crop
 from pretrain.titles import TitlePairs, title_pairs
@@ -54,6 +54,72 @@ def test_chunks_are_recut_with_a_new_offset_each_epoch():
             assert np.array_equal(chunk, np.arange(chunk[0], chunk[0] + 64))
     with pytest.raises(ValueError, match="too few for chunks of pairs.chunk_length=600"):
         Chunker(stream, 600, seed=0)
+
+
+def _documents_cut_slowly(lengths, chunk_length):
+    """pairs.chunking=document written out: each document alone, in ceil(n / L) equal pieces."""
+    out, start = [], 0
+    for n in lengths:
+        k = -(-n // chunk_length)
+        out += [(start + j * n // k, start + (j + 1) * n // k) for j in range(k)]
+        start += n
+    return out
+
+
+def test_document_chunks_stay_inside_one_document():
+    lengths = [300, 60, 0, 128, 129, 1, 700]
+    stream = np.arange(sum(lengths), dtype=np.int32)
+    chunker = DocumentChunker(stream, np.array(lengths), 128, seed=0)
+    expected = _documents_cut_slowly(lengths, 128)
+    assert chunker.num_chunks == len(expected) == 3 + 1 + 0 + 1 + 2 + 1 + 6
+    assert chunker.empty_documents == 1
+    ends = np.cumsum(lengths)
+    for epoch in (0, 1):  # the same cut every epoch
+        got = []
+        for i in range(chunker.num_chunks):
+            chunk = chunker.chunk(epoch, i)
+            got.append((int(chunk[0]), int(chunk[-1]) + 1))
+            assert 1 <= len(chunk) <= 128
+            # first and last token in the same document
+            assert np.searchsorted(ends, chunk[0], "right") == np.searchsorted(ends, chunk[-1],
+                                                                                  "right")
+        assert got == expected
+    covered = np.concatenate([chunker.chunk(0, i) for i in range(chunker.num_chunks)])
+    assert np.array_equal(covered, stream)  # every token in exactly one chunk
+    with pytest.raises(ValueError, match="lengths sum to 10"):
+        DocumentChunker(stream, np.array([10]), 128, seed=0)
+    with pytest.raises(IndexError):
+        chunker.chunk(0, chunker.num_chunks)
+
+
+def test_recipe_chunking_document_builds_crops_from_one_document(encoder, corpus):
+    from common.config import load_recipe
+    from pretrain.args import PretrainRecipe
+    from pretrain.dataset import pairs_from_corpora
+
+    docs = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    stream, lengths = token_documents([corpus], encoder.tokenizer)
+    assert lengths.tolist() == [len(d) for d in docs] and len(stream) == sum(lengths)
+    # chunks of 16 tokens: each ~40-token document gives 3; a stream chunk often spans two
+    overrides = ["pairs.chunk_length=16", "pairs.augmentation=[none]", "pairs.n_pairs=2",
+                 "data.corpora=[unused]"]
+    by_mode = {}
+    for mode in ("stream", "document"):
+        recipe = load_recipe(PretrainRecipe, "recontriever_cpu",
+                             [*overrides, f"pairs.chunking={mode}"])
+        dataset, _ = pairs_from_corpora([corpus], recipe, encoder)
+        in_one = []
+        for i in range(len(dataset)):
+            start, chunk = dataset.chunker.start(0, i), dataset.chunker.chunk(0, i)
+            doc = int(np.searchsorted(np.cumsum(lengths), start, "right"))
+            offset = start - int(np.sum(lengths[:doc]))
+            in_one.append(list(chunk) == docs[doc][offset:offset + len(chunk)])
+            item = dataset[i]
+            for ids, (s, e) in zip([item["query"], *item["keys"]], item["spans"]):
+                assert list(ids[1:-1]) == list(chunk[s:e])
+        by_mode[mode] = in_one
+    assert all(by_mode["document"]) and len(by_mode["document"]) == sum(-(-lengths // 16))
+    assert not all(by_mode["stream"])  # the difference the option exists for
 
 
 def test_crop_lengths_within_bounds_and_from_the_same_chunk(encoder):

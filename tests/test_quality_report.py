@@ -45,3 +45,33 @@ def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
     rows["ablation, x: change"]["run_file"] = str(write_run({"q1": good["q1"]}, tmp_path / "o.trec"))
     with pytest.raises(SystemExit, match="different queries"):
         significance(rows, str(tmp_path / "beir"))
+
+
+def test_reuse_records_a_finished_run_only_for_the_same_command_and_recipe(tmp_path):
+    """quality.py --reuse: a run of a recipe edited since (another resolved recipe for the same
+    command) is trained again, not recorded with its old numbers."""
+    import json
+
+    from benchmarks.quality import _finished, recipe_digest
+
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "recipe.yaml").write_text("model: {}\n")
+    (out / "metrics.json").write_text(json.dumps({"nDCG@10": 0.7}))
+    digest = recipe_digest("finetune/run.py", "fewshot", ["train.lr=1e-5"])
+    assert digest == recipe_digest("finetune/run.py", "fewshot", ["train.lr=1e-5"])
+    assert digest != recipe_digest("finetune/run.py", "fewshot", ["train.lr=2e-5"])
+    # the recipe file of a pretraining stage counts too: the same command, the file edited
+    stage = tmp_path / "stage.yaml"
+    stage.write_text("base: domain_pretrain\ntrain:\n  lr: 1.0e-5\n")
+    before = recipe_digest("finetune/run.py", "domain_adapt", [f"pretrain.recipe={stage}"])
+    stage.write_text("base: domain_pretrain\ntrain:\n  lr: 3.0e-5\n")
+    assert before != recipe_digest("finetune/run.py", "domain_adapt", [f"pretrain.recipe={stage}"])
+    timing = {"wall_s": 1.0, "cpu_s": 2.0, "command": "cmd", "recipe_digest": digest}
+    (out / "quality_timing.json").write_text(json.dumps(timing))
+    assert _finished(out, "cmd", digest)["metrics"] == {"nDCG@10": 0.7}
+    assert _finished(out, "cmd", "another") is None
+    assert _finished(out, "other cmd", digest) is None
+    del timing["recipe_digest"]  # recorded before digests were kept: the command decides
+    (out / "quality_timing.json").write_text(json.dumps(timing))
+    assert _finished(out, "cmd", digest) is not None

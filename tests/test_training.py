@@ -230,7 +230,7 @@ def test_periodic_evaluation_and_diagnostics_reach_tensorboard(tmp_path):
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     from common.args import TrainArgs
-    from common.training import steps_for_epochs
+    from common.epochs import steps_for_epochs
 
     args = TrainArgs(per_device_batch_size=8, epochs=2.5)
     assert steps_for_epochs(args, 48) == 15  # 6 full batches per epoch
@@ -238,6 +238,9 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     assert steps_for_epochs(args, 48, processes=2) == 8  # ceil(2.5 x 3)
     with pytest.raises(ValueError, match="do not fill one step"):
         steps_for_epochs(args, 7)
+    floor = TrainArgs(per_device_batch_size=8, epochs=2.5, min_steps=20)
+    assert steps_for_epochs(floor, 48) == 20  # a small set: more passes
+    assert steps_for_epochs(floor, 96) == 30  # a large one: the epochs decide
     out = tmp_path / "run"
     run_toy(out, "train.max_steps=1000", "train.epochs=2", "train.per_device_batch_size=8")
     state = json.loads(next((out / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
@@ -247,3 +250,8 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     run_toy(capped, "train.max_steps=5", "train.epochs=2", "train.per_device_batch_size=8")
     state = json.loads(next((capped / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
     assert state["step"] == 5
+    floored = tmp_path / "floored"  # train.min_steps: 2 epochs of 6 steps would be 12
+    run_toy(floored, "train.max_steps=1000", "train.epochs=2", "train.min_steps=15",
+            "train.per_device_batch_size=8")
+    state = json.loads(next((floored / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text())
+    assert state["step"] == 15 and state["epoch"] == 2  # into a third pass over the data
