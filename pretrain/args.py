@@ -44,8 +44,9 @@ class PairArgs:
     # Contriever: "we cut the concatenated text into chunks of 256 tokens", re-chunked each epoch
     # with a new random offset (contriever src/data.py generate_offset). ICT: the passage budget.
     chunk_length: int = 256
-    # stream: cut the concatenated corpus, across document ends (Contriever) | document: cut each
-    # document on its own into pieces of at most chunk_length tokens (pretrain/chunks.py)
+    # task=crop -- stream: cut the concatenated corpus, across document ends (Contriever) |
+    # document: cut each document on its own into pieces of at most chunk_length tokens
+    # (pretrain/chunks.py)
     chunking: str = "stream"
     # crop length ratio ~ U(ratio_min, ratio_max) of the chunk. Contriever's README training
     # command uses ratio_min 0.1, its example script (and ReContriever's) 0.05; ratio_max 0.5.
@@ -70,6 +71,9 @@ class PairArgs:
         _choice("pairs.task", self.task, ("crop", "ict", "title"))
         _choice("pairs.punkt", self.punkt, ("auto", "pretrained", "train"))
         _choice("pairs.chunking", self.chunking, ("stream", "document"))
+        if self.chunking == "document" and self.task != "crop":
+            raise RecipeError(f"'pairs.chunking=document' cuts crop chunks; pairs.task={self.task} "
+                              "has none (ICT passages and title pairs never cross documents)")
         for name in self.augmentation:
             _choice("pairs.augmentation[]", name, AUGMENTATIONS)
         if not 0 < self.ratio_min <= self.ratio_max <= 1:

@@ -175,12 +175,12 @@ class DocumentChunker:
     of short passages (MS MARCO: ~60 tokens) most 128-token chunks hold two or three passages and
     a query crop's positive may come from another passage."""
 
-    def __init__(self, stream: np.ndarray, lengths: np.ndarray, chunk_length: int, seed: int):
+    def __init__(self, stream: np.ndarray, lengths: np.ndarray, chunk_length: int):
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != len(stream):
             raise ValueError(f"document lengths sum to {int(lengths.sum())}, the stream has "
                              f"{len(stream)} tokens")
-        self.stream, self.chunk_length, self.seed = stream, chunk_length, seed
+        self.stream, self.chunk_length = stream, chunk_length
         doc_starts = np.cumsum(lengths) - lengths
         pieces = -(-lengths // chunk_length)  # ceil; 0 for an empty document
         self.empty_documents = int((lengths == 0).sum())

@@ -24,10 +24,10 @@ def pairs_from_corpora(corpora: Sequence[datasets.Dataset], recipe: PretrainReci
     p, d, tok = recipe.pairs, recipe.data, encoder.tokenizer
     if p.task == "crop":
         stream, lengths = token_documents(corpora, tok, d.cache_dir, d.tokenize_batch_size)
-        chunker = (DocumentChunker(stream, lengths, p.chunk_length, recipe.train.seed)
-                   if p.chunking == "document" else Chunker(stream, p.chunk_length, recipe.train.seed))
-        dataset = CropPairs(chunker, p, tok,
-                            recipe.train.seed, max_length=model_positions(encoder))
+        chunker = (DocumentChunker(stream, lengths, p.chunk_length) if p.chunking == "document"
+                   else Chunker(stream, p.chunk_length, recipe.train.seed))
+        dataset = CropPairs(chunker, p, tok, recipe.train.seed,
+                            max_length=model_positions(encoder))
     elif p.task == "title":
         limit = model_positions(encoder)
         dataset = TitlePairs(title_pairs(corpora, tok, d.cache_dir, d.tokenize_batch_size), p, tok,

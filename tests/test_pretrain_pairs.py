@@ -69,7 +69,7 @@ def _documents_cut_slowly(lengths, chunk_length):
 def test_document_chunks_stay_inside_one_document():
     lengths = [300, 60, 0, 128, 129, 1, 700]
     stream = np.arange(sum(lengths), dtype=np.int32)
-    chunker = DocumentChunker(stream, np.array(lengths), 128, seed=0)
+    chunker = DocumentChunker(stream, np.array(lengths), 128)
     expected = _documents_cut_slowly(lengths, 128)
     assert chunker.num_chunks == len(expected) == 3 + 1 + 0 + 1 + 2 + 1 + 6
     assert chunker.empty_documents == 1
@@ -87,7 +87,7 @@ def test_document_chunks_stay_inside_one_document():
     covered = np.concatenate([chunker.chunk(0, i) for i in range(chunker.num_chunks)])
     assert np.array_equal(covered, stream)  # every token in exactly one chunk
     with pytest.raises(ValueError, match="lengths sum to 10"):
-        DocumentChunker(stream, np.array([10]), 128, seed=0)
+        DocumentChunker(stream, np.array([10]), 128)
     with pytest.raises(IndexError):
         chunker.chunk(0, chunker.num_chunks)
 
@@ -120,6 +120,10 @@ def test_recipe_chunking_document_builds_crops_from_one_document(encoder, corpus
         by_mode[mode] = in_one
     assert all(by_mode["document"]) and len(by_mode["document"]) == sum(-(-lengths // 16))
     assert not all(by_mode["stream"])  # the difference the option exists for
+    from common.config import RecipeError
+    with pytest.raises(RecipeError, match="pairs.chunking=document.*pairs.task=ict"):
+        load_recipe(PretrainRecipe, "recontriever_cpu",
+                    [*overrides, "pairs.chunking=document", "pairs.task=ict", "pairs.n_pairs=1"])
 
 
 def test_crop_lengths_within_bounds_and_from_the_same_chunk(encoder):
