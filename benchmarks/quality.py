@@ -411,8 +411,7 @@ def main(argv=None) -> int:
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
     p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev sections: run "
-                   "only these "
-                   "of their choices (benchmarks/quality_choices.py)")
+                   "only these of their choices (benchmarks/quality_choices.py)")
     p.add_argument("--without-st", action="store_true",
                    help="fewshot section: twotower's runs only (sentence-transformers' rows "
                         "stay as recorded)")

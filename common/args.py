@@ -118,8 +118,8 @@ class EvalArgs:
     holdout: int = 0
     holdout_seed: int = 0
     # encoding speed (README, Performance): bf16 autocast (embeddings differ from fp32 by ~1e-3;
-    # CPUs with AVX512_BF16 and GPUs), and torch.compile with weight freezing (fp32 ~2x here,
-    # after about a minute of compilation per process)
+    # CPUs with AVX512_BF16 and GPUs), and torch.compile with weight freezing (fp32 ~1.9x here,
+    # after 20-60 s of compilation per process, and again whenever the weights changed)
     bf16: bool = False
     compile: bool = False
     before_training: bool = False  # also evaluate the starting model

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--bf16", action="store_true",
                      help="encode under bf16 autocast (CPUs with AVX512_BF16, GPUs)")
     enc.add_argument("--compile", action="store_true",
-                     help="encode with torch.compile + weight freezing (~2x fp32 on CPU after "
-                          "about a minute of compilation)")
+                     help="encode with torch.compile + weight freezing (~1.9x fp32 on a 2-core "
+                          "CPU, after 20-60 s of compilation)")
     qa = p.add_argument_group("open-domain QA, top-k answer accuracy (instead of --data)")
     qa.add_argument("--qa-passages", help="DPR passages TSV (id, text, title header; .tsv[.gz])")
     qa.add_argument("--qa-questions", help="DPR qa.csv (question<TAB>[answers]) or jsonl "
