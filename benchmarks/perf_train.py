@@ -6,13 +6,15 @@ Data: recipe `fewshot` (SciFact train, BM25-mined hard negatives, one per query)
 negatives, cosine similarity x 20 (tau 0.05), AdamW lr 2e-5, gradient clipping at norm 1 (the
 default of both trainers), max length 256, batch 32.
 
-* twotower: common.training.Trainer with finetune's method and collator (tokenisation happens in
-  the collator, inside the timed steps, as in a real run);
+* twotower: common.training.Trainer with finetune's method and collator, as in a real run: the
+  texts are tokenised once before training (data.pretokenize, not timed), a step pads; the
+  recipe's model.forward_chunk=32 runs the 64 documents of a batch as two transformer calls;
 * sentence-transformers: SentenceTransformerTrainer + MultipleNegativesRankingLoss (its default
   batch sampler shuffles the same triples, so batch compositions differ; tokenisation in its
   collator, inside the timed steps);
-* bare loop: the batches tokenised up front (not timed), then forward, the same loss, backward,
-  clipping, AdamW: the floor that twotower's step is compared with (benchmark 3).
+* bare loop: the batches tokenised up front (not timed), then forward (the same encoder
+  settings, forward_chunk included), the same loss, backward, clipping, AdamW: the floor that
+  twotower's step is compared with (benchmark 3).
 Time = wall clock between the end of step `warmup` and the end of step `warmup + steps`.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.perf import MODEL, load_average
+from benchmarks.perf import load_average
 
 TEMPERATURE, LR = 0.05, 2e-5
 
@@ -134,11 +136,10 @@ def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int,
 
 def bare_pairs_per_s(built, batch: int, steps: int, warmup: int, precision: str) -> float:
     """forward, the same loss (InfoNCE over positives + hard negatives), backward, clip, AdamW."""
-    from common.args import ModelArgs
     from common.encoder import Encoder
 
     recipe, _, _, collate, triples = built
-    encoder = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=recipe.model.max_doc_length))
+    encoder = Encoder.load(recipe.model)  # the recipe's model settings: the same forward calls
     encoder.train()
     batches = [collate(triples[i:i + batch]) for i in range(0, len(triples), batch)]
     optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=LR)

@@ -1,7 +1,7 @@
 """Domain adaptation on a CPU budget (issue #8): few-shot, label-free and both, on SciFact test.
 
     TWOTOWER_DATA=../shared/data python benchmarks/quality.py SECTION [SECTION ...]
-        [--seeds 0 1 2] [--data scifact] [--dry-run]
+        [--seeds 0 1 2] [--data scifact] [--dry-run] [--reuse]
 
 Sections (each writes its rows into benchmarks/results/quality.json and regenerates quality.md,
 so sections can be run separately; every row records wall and CPU seconds end to end, training
@@ -13,13 +13,16 @@ plus the final evaluation of the whole test split):
                 (benchmarks/quality_st.py)
   dev           the choices behind `fewshot`, on a dev split of 100 training queries held out of
                 training (eval.holdout; the test split is not used)
-  label_free    recipe `domain_pretrain` from the bundled model on the corpus only
+  label_free    recipe `domain_pretrain` from the bundled model on the corpus only (one run
+                per --seeds; default the recipe's seed)
   label_free_dev  the choices behind `domain_pretrain` (crop vs ICT, learning rate), on the dev
                 split (the labels of the held-out training queries only choose; training never
                 sees a query)
   label_free_negatives  Contriever's ablation of the number of negatives for that run (MoCo
                 queue 1024 / 4096 / 16384, in-batch only), on the dev split
-  domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot`
+  domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot` (one run per --seeds)
+Rows of several seeds (or few-shot samples) are also summarised by their mean; the mean's
+p-values compare per-query nDCG@10 averaged over the seeds.
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
                 100 held-out queries, the other 100 for few-shot training)
@@ -50,11 +53,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
                                         FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
-from benchmarks.quality_report import markdown, significance  # noqa: E402
+from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "quality"
-MEASURES = ["nDCG@10", "R@100"]
 TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
              f"eval.metrics=[{','.join(MEASURES)}]"]
 # dev: 100 training queries held out; corpus = their judged documents + 2,000 others (cheaper
@@ -185,12 +187,30 @@ def section_reference(ns) -> dict:
     return rows
 
 
+def _recipe_seeds(ns, script: str, recipe: str) -> list[tuple[int, list[str]]]:
+    """(seed, overrides) per --seeds value (default: the recipe's own train.seed) for a section
+    whose first rows ran with the recipe's seed: that seed is not named on the command, so those
+    runs' commands, and --reuse of them, stay as they were."""
+    from common.config import load_recipe
+    from finetune.args import FinetuneRecipe
+    from pretrain.args import PretrainRecipe
+
+    own = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
+                      recipe).train.seed
+    return [(seed, [] if seed == own else [f"train.seed={seed}"]) for seed in ns.seeds or [own]]
+
+
+def _suffix(seed: int, own: list[str]) -> str:
+    return f"_s{seed}" if own else ""  # the recipe's own seed keeps its first run folder
+
+
 def section_fewshot(ns) -> dict:
     rows = {}
-    for seed in ns.seeds:
+    for seed in ns.seeds or [0]:
         tag = f"seed {seed}"
-        rows[f"fewshot ({tag})"] = finetune(f"fewshot_s{seed}", "fewshot",
-                                            [f"train.seed={seed}", *TEST_EVAL], ns)
+        rows[f"fewshot ({tag})"] = {**finetune(f"fewshot_s{seed}", "fewshot",
+                                               [f"train.seed={seed}", *TEST_EVAL], ns),
+                                    "group": "fewshot", "seed": seed}
         if ns.without_st:
             continue
         cmd = [sys.executable, str(REPO / "benchmarks" / "quality_st.py"), "--recipe", "fewshot",
@@ -212,6 +232,7 @@ def section_fewshot(ns) -> dict:
         st = json.loads((out / "metrics.json").read_text())
         rows[f"sentence-transformers MNRL, same triples ({tag})"] = {
             **{m: st["metrics"][m] for m in MEASURES}, **json.loads(timing_file.read_text()),
+            "group": "sentence-transformers MNRL, same triples", "seed": seed,
             "train_s": st.get("train_s"), "run_file": str(out / "run.trec")}
     return rows
 
@@ -237,10 +258,12 @@ def section_dev(ns) -> dict:
 
 
 def section_label_free(ns) -> dict:
-    return {"domain_pretrain (label-free)": run_script(
-        "pretrain/run.py", "domain_pretrain", RUNS / "domain_pretrain",
+    group = "domain_pretrain, label-free"
+    return {f"{group} (seed {seed})": {**run_script(
+        "pretrain/run.py", "domain_pretrain", RUNS / f"domain_pretrain{_suffix(seed, own)}",
         [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
-         *TEST_EVAL], ns)}
+         *TEST_EVAL, *own], ns), "group": group, "seed": seed}
+        for seed, own in _recipe_seeds(ns, "pretrain/run.py", "domain_pretrain")}
 
 
 def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
@@ -352,9 +375,13 @@ def section_other_corpus(ns) -> dict:
 
 
 def section_domain_adapt(ns) -> dict:
-    # the pretraining stage reads the fine-tuning data's corpus (finetune/run.py)
-    return {"domain_adapt (pretrain, then fewshot)": finetune(
-        "domain_adapt", "domain_adapt", TEST_EVAL, ns)}
+    # the pretraining stage reads the fine-tuning data's corpus and takes the recipe's seed
+    # (finetune/run.py)
+    group = "domain_adapt, pretrain then fewshot"
+    return {f"{group} (seed {seed})": {**finetune(
+        f"domain_adapt{_suffix(seed, own)}", "domain_adapt", [*TEST_EVAL, *own], ns),
+        "group": group, "seed": seed}
+        for seed, own in _recipe_seeds(ns, "finetune/run.py", "domain_adapt")}
 
 
 def _sample(n: int, seed: int) -> list[str]:
@@ -370,9 +397,10 @@ def _sample(n: int, seed: int) -> list[str]:
 
 
 def section_curve(ns) -> dict:
-    return {f"fewshot, {n} queries (sample {seed})": finetune(
-                f"curve_{n}_s{seed}", "fewshot", [*_sample(n, seed), *TEST_EVAL], ns)
-            for n in (8, 32, 128) for seed in ns.seeds}
+    return {f"fewshot, {n} queries (sample {seed})": {
+                **finetune(f"curve_{n}_s{seed}", "fewshot", [*_sample(n, seed), *TEST_EVAL], ns),
+                "group": f"fewshot, {n} queries", "seed": seed}
+            for n in (8, 32, 128) for seed in ns.seeds or [0]}
 
 
 def section_curve_dev(ns) -> dict:
@@ -402,7 +430,9 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="fewshot / curve: training seeds / few-shot samples (default 0); "
+                        "label_free / domain_adapt: training seeds (default the recipe's own)")
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
     p.add_argument("--other", default="msmarco_sample",
                    help="other_corpus section: a BEIR or MS MARCO-layout folder (or name)")
@@ -427,12 +457,13 @@ def main(argv=None) -> int:
         if ns.dry_run:
             continue
         significance(rows, ns.data)
+        everything["means"] = seed_means(rows, ns.data)
         everything["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(everything, indent=2) + "\n")
-        (RESULTS / "quality.md").write_text(markdown(rows))
+        (RESULTS / "quality.md").write_text(markdown(rows, everything["means"]))
     if not ns.dry_run:
-        print(markdown(rows))
+        print(markdown(rows, everything.get("means")))
     return 0
 
 

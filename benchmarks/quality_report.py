@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MEASURES = ["nDCG@10", "R@100"]
+
 # every test-split row is compared with these (whichever have a run file): the zero-shot
 # baselines, and the labelled-data run that domain_adapt must beat; row name -> column title
 REFERENCES = {"BM25": "p vs BM25", "start model": "p vs start", "fewshot (seed 0)": "p vs fewshot"}
@@ -67,12 +69,60 @@ def significance(rows: dict, data: str) -> None:
                 row[_p_key(ref)] = round(test.p_randomization, 4)
 
 
+def seed_means(rows: dict, data: str) -> dict:
+    """Rows sharing a `group` (one per seed or few-shot sample), test split only: the mean and
+    spread of each measure, and p-values of the per-query nDCG@10 averaged over the seeds against
+    each of REFERENCES (a reference that is itself a group is averaged the same way)."""
+    import statistics
+
+    from common.data import load_run
+    from common.evaluate import load_eval_data
+    from common.metrics import per_query
+    from common.significance import compare_paired
+
+    groups: dict = {}
+    for name, row in rows.items():
+        if row.get("group") and "qrels" not in row and not name.startswith("dev:"):
+            groups.setdefault(row["group"], {})[row["seed"]] = name
+    qrels = load_eval_data(data, "test").qrels if groups else {}
+
+    def scores(names: list) -> dict | None:
+        paths = [Path(rows[n].get("run_file", "")) for n in names]
+        if not all(p.is_file() for p in paths):
+            return None
+        runs = [per_query(qrels, load_run(p), ["nDCG@10"])["nDCG@10"] for p in paths]
+        return {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
+
+    means = {}
+    for group, by_seed in groups.items():
+        names = [by_seed[s] for s in sorted(by_seed)]
+        values = {m: [rows[n][m] for n in names] for m in MEASURES if
+                  all(isinstance(rows[n].get(m), (int, float)) for n in names)}
+        entry = {"seeds": sorted(by_seed), **{m: round(statistics.fmean(v), 4) for m, v in values.items()},
+                 "nDCG@10_sd": round(statistics.stdev(values["nDCG@10"]), 4) if len(names) > 1 else None,
+                 "nDCG@10_runs": values.get("nDCG@10"),
+                 "wall_s": (statistics.fmean(rows[n]["wall_s"] for n in names)
+                            if all(rows[n].get("wall_s") for n in names) else None)}
+        mine = scores(names)
+        for ref in REFERENCES:
+            ref_group = rows.get(ref, {}).get("group")
+            ref_names = ([groups[ref_group][x] for x in sorted(groups[ref_group])]
+                         if ref_group in groups else [ref] if ref in rows else [])
+            if mine is None or not ref_names or ref_group == group:
+                continue
+            theirs = scores(ref_names)
+            if theirs is not None:
+                entry[_p_key(ref)] = round(compare_paired(mine, theirs).p_randomization, 4)
+        means[group] = entry
+    return means
+
+
 def _fmt(row: dict, key: str, spec: str = ".4f") -> str:
     value = row.get(key)
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def markdown(rows: dict) -> str:
+def markdown(rows: dict, means: dict | None = None) -> str:
     lines = ["# Domain adaptation on SciFact (benchmarks/quality.py)", "",
              "| run | nDCG@10 | R@100 | " + " | ".join(REFERENCES.values()) + " | wall s | CPU s |",
              "|---" * (5 + len(REFERENCES)) + "|"]
@@ -84,6 +134,18 @@ def markdown(rows: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
               "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
+    if means:
+        lines += ["", "## Mean over seeds (test split)", "",
+                  "| runs | seeds | nDCG@10 mean | sd | per seed | R@100 mean | "
+                  + " | ".join(REFERENCES.values()) + " | wall s (mean) |",
+                  "|---" * (6 + len(REFERENCES)) + "|"]
+        for group, m in means.items():
+            per_seed = ", ".join(f"{v:.4f}" for v in m.get("nDCG@10_runs") or [])
+            lines.append(f"| {group} | {', '.join(map(str, m['seeds']))} | " + " | ".join([
+                _fmt(m, "nDCG@10"), _fmt(m, "nDCG@10_sd"), per_seed, _fmt(m, "R@100"),
+                *(_fmt(m, _p_key(ref)) for ref in REFERENCES), _fmt(m, "wall_s", ".0f")]) + " |")
+        lines += ["", "p of a mean: the per-query nDCG@10 averaged over the seeds (a reference "
+                  "with seeds of its own averaged the same way), randomisation test."]
     for prefix, title in BASE_TABLES.items():
         table = {n.removeprefix(prefix): r for n, r in rows.items() if n.startswith(prefix)}
         if table:

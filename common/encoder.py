@@ -215,6 +215,19 @@ class Encoder(nn.Module):
             [prefix + t for t in texts], padding=True, truncation=True,
             max_length=max_length or self.max_length(tower), return_tensors="pt"))
 
+    def token_ids(self, texts: Sequence[str], tower: str = "query",
+                  max_length: int | None = None) -> list[list[int]]:
+        """Unpadded ids of `texts` as `tokenize` makes them (tower prefix, truncation); `pad`
+        turns any selection of them into `tokenize`'s tensors."""
+        prefix = self.prefix(tower)
+        return self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
+                              max_length=max_length or self.max_length(tower))["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """input_ids + attention_mask of unpadded id lists, padded to the longest."""
+        batch = self.tokenizer.pad({"input_ids": [list(x) for x in ids]}, return_tensors="pt")
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
     # ---------------------------------------------------------------- inference
     @contextlib.contextmanager
     def inference_options(self, bf16: bool | None = None, compile: bool | None = None):
@@ -259,9 +272,7 @@ class Encoder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        prefix = self.prefix(tower)
-        ids = self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
-                             max_length=max_length or self.max_length(tower))["input_ids"]
+        ids = self.token_ids(texts, tower, max_length)
         order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: OOM at once
         was_training = self.training
         self.eval()
@@ -278,10 +289,7 @@ class Encoder(nn.Module):
             bar = tqdm(total=len(texts), disable=not progress, desc=f"encode {tower}", unit="text")
             for start in range(0, len(texts), batch_size):
                 idx = order[start:start + batch_size]
-                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]},
-                                           return_tensors="pt")
-                batch = {k: v.to(self.device) for k, v in batch.items()
-                         if k in ("input_ids", "attention_mask")}
+                batch = {k: v.to(self.device) for k, v in self.pad([ids[i] for i in idx]).items()}
                 with autocast:
                     emb = self.forward(**batch, tower=tower)
                 out[idx] = emb.float().cpu().numpy()

@@ -113,6 +113,8 @@ class MiningArgs:
     # s(q, d-) >= max_score; null = off
     max_pos_ratio: Optional[float] = None
     max_score: Optional[float] = None
+    bf16: bool = False  # dense: encode under bf16 autocast
+    compile: bool = False  # dense: encode with torch.compile + weight freezing
 
     def validate(self) -> None:
         _choice("data.mine.retriever", self.retriever, ("", "bm25", "dense"))
@@ -152,6 +154,9 @@ class DataArgs:
     # a group whose negative pool is smaller than k is filled with random corpus documents
     # (never one of its positives); "error" refuses instead
     short_pool: str = "random"
+    # tokenise every text the groups can draw once, before the first step (finetune.tokens);
+    # false: tokenise each batch in the collator and keep nothing (less memory, slower steps)
+    pretokenize: bool = True
     pseudo: PseudoArgs = field(default_factory=PseudoArgs)
     mine: MiningArgs = field(default_factory=MiningArgs)
 

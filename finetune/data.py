@@ -255,7 +255,8 @@ class GroupDataset(Dataset):
         q, d, teacher = self.pool.queries, self.pool.docs, self.pool.teacher
         item = {"qid": s.qid, "query": q[s.qid], "positive": d[s.positive],
                 "negatives": [d[p] for p in s.negatives],
-                "neg_queries": [q[x] for x in s.neg_queries]}
+                "neg_queries": [q[x] for x in s.neg_queries],
+                "doc_ids": [s.positive, *s.negatives], "neg_query_ids": list(s.neg_queries)}
         if self.with_teacher:
             scores = teacher[s.qid]
             item["teacher_pos"] = scores[s.positive]
@@ -266,24 +267,30 @@ class GroupDataset(Dataset):
 
 class GroupCollator:
     """Items -> token tensors (query tower for queries and negative queries, document tower for
-    documents: positives first, then each group's k negatives) + teacher scores + ids."""
+    documents: positives first, then each group's k negatives) + teacher scores + ids.
 
-    def __init__(self, tokenize: Callable[..., dict]):
+    With `tokens` (finetune.tokens.TokenCache, pretokenised) a step only pads kept ids; without,
+    each batch's texts are tokenised here."""
+
+    def __init__(self, tokenize: Callable[..., dict], tokens=None):
         self.tokenize = tokenize  # common.encoder.Encoder.tokenize (applies the tower prefixes)
+        self.tokens = tokens
 
     def __call__(self, items: List[dict]) -> dict:
         batch: dict = {"ids": [it["qid"] for it in items]}
-        docs = [it["positive"] for it in items] + [t for it in items for t in it["negatives"]]
-        for prefix, texts, tower in (("query", [it["query"] for it in items], "query"),
-                                     ("doc", docs, "doc")):
-            tokens = self.tokenize(texts, tower=tower)
+        neg_queries = [t for it in items for t in it["neg_queries"]]
+        parts = {  # name -> (tower, texts, ids); documents: positives first, then negatives
+            "query": ("query", [it["query"] for it in items], batch["ids"]),
+            "doc": ("doc", [it["positive"] for it in items] + [t for it in items for t in it["negatives"]],
+                    [it["doc_ids"][0] for it in items] + [i for it in items for i in it["doc_ids"][1:]]),
+        }
+        if neg_queries:
+            parts["negq"] = ("query", neg_queries, [i for it in items for i in it["neg_query_ids"]])
+        for prefix, (tower, texts, ids) in parts.items():
+            tokens = (self.tokens.batch(ids, tower) if self.tokens is not None
+                      else self.tokenize(texts, tower=tower))
             batch[f"{prefix}_input_ids"] = tokens["input_ids"]
             batch[f"{prefix}_attention_mask"] = tokens["attention_mask"]
-        neg_queries = [t for it in items for t in it["neg_queries"]]
-        if neg_queries:
-            tokens = self.tokenize(neg_queries, tower="query")
-            batch["negq_input_ids"] = tokens["input_ids"]
-            batch["negq_attention_mask"] = tokens["attention_mask"]
         if "teacher_pos" in items[0]:
             batch["teacher_pos"] = torch.tensor([it["teacher_pos"] for it in items])
             batch["teacher_neg"] = torch.tensor([it["teacher_neg"] for it in items]).reshape(len(items), -1)

@@ -18,6 +18,9 @@ False-negative filters (each optional):
   --max-pos-ratio R   keep d- only if s(q, d-) < R * min_pos s(q, d+) (NV-Retriever's
                       TopK-PercPos, R = 0.95 there; s is the mining retriever's score)
   --max-score S       keep d- only if s(q, d-) < S (an absolute similarity ceiling)
+
+Dense encoding: --bf16 (bf16 autocast) and --compile (torch.compile with weight freezing), as in
+the evaluation CLI.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ class MineArgs:
     max_score: Optional[float] = None
     teacher_cache: str = ""
     batch_size: int = 64
+    bf16: bool = False  # dense: encode under bf16 autocast
+    compile: bool = False  # dense: encode with torch.compile + weight freezing
     stats: Dict[str, int] = field(default_factory=dict)
 
 
@@ -74,6 +79,7 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
     from common.sharded import encode_sharded
 
     encoder = Encoder.load(args.model)
+    encoder.encode_bf16, encoder.encode_compile = args.bf16, args.compile
     doc_ids, rows = _corpus_rows(data)
     # under `accelerate launch` every process encodes its slice of the corpus and of the queries
     doc_emb = encode_sharded(lambda part: encoder.encode_corpus(part, batch_size=args.batch_size), rows)
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         value = getattr(defaults, name)
         kind = float if name in ("teacher_margin", "max_pos_ratio", "max_score") else type(value)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    p.add_argument("--bf16", action="store_true", help="dense: encode under bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="dense: encode with torch.compile + weight freezing (README, Performance)")
     return p
 
 

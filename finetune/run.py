@@ -61,6 +61,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     from finetune.data import GroupCollator, GroupDataset
     from finetune.method import FinetuneMethod
     from finetune.sources import build_pool, required_pairs
+    from finetune.tokens import TokenCache
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
@@ -80,7 +81,11 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
                            with_teacher=with_teacher, short_pool=stage.data.short_pool,
                            seed=recipe.train.seed,
                            global_batch_size=recipe.train.per_device_batch_size * num_processes)
-    return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize)
+    tokens = None
+    if stage.data.pretokenize:
+        tokens = TokenCache(encoder, pool)
+        tokens.pretokenize(progress=PartialState().is_main_process)
+    return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize, tokens)
 
 
 def target_corpus(recipe: FinetuneRecipe) -> str:
@@ -107,9 +112,10 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     if resume and (model / "config.json").is_file():
         log.info("pretraining already finished: %s", model)
         return str(model)
-    # by default the pretraining corpus is the fine-tuning data's own corpus (the target domain)
-    # and the intermediate model is not evaluated; pretrain.overrides come after, so they win
-    defaults = ["eval.data="]
+    # by default the pretraining corpus is the fine-tuning data's own corpus (the target domain),
+    # the seed is the recipe's, and the intermediate model is not evaluated; pretrain.overrides
+    # come after, so they win
+    defaults = ["eval.data=", f"train.seed={recipe.train.seed}"]
     named = any(o.startswith("data.corpora=") for o in recipe.pretrain.overrides)
     corpus = target_corpus(recipe)
     if corpus:
@@ -165,6 +171,10 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
         trainer = Trainer(args=train, method=method, train_dataset=dataset, collate_fn=collate,
                           recipe=recipe)
         result = {**trainer.train(resume=resume and out.exists()), "stage": name}
+        if collate.tokens is not None and collate.tokens.computed_in_steps:
+            log.info("stage %s: %d texts outside the pretokenised pools were tokenised during "
+                     "steps (random fillers of short negative pools)", name,
+                     collate.tokens.computed_in_steps)
         model_path = str(out / "model")
     if any(stage.data.on_error == "skip" for _, stage in stages):  # opted in: say what was lost
         result["skipped_bad_lines"] = skipped.total

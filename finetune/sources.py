@@ -140,7 +140,8 @@ def _mine_negatives(groups: List[TrainGroup], data: DataArgs, rd) -> None:
     m = data.mine
     args = MineArgs(retriever=m.retriever, model=m.model, depth=m.depth, skip_top=m.skip_top,
                     window=m.window, n=m.n, seed=data.sample_seed,
-                    max_pos_ratio=m.max_pos_ratio, max_score=m.max_score)
+                    max_pos_ratio=m.max_pos_ratio, max_score=m.max_score, bf16=m.bf16,
+                    compile=m.compile)
     mined = mine(rd, args)
     for g in groups:
         g.negatives = [p for p in mined.get(g.qid, {}).get("neg", []) if p not in g.positives]

@@ -32,3 +32,19 @@ def tiny_encoder_factory():
     from common.encoder import tiny_bert
 
     return tiny_bert
+
+
+@pytest.fixture
+def encode_options_seen(monkeypatch) -> list:
+    """The (bf16, compile) defaults each Encoder.encode call ran with (compiling itself is
+    skipped: it takes tens of seconds)."""
+    from common.encoder import Encoder
+
+    seen = []
+    original = Encoder.encode
+
+    def spy(self, texts, *args, **kwargs):
+        seen.append((self.encode_bf16, self.encode_compile))
+        return original(self, texts, *args, **{**kwargs, "compile": False})
+    monkeypatch.setattr(Encoder, "encode", spy)
+    return seen

@@ -179,20 +179,15 @@ def test_evaluator_from_args_uses_the_sliced_data(beir_dir, tiny_model_dir):
     assert got == want.metrics and list(got) == ["nDCG@10", "MRR@10"]
 
 
-def test_eval_bf16_and_compile_reach_the_encoder(beir_dir, tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_bf16_and_compile_reach_the_encoder(beir_dir, tiny_model_dir, tmp_path,
+                                                encode_options_seen):
     """--bf16/--compile (CLI) and eval.bf16/eval.compile (training evaluations) set what every
     encode call of the evaluation uses."""
     from common.args import EvalArgs
     from common.encoder import Encoder
     from common.evaluate import evaluator_from_args
 
-    seen = []
-    original = Encoder.encode
-
-    def spy(self, texts, *args, **kwargs):
-        seen.append((self.encode_bf16, self.encode_compile))
-        return original(self, texts, *args, **{**kwargs, "compile": False})  # no compile wait
-    monkeypatch.setattr(Encoder, "encode", spy)
+    seen = encode_options_seen
     assert main(["--model", str(tiny_model_dir), "--data", str(beir_dir), "--split", "test",
                  "--output-dir", str(tmp_path / "a"), "--no-progress", "--bf16", "--compile"]) == 0
     assert seen and set(seen) == {(True, True)}

@@ -140,6 +140,79 @@ def test_collator_layout(tiny_encoder_factory):
     assert torch.equal(row[: len(second_neg_of_first)], second_neg_of_first)
 
 
+def _varied_pool(n=10, n_neg=3):
+    """Texts of very different lengths (some past the length limits), and negative queries."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    queries = {f"q{i}": " ".join(words[: 1 + i % 5] * (1 + 3 * (i % 3))) for i in range(n)}
+    docs, groups = {}, []
+    for i in range(n):
+        docs[f"p{i}"] = f"passage {i} " + " ".join(words[i % 12:] * (1 + 7 * (i % 4)))
+        negs = [f"n{i}_{j}" for j in range(n_neg if i else 1)]  # q0: a short pool, random fillers
+        docs.update({d: f"negative {d} " + "word " * (5 * j + i) for j, d in enumerate(negs)})
+        groups.append(TrainGroup(f"q{i}", [f"p{i}"], negs))
+    docs.update({f"x{j}": f"extra document {j} " + "filler " * j for j in range(40)})  # in no pool
+    pool = TrainingPool(groups, TextStore.from_dict(queries), TextStore.from_dict(docs))
+    mine_negative_queries(pool, 2, seed=0, fill_random=True)
+    return pool
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_pretokenized_batches_equal_tokenizing_each_batch(tiny_encoder_factory, padding_side):
+    """data.pretokenize: the collator pads ids kept from before training, and makes exactly the
+    tensors of tokenising the batch's texts (tower prefixes, truncation, either padding side);
+    after pretokenising, steps tokenise nothing but random fillers of short pools."""
+    from finetune.tokens import TokenCache
+
+    enc = tiny_encoder_factory(query_prefix="query: ", doc_prefix="passage: ",
+                               max_query_length=12, max_doc_length=40)
+    enc.tokenizer.padding_side = padding_side
+    pool = _varied_pool()
+    ds = GroupDataset(pool, 3, n_neg_queries=2, seed=0)
+    tokens = TokenCache(enc, pool, batch_size=4)
+    assert tokens.pretokenize() == len(pool.queries) + len(pool.docs) - 40  # all but the extras
+    calls = []
+    token_ids = enc.token_ids
+    enc.token_ids = lambda texts, **kw: calls.append(list(texts)) or token_ids(texts, **kw)
+    plain, cached = GroupCollator(enc.tokenize), GroupCollator(enc.tokenize, tokens)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for start in range(0, len(ds), 4):
+            items = [ds[i] for i in range(start, min(start + 4, len(ds)))]
+            a, b = plain(items), cached(items)
+            assert a.keys() == b.keys() and "negq_input_ids" in a
+            for key in a:
+                if torch.is_tensor(a[key]):
+                    assert torch.equal(a[key], b[key]), (epoch, start, key)
+    assert max(len(r) for r in b["doc_input_ids"]) <= 40 and b["query_input_ids"].shape[1] <= 12
+    # during steps, only q0's random fillers from outside every pool were tokenised, once each
+    filled = [t for c in calls for t in c]
+    assert filled and tokens.computed_in_steps == len(filled) == len(set(filled))
+    assert all(t.startswith("extra document") for t in filled)
+
+
+def test_recipe_pretokenize_switch_reaches_the_collator(tiny_encoder_factory, tmp_path):
+    from common.config import load_recipe
+    from finetune.args import FinetuneRecipe
+    from finetune.run import build_stage
+
+    tiny_model_dir = tmp_path / "model"
+    tiny_encoder_factory().save(tiny_model_dir)
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": f"question {i}", "positives": [f"answer {i}"],
+                                        "negatives": [f"other {i}"]}) + "\n" for i in range(8)))
+    for switch in (True, False):
+        recipe = load_recipe(FinetuneRecipe, None, [
+            f"model.name_or_path={tiny_model_dir}", "data.kind=jsonl", f"data.path={data}",
+            "loss.infonce.weight=1", f"train.output_dir={tmp_path / 'out'}",
+            f"data.pretokenize={str(switch).lower()}", "train.per_device_batch_size=4"])
+        (_, stage), = recipe.stage_list()
+        _, ds, collate = build_stage(recipe, stage, str(tiny_model_dir), 1)
+        assert (collate.tokens is not None) == switch
+        if switch:
+            assert len(collate.tokens.ids["query"]) == 8 and len(collate.tokens.ids["doc"]) == 16
+
+
 # ------------------------------------------------------------------------------ readers
 def test_msmarco_sample_reader(shared_data_root):
     pool = build_pool(DataArgs(kind="msmarco", path=str(shared_data_root / "msmarco_sample"),

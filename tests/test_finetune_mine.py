@@ -128,6 +128,25 @@ def test_dense_mining_and_the_cli_output(tmp_path):
     assert main(argv) == 2  # refuses to overwrite without --overwrite
 
 
+def test_mining_bf16_and_compile_reach_the_encoder(tmp_path, encode_options_seen):
+    """--bf16/--compile (CLI) and data.mine.bf16/compile (recipes) set what dense mining's encode
+    calls use."""
+    from finetune.args import DataArgs, MiningArgs
+    from finetune.sources import build_pool
+
+    write_beir(tmp_path / "beir")
+    tiny_bert(dropout=0.0).save(tmp_path / "model")
+    seen = encode_options_seen
+    assert main(["--data", str(tmp_path / "beir"), "--retriever", "dense", "--model",
+                 str(tmp_path / "model"), "--n", "3", "--output", str(tmp_path / "n.jsonl"),
+                 "--bf16", "--compile"]) == 0
+    assert seen and set(seen) == {(True, True)}
+    seen.clear()
+    build_pool(DataArgs(kind="beir", path=str(tmp_path / "beir"), mine=MiningArgs(
+        retriever="dense", model=str(tmp_path / "model"), n=3, bf16=True)))
+    assert seen and set(seen) == {(True, False)}
+
+
 def test_two_process_dense_mining_equals_one_process(tmp_path):
     """Under `accelerate launch` each process encodes half of the corpus and queries; the gathered
     embeddings give the same negatives as a single process, and only one process writes."""

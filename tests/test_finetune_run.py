@@ -134,11 +134,12 @@ pretrain:
               pairs.n_pairs=2, method.queue_size=16, data.cache_dir={root / 'pcache'}]
 """)
     result = main(["--recipe", str(recipe), *common_overrides(root, "adapt"),
-                   f"data.path={root / 'beir'}", "data.max_queries=4"])
+                   f"data.path={root / 'beir'}", "data.max_queries=4", "train.seed=7"])
     out = root / "adapt"
     assert result["step"] == 2 and 0.0 <= result["nDCG@10"] <= 1.0
     pre = (out / "pretrain" / "recipe.yaml").read_text()
     assert str(root / "beir") in pre and "scifact" not in pre
+    assert "\n  seed: 7\n" in pre  # both stages take the recipe's seed
     assert not (out / "pretrain" / "metrics.json").exists()  # the intermediate model: no test eval
     pretrained = load_file(str(out / "pretrain" / "model" / "model.safetensors"))
     student = load_file(str(root / "student" / "model.safetensors"))

@@ -75,3 +75,46 @@ def test_reuse_records_a_finished_run_only_for_the_same_command_and_recipe(tmp_p
     del timing["recipe_digest"]  # recorded before digests were kept: the command decides
     (out / "quality_timing.json").write_text(json.dumps(timing))
     assert _finished(out, "cmd", digest) is not None
+
+
+def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
+    """Rows sharing a `group` (one per seed): mean and spread, and the p-values of the per-query
+    nDCG@10 averaged over the seeds, against a plain reference row and against a reference that
+    is a group itself (averaged the same way)."""
+    from benchmarks.quality_report import seed_means
+
+    write_beir(tmp_path / "beir")
+    (tmp_path / "beir" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{t}\t{topic}0\t1\n" for t, topic in enumerate(TOPICS)))
+    rank_of = {"a0": [1, 2, 1, 3, 1], "a1": [2, 1, 1, 1, 4], "f0": [3, 3, 2, 1, 2],
+               "f1": [1, 4, 4, 2, 2], "bm25": [5, 1, 2, 2, 3]}
+    rows = {}
+    for name, ranks in rank_of.items():  # the relevant document of query t at rank ranks[t]
+        run = {f"q{t}": {f"{topic}{i}": 10.0 - i for i in range(1, 6)} for t, topic in enumerate(TOPICS)}
+        for t, topic in enumerate(TOPICS):
+            run[f"q{t}"][f"{topic}0"] = 10.0 - ranks[t] + 0.5  # ties broken above the next one
+        path = write_run(run, tmp_path / f"{name}.trec")
+        gains = [1.0 / math.log2(r + 1) for r in ranks]
+        rows[name] = {"run_file": str(path), "nDCG@10": sum(gains) / len(gains), "R@100": 1.0,
+                      "wall_s": 10.0 + len(rows), "gains": gains}
+    rows = {"BM25": rows["bm25"],
+            "fewshot (seed 0)": {**rows["f0"], "group": "fewshot", "seed": 0},
+            "fewshot (seed 1)": {**rows["f1"], "group": "fewshot", "seed": 1},
+            "other (seed 4)": {**rows["a0"], "group": "other", "seed": 4},
+            "other (seed 2)": {**rows["a1"], "group": "other", "seed": 2}}
+    means = seed_means(rows, str(tmp_path / "beir"))
+    other = means["other"]
+    assert other["seeds"] == [2, 4]
+    a = [(x + y) / 2 for x, y in zip(rows["other (seed 4)"]["gains"], rows["other (seed 2)"]["gains"])]
+    f = [(x + y) / 2 for x, y in zip(rows["fewshot (seed 0)"]["gains"], rows["fewshot (seed 1)"]["gains"])]
+    assert other["nDCG@10"] == pytest.approx(round(sum(a) / 5, 4))
+    runs = [rows["other (seed 2)"]["nDCG@10"], rows["other (seed 4)"]["nDCG@10"]]
+    assert other["nDCG@10_sd"] == pytest.approx(round(abs(runs[0] - runs[1]) / math.sqrt(2), 4))
+    assert other["wall_s"] == pytest.approx((10.0 + 11.0) / 2)  # a0 and a1 were rows 0 and 1
+    qids = [f"q{t}" for t in range(5)]
+    want_bm25 = compare_paired(dict(zip(qids, a)), dict(zip(qids, rows["BM25"]["gains"])))
+    want_fewshot = compare_paired(dict(zip(qids, a)), dict(zip(qids, f)))
+    assert other["p_vs_BM25"] == pytest.approx(round(want_bm25.p_randomization, 4))
+    assert other["p_vs_fewshot_(seed_0)"] == pytest.approx(round(want_fewshot.p_randomization, 4))
+    assert "p_vs_fewshot_(seed_0)" not in means["fewshot"]  # not against itself
+    assert "## Mean over seeds" in markdown(rows, means) and "| other | 2, 4 |" in markdown(rows, means)

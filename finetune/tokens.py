@@ -1,0 +1,81 @@
+"""Fine-tuning's tokenisation, done once: the token ids of every query and document a stage's
+groups can draw (queries, positives, the hard-negative pools, negative queries) are computed
+before the first step and kept; a step only pads (`data.pretokenize`, on by default).
+
+A text outside those pools -- a random corpus document filling a short negative pool
+(`data.short_pool=random`) -- is tokenised the first time a step meets it and kept, and counted
+(`computed_in_steps`, by the process that collates: a DataLoader worker keeps its own count).
+Ids are stored unpadded, per tower (the query and document towers may have different prefixes
+and lengths), as uint16 arrays when the vocabulary fits, so the cost is about 2 bytes per kept
+token; `data.pretokenize=false` tokenises in the collator instead and keeps nothing
+(tests/test_finetune_data.py checks both give the same tensors).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+log = logging.getLogger("twotower.finetune")
+
+TOWER_OF_STORE = {"queries": "query", "docs": "doc"}
+
+
+class TokenCache:
+    """id -> unpadded token ids, per tower, for the texts of one TrainingPool."""
+
+    def __init__(self, encoder, pool, batch_size: int = 1024):
+        self.encoder, self.pool, self.batch_size = encoder, pool, batch_size
+        self.stores = {"query": pool.queries, "doc": pool.docs}
+        self.ids: Dict[str, Dict[str, np.ndarray]] = {"query": {}, "doc": {}}
+        self.dtype = np.uint16 if len(encoder.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+        self.computed_in_steps = 0
+
+    def reachable(self) -> Dict[str, List[str]]:
+        """The ids the pool's groups can draw, per tower, in first-seen order."""
+        queries: Dict[str, None] = {}
+        docs: Dict[str, None] = {}
+        for group in self.pool.groups:
+            queries[group.qid] = None
+            docs.update(dict.fromkeys(group.positives))
+            docs.update(dict.fromkeys(group.negatives))
+            for positive in group.positives:
+                queries.update(dict.fromkeys(self.pool.neg_queries.get(positive, ())))
+        return {"query": list(queries), "doc": list(docs)}
+
+    def pretokenize(self, progress: bool = False) -> int:
+        """Tokenise every reachable text once; returns how many were tokenised."""
+        start, total = time.perf_counter(), 0
+        for tower, ids in self.reachable().items():
+            bar = tqdm(total=len(ids), disable=not progress, desc=f"tokenise {tower} texts",
+                       unit="text")
+            for begin in range(0, len(ids), self.batch_size):
+                chunk = ids[begin:begin + self.batch_size]
+                total += self._add(tower, chunk)
+                bar.update(len(chunk))
+            bar.close()
+        log.info("tokenised %d training texts once, before the first step (%.1f s)", total,
+                 time.perf_counter() - start)
+        return total
+
+    def _add(self, tower: str, ids: Iterable[str]) -> int:
+        missing = [i for i in dict.fromkeys(ids) if i not in self.ids[tower]]
+        if missing:
+            store = self.stores[tower]
+            tokens = self.encoder.token_ids([store[i] for i in missing], tower=tower)
+            self.ids[tower].update((i, np.asarray(t, dtype=self.dtype))
+                                   for i, t in zip(missing, tokens))
+        return len(missing)
+
+    def batch(self, ids: Sequence[str], tower: str) -> dict:
+        """input_ids + attention_mask of the texts `ids` of `tower`, padded to the longest: the
+        tensors `Encoder.tokenize` makes from their texts."""
+        self.computed_in_steps += self._add(tower, ids)
+        kept = self.ids[tower]
+        return self.encoder.pad([kept[i].tolist() for i in ids])
+
+    def kept_tokens(self) -> int:
+        return sum(len(t) for by_id in self.ids.values() for t in by_id.values())
