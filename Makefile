@@ -31,7 +31,7 @@ bench: EXTRAS = offline,test,bench
 # Full-size measurements (hours on 2 CPU cores); each script also runs alone, see README.
 bench: install
 	$(PY) benchmarks/acceptance.py
-	$(PY) benchmarks/perf.py encode train memory scaling --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
+	$(PY) benchmarks/perf.py encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/quality.py reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus --reuse
 	$(PY) benchmarks/quality.py curve --seeds 0 1 2 --reuse

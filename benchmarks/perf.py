@@ -1,7 +1,7 @@
 """Performance benchmarks against sentence-transformers, on the same model, data and settings.
 
     TWOTOWER_DATA=../shared/data python benchmarks/perf.py [encode] [train] [memory] [scaling]
-        [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
+        [padding] [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
 
 1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast, each also
    under torch.compile with weight freezing; the compilation is timed apart as warm-up) vs
@@ -14,6 +14,8 @@
 4. memory (benchmarks/perf_memory.py): peak RSS of an in-batch step at batch 512, max length 128,
    with and without GradCache (train.grad_cache_chunk), each in a fresh subprocess.
 5. scaling: time per step as the batch doubles, time per document as the corpus doubles.
+6. padding (benchmarks/perf_padding.py): padded document tokens of an epoch, random vs
+   length-grouped batches (data.length_grouped), counted.
 
 Results: benchmarks/results/perf.json and perf.md (merged per section, so sections can be run
 separately). The machine is shared: the load average is recorded with every section, and ratios
@@ -267,13 +269,22 @@ def markdown(res: dict) -> str:
         lines += [f"| {r['batch']} | {r.get('grad_cache_chunk') or 'off'} | {r['s_per_step']} | "
                   f"{r['ms_per_pair']} | {r.get('x_previous', '-')} |" for r in s["train"]]
         lines.append("")
+    if "padding" in res:
+        lines += ["## 6. data.length_grouped: padded document tokens of one epoch (counted)", "",
+                  "| training data | groups | batch | random: padded / real | length-grouped: "
+                  "padded / real | padded per real token, grouped ÷ random |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['data']} | {r['groups']} | {r['batch']} | {r['random_padded']} / "
+                  f"{r['random_real']} | {r['length_grouped_padded']} / {r['length_grouped_real']} "
+                  f"| {r['padded_ratio']} |" for r in res["padding"]["rows"]]
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("sections", nargs="*", default=["encode", "train", "memory", "scaling"],
-                   choices=["encode", "train", "memory", "scaling"])
+    p.add_argument("sections", nargs="*", default=["encode", "train", "memory", "scaling", "padding"],
+                   choices=["encode", "train", "memory", "scaling", "padding"])
     p.add_argument("--docs", type=int, default=512, help="documents for the encoding speed ratio")
     p.add_argument("--full", action="store_true", help="also nDCG@10 on the full SciFact test")
     p.add_argument("--repeats", type=int, default=3)
@@ -308,6 +319,9 @@ def main(argv=None) -> int:
             write_results("memory", bench_memory(ns), ns)
         elif section == "scaling":
             write_results("scaling", bench_scaling(ns), ns)
+        elif section == "padding":
+            from benchmarks.perf_padding import bench_padding
+            write_results("padding", bench_padding(ns), ns)
     return 0
 
 

@@ -157,6 +157,10 @@ class DataArgs:
     # tokenise every text the groups can draw once, before the first step (finetune.tokens);
     # false: tokenise each batch in the collator and keep nothing (less memory, slower steps)
     pretokenize: bool = True
+    # batches of groups of similar length (transformers' LengthGroupedSampler: less padding);
+    # it decides which groups share a batch, so only losses without in-batch terms allow it
+    # (margin_mse, margin_mse_dual); needs pretokenize
+    length_grouped: bool = False
     pseudo: PseudoArgs = field(default_factory=PseudoArgs)
     mine: MiningArgs = field(default_factory=MiningArgs)
 
@@ -242,5 +246,14 @@ class FinetuneRecipe:
                                   "or 'teacher.model'")
             if stage.data.kind == "pseudo" and not self.teacher.model:
                 raise RecipeError(f"'{where}.kind=pseudo' needs 'teacher.model'")
+            in_batch = set(stage.loss.active()) - {"margin_mse", "margin_mse_dual"}
+            if stage.data.length_grouped and in_batch:
+                raise RecipeError(
+                    f"'{where}.length_grouped' chooses which groups share a batch, which changes "
+                    f"the in-batch negatives of {sorted(in_batch)}; only losses without in-batch "
+                    "terms (margin_mse, margin_mse_dual) allow it")
+            if stage.data.length_grouped and not stage.data.pretokenize:
+                raise RecipeError(f"'{where}.length_grouped' needs '{where}.pretokenize=true' "
+                                  "(lengths come from the kept token ids)")
             if stage.loss.margin_mse_dual.weight and stage.data.n_neg_queries <= 0:
                 raise RecipeError(f"loss margin_mse_dual needs '{where}.n_neg_queries' > 0")

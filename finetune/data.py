@@ -99,12 +99,16 @@ class GroupDataset(Dataset):
 
     def __init__(self, pool: TrainingPool, n_negatives: int, n_neg_queries: int = 0,
                  with_teacher: bool = False, short_pool: str = "random", seed: int = 0,
-                 global_batch_size: Optional[int] = None):
+                 global_batch_size: Optional[int] = None,
+                 length_of: Optional[Callable[[Sample], int]] = None):
         if not pool.groups:
             raise ValueError(f"{pool.source}: no training groups")
         self.pool, self.k, self.m = pool, n_negatives, n_neg_queries
         self.with_teacher, self.short_pool, self.seed = with_teacher, short_pool, seed
         self.global_batch_size = global_batch_size
+        # data.length_grouped: a sample's padded length (its longest document); None = the
+        # duplicate-free random order
+        self.length_of = length_of
         self.epoch = 0
         self.left_out_last_epoch = 0
         if with_teacher:
@@ -219,6 +223,8 @@ class GroupDataset(Dataset):
         if size > len(self):
             raise ValueError(f"{self.pool.source}: {len(self)} groups cannot fill one global batch "
                              f"of {size}")
+        if self.length_of is not None:
+            return self._length_grouped_order(epoch, seed, size)
         remaining = dict.fromkeys(np.random.default_rng([seed, epoch]).permutation(len(self)).tolist())
         texts = {i: set(self.texts_of(self.sample(i, epoch))) for i in remaining}
         order: List[int] = []
@@ -248,6 +254,26 @@ class GroupDataset(Dataset):
             raise ValueError(f"{self.pool.source}: no global batch of {size} groups without a "
                              "repeated text can be formed; lower the batch size")
         return order
+
+    def _length_grouped_order(self, epoch: int, seed: int, size: int) -> List[int]:
+        """transformers' LengthGroupedSampler for global batches: the shuffled groups cut into
+        mega-batches of min(n / (4 x size), 50) global batches, each sorted by length, longest
+        first, so one global batch holds groups of similar length and pads little; the batch
+        holding the longest group goes first (memory fails at once, not hours in). Any text may
+        repeat within a batch: only losses without in-batch terms (Margin-MSE) may use this
+        order, which FinetuneRecipe.validate enforces."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self)).tolist()
+        usable = len(order) // size * size
+        self.left_out_last_epoch = len(order) - usable
+        length = {i: self.length_of(self.sample(i, epoch)) for i in order[:usable]}
+        mega = size * max(min(len(order) // (4 * size), 50), 1)
+        grouped: List[int] = []
+        for start in range(0, usable, mega):
+            grouped += sorted(order[start:min(start + mega, usable)], key=lambda i: -length[i])
+        batches = [grouped[b:b + size] for b in range(0, usable, size)]
+        longest = max(range(len(batches)), key=lambda b: max(length[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+        return [i for batch in batches for i in batch]
 
     # --------------------------------------------------------------------------- items
     def __getitem__(self, index: int) -> dict:

@@ -61,7 +61,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     from finetune.data import GroupCollator, GroupDataset
     from finetune.method import FinetuneMethod
     from finetune.sources import build_pool, required_pairs
-    from finetune.tokens import TokenCache
+    from finetune.tokens import LongestDocument, TokenCache
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
@@ -77,14 +77,15 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
                      teacher.computed, teacher.cache_hits)
     if teacher is not None:
         teacher.close()
-    dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
-                           with_teacher=with_teacher, short_pool=stage.data.short_pool,
-                           seed=recipe.train.seed,
-                           global_batch_size=recipe.train.per_device_batch_size * num_processes)
     tokens = None
     if stage.data.pretokenize:
         tokens = TokenCache(encoder, pool)
         tokens.pretokenize(progress=PartialState().is_main_process)
+    dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
+                           with_teacher=with_teacher, short_pool=stage.data.short_pool,
+                           seed=recipe.train.seed,
+                           global_batch_size=recipe.train.per_device_batch_size * num_processes,
+                           length_of=LongestDocument(tokens) if stage.data.length_grouped else None)
     return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize, tokens)
 
 

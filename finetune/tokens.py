@@ -77,5 +77,21 @@ class TokenCache:
         kept = self.ids[tower]
         return self.encoder.pad([kept[i].tolist() for i in ids])
 
+    def length(self, tower: str, text_id: str) -> int:
+        """Tokens of one text, special tokens included (tokenised now if not kept yet)."""
+        self.computed_in_steps += self._add(tower, [text_id])
+        return len(self.ids[tower][text_id])
+
     def kept_tokens(self) -> int:
         return sum(len(t) for by_id in self.ids.values() for t in by_id.values())
+
+
+class LongestDocument:
+    """data.length_grouped: a training sample's padded length, the tokens of its longest
+    document (positive or negative; documents dominate a step's cost)."""
+
+    def __init__(self, tokens: TokenCache):
+        self.tokens = tokens
+
+    def __call__(self, sample) -> int:
+        return max(self.tokens.length("doc", d) for d in [sample.positive, *sample.negatives])

@@ -1,6 +1,7 @@
 """Training groups: deterministic sampling, duplicate-free global batches, readers, collation."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import BatchSampler
@@ -211,6 +212,66 @@ def test_recipe_pretokenize_switch_reaches_the_collator(tiny_encoder_factory, tm
         assert (collate.tokens is not None) == switch
         if switch:
             assert len(collate.tokens.ids["query"]) == 8 and len(collate.tokens.ids["doc"]) == 16
+
+
+def test_length_grouped_order_pads_less_and_keeps_every_group_once(tiny_encoder_factory):
+    """data.length_grouped (transformers' LengthGroupedSampler over global batches): every usable
+    group once per epoch, a pure function of (seed, epoch), mega-batches sorted longest first with
+    the longest batch in front, and far fewer padded document tokens than the random order."""
+    from finetune.tokens import LongestDocument, TokenCache
+
+    enc = tiny_encoder_factory(max_doc_length=128)
+    n, size = 402, 4  # mega-batches of 25 batches (100 groups)
+    rng = np.random.default_rng(3)
+    queries = {f"q{i}": f"question {i}" for i in range(n)}
+    docs, groups = {}, []
+    for i in range(n):  # lengths vary between groups far more than within one
+        words = int(rng.integers(1, 110))
+        docs[f"p{i}"] = f"positive {i} " + "word " * words
+        docs[f"n{i}"] = f"negative {i} " + "term " * (words + int(rng.integers(0, 10)))
+        groups.append(TrainGroup(f"q{i}", [f"p{i}"], [f"n{i}"]))
+    pool = TrainingPool(groups, TextStore.from_dict(queries), TextStore.from_dict(docs))
+    tokens = TokenCache(enc, pool)
+    tokens.pretokenize()
+    longest = LongestDocument(tokens)
+    grouped = GroupDataset(pool, 1, seed=0, global_batch_size=size, length_of=longest)
+    plain = GroupDataset(pool, 1, seed=0, global_batch_size=size)
+    collate = GroupCollator(enc.tokenize, tokens)
+
+    def padded_doc_tokens(ds, order):
+        ds.set_epoch(0)
+        return sum(collate([ds[i] for i in order[b:b + size]])["doc_input_ids"].numel()
+                   for b in range(0, len(order), size))
+    orders = [grouped.epoch_order(epoch, 0) for epoch in range(3)]
+    assert orders[0] == grouped.epoch_order(0, 0) and orders[0] != orders[1]
+    mega = size * max(min(n // (4 * size), 50), 1)
+    for epoch, order in enumerate(orders):
+        assert len(order) == n // size * size == len(set(order)) and grouped.left_out_last_epoch == n % size
+        length = [longest(grouped.sample(i, epoch)) for i in order]
+        assert max(length[:size]) == max(length)  # the longest batch goes first
+        # swapping the first batch back to where it came from leaves every mega-batch sorted
+
+        def sorted_after_swap(j):
+            restored = list(length)
+            restored[:size], restored[j:j + size] = length[j:j + size], length[:size]
+            return all(restored[a:a + mega] == sorted(restored[a:a + mega], reverse=True)
+                       for a in range(0, len(order), mega))
+        assert any(sorted_after_swap(j) for j in range(0, len(order), size)), epoch
+        assert not sorted_after_swap(0) or max(length[:size]) == max(length[:mega])
+    assert padded_doc_tokens(grouped, orders[0]) < 0.7 * padded_doc_tokens(plain, plain.epoch_order(0, 0))
+
+
+def test_length_grouped_is_refused_for_losses_with_in_batch_terms():
+    from common.config import RecipeError, load_recipe
+    from finetune.args import FinetuneRecipe
+
+    with pytest.raises(RecipeError, match=r"data.length_grouped.*\['infonce'\]"):
+        load_recipe(FinetuneRecipe, "fewshot", ["data.length_grouped=true"])
+    ok = ["data.length_grouped=true", "loss.infonce.weight=0", "loss.margin_mse.weight=1",
+          "data.teacher_scores=scores.jsonl"]
+    assert load_recipe(FinetuneRecipe, "fewshot", ok).data.length_grouped
+    with pytest.raises(RecipeError, match="needs 'data.pretokenize=true'"):
+        load_recipe(FinetuneRecipe, "fewshot", [*ok, "data.pretokenize=false"])
 
 
 # ------------------------------------------------------------------------------ readers

@@ -187,3 +187,21 @@ def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
                        f"data.path={root / 'beir'}", "data.max_queries=4",
                        f"train.mixed_precision={precision}"])
         assert result["step"] == 2
+
+
+def test_length_grouped_margin_mse_run(tiny_setup, tmp_path):
+    """data.length_grouped end to end: Margin-MSE from the scores in a jsonl, batches of groups of
+    similar length, a model trained and saved."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({
+        "query": f"question {i}", "positives": [f"answer {i} " + "fact " * (i % 7) * 5],
+        "negatives": [f"other {i} " + "noise " * (i % 7) * 5], "scores": [5.0, float(i % 3)]}) + "\n"
+        for i in range(16)))
+    result = main(["--recipe", "fewshot", *common_overrides(tiny_setup, "grouped"),
+                   "data.kind=jsonl", f"data.path={data}", "data.mine.retriever=",
+                   "loss.infonce.weight=0", "loss.margin_mse.weight=1", "data.length_grouped=true",
+                   "train.epochs=0", "train.min_steps=0"])
+    out = tiny_setup / "grouped"
+    assert result["step"] == 2 and (out / "model" / "config.json").is_file()
+    saved = load_recipe(FinetuneRecipe, str(out / "recipe.yaml"))
+    assert saved.data.length_grouped and saved.loss.active() == {"margin_mse": 1.0}
