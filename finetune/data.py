@@ -302,18 +302,26 @@ class GroupCollator:
         self.tokenize = tokenize  # common.encoder.Encoder.tokenize (applies the tower prefixes)
         self.tokens = tokens
 
+    @staticmethod
+    def _ids(items: List[dict], part: str) -> List[str]:
+        """The text ids of one part of the batch, in the order of its texts."""
+        if part == "query":
+            return [it["qid"] for it in items]
+        if part == "doc":
+            return [it["doc_ids"][0] for it in items] + [i for it in items for i in it["doc_ids"][1:]]
+        return [i for it in items for i in it["neg_query_ids"]]
+
     def __call__(self, items: List[dict]) -> dict:
         batch: dict = {"ids": [it["qid"] for it in items]}
         neg_queries = [t for it in items for t in it["neg_queries"]]
-        parts = {  # name -> (tower, texts, ids); documents: positives first, then negatives
-            "query": ("query", [it["query"] for it in items], batch["ids"]),
-            "doc": ("doc", [it["positive"] for it in items] + [t for it in items for t in it["negatives"]],
-                    [it["doc_ids"][0] for it in items] + [i for it in items for i in it["doc_ids"][1:]]),
+        parts = {  # name -> (tower, texts); documents: positives first, then negatives
+            "query": ("query", [it["query"] for it in items]),
+            "doc": ("doc", [it["positive"] for it in items] + [t for it in items for t in it["negatives"]]),
         }
         if neg_queries:
-            parts["negq"] = ("query", neg_queries, [i for it in items for i in it["neg_query_ids"]])
-        for prefix, (tower, texts, ids) in parts.items():
-            tokens = (self.tokens.batch(ids, tower) if self.tokens is not None
+            parts["negq"] = ("query", neg_queries)
+        for prefix, (tower, texts) in parts.items():
+            tokens = (self.tokens.batch(self._ids(items, prefix), tower) if self.tokens is not None
                       else self.tokenize(texts, tower=tower))
             batch[f"{prefix}_input_ids"] = tokens["input_ids"]
             batch[f"{prefix}_attention_mask"] = tokens["attention_mask"]
