@@ -86,12 +86,16 @@ def seed_means(rows: dict, data: str) -> dict:
             groups.setdefault(row["group"], {})[row["seed"]] = name
     qrels = load_eval_data(data, "test").qrels if groups else {}
 
+    averaged: dict = {}  # tuple of row names -> per-query mean (a reference serves many groups)
+
     def scores(names: list) -> dict | None:
-        paths = [Path(rows[n].get("run_file", "")) for n in names]
-        if not all(p.is_file() for p in paths):
-            return None
-        runs = [per_query(qrels, load_run(p), ["nDCG@10"])["nDCG@10"] for p in paths]
-        return {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
+        key = tuple(names)
+        if key not in averaged:
+            paths = [Path(rows[n].get("run_file", "")) for n in names]
+            runs = ([per_query(qrels, load_run(p), ["nDCG@10"])["nDCG@10"] for p in paths]
+                    if all(p.is_file() for p in paths) else None)
+            averaged[key] = runs and {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
+        return averaged[key]
 
     means = {}
     for group, by_seed in groups.items():
