@@ -21,15 +21,17 @@ plus the final evaluation of the whole test split):
   label_free_negatives  Contriever's ablation of the number of negatives for that run (MoCo
                 queue 1024 / 4096 / 16384, in-batch only), on the dev split
   domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot` (one run per --seeds)
-Rows of several seeds (or few-shot samples) are also summarised by their mean; the mean's
-p-values compare per-query nDCG@10 averaged over the seeds.
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
                 100 held-out queries, the other 100 for few-shot training)
   ablation      which seed methods help: one change at a time from `fewshot` (negatives: none,
                 BM25, dense-mined, with a false-negative filter; dual loss; SamToNe) and from the
                 label-free dev run (multi-pair, relevance-aware weights), on the dev split, each
-                compared with its base query by query (benchmarks/quality_choices.py)
+                compared with its base of the same seed query by query (one run each per
+                --seeds; --choices: only these changes; benchmarks/quality_choices.py)
+Rows of several seeds (or few-shot samples) are also summarised by their mean; the mean's
+p-values compare per-query nDCG@10 averaged over the seeds (for an ablation row, against its
+base averaged over the same seeds).
 Every run is `python finetune/run.py` / `pretrain/run.py` in a subprocess with the committed
 recipe; the only overrides are the data folder, output folder, seed, few-shot size and the
 evaluation split: nothing is tuned on the test split (choices come from the `dev` section).
@@ -39,10 +41,8 @@ a randomisation test (common/significance.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -54,104 +54,10 @@ from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa:
                                         FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
+from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
+                                     finetune, recipe_seeds, run_script, seed_suffix, slug)
 
 RESULTS = REPO / "benchmarks" / "results"
-RUNS = REPO / "runs" / "quality"
-TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
-             f"eval.metrics=[{','.join(MEASURES)}]"]
-# dev: 100 training queries held out; corpus = their judged documents + 2,000 others (cheaper
-# than the whole corpus, the same for every choice)
-DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=2000",
-            f"eval.metrics=[{','.join(MEASURES)}]"]
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _final_stage(out: Path) -> Path:
-    """Where a run's last Trainer wrote recipe.yaml, metrics.json and eval/: `out` itself, or for
-    a recipe of several stages (domain_adapt) the stage that `out`/result.json names."""
-    result = out / "result.json"
-    if result.is_file():
-        stage = json.loads(result.read_text()).get("stage")
-        if stage and (out / "stages" / stage).is_dir():
-            return out / "stages" / stage
-    return out
-
-
-def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
-    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
-    does not record a run of a recipe file edited since."""
-    from common.config import load_recipe, recipe_to_yaml
-    from finetune.args import FinetuneRecipe
-    from pretrain.args import PretrainRecipe
-
-    resolved = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
-                           recipe, overrides)
-    texts = [recipe_to_yaml(resolved)]
-    stage = getattr(resolved, "pretrain", None)
-    if stage is not None and stage.recipe:
-        texts.append(recipe_to_yaml(load_recipe(PretrainRecipe, stage.recipe,
-                                                list(stage.overrides))))
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-
-
-def _finished(out: Path, command: str, digest: str = "") -> dict | None:
-    """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
-    with its timing: measured by this script, or else the span between the run's first and last
-    files. Runs recorded before digests were kept are taken on the command alone."""
-    final = _final_stage(out)
-    metrics, recipes = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
-    if not metrics.is_file() or not recipes:
-        return None
-    timing_file = out / "quality_timing.json"
-    if timing_file.is_file():
-        timing = json.loads(timing_file.read_text())
-        if timing.get("command") != command or timing.get("recipe_digest", digest) != digest:
-            return None
-    else:  # started by an earlier version of this script: file times, no CPU seconds
-        first = min(r.stat().st_mtime for r in recipes)
-        timing = {"wall_s": round(metrics.stat().st_mtime - first, 1),
-                  "timing": "from file times"}
-    return {"metrics": json.loads(metrics.read_text()), **timing,
-            "run_file": str(final / "eval" / "run.trec")}
-
-
-def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) -> dict:
-    """One run in a subprocess; its final metrics.json plus wall and CPU seconds."""
-    cmd = [sys.executable, str(REPO / script), "--recipe", recipe, f"train.output_dir={out}",
-           "train.overwrite_output_dir=true", *overrides]
-    command = " ".join(cmd[1:])
-    print("$", command, flush=True)
-    if ns.dry_run:
-        return {"command": command}
-    digest = recipe_digest(script, recipe, cmd[cmd.index(recipe) + 1:])
-    done = _finished(out, command, digest) if ns.reuse else None
-    if done is None:
-        cpu, start = children_cpu_s(), time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode:
-            raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
-        timing = {"wall_s": round(time.perf_counter() - start, 1),
-                  "cpu_s": round(children_cpu_s() - cpu, 1), "command": command,
-                  "recipe_digest": digest}
-        (out / "quality_timing.json").write_text(json.dumps(timing))
-        done = _finished(out, command, digest)
-        if done is None:  # a table row without its numbers would hide the failure
-            raise SystemExit(f"{script} --recipe {recipe} wrote no metrics.json under {out}")
-    metrics = done.pop("metrics")
-    return {**done, "command": command, **{m: metrics.get(m) for m in MEASURES}}
-
-
-def finetune(name: str, recipe: str, overrides: list[str], ns) -> dict:
-    return run_script("finetune/run.py", recipe, RUNS / name,
-                      [f"data.path={ns.data}", f"eval.data={ns.data}", *overrides], ns)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -185,23 +91,6 @@ def section_reference(ns) -> dict:
                       "wall_s": round(time.perf_counter() - start, 1),
                       "cpu_s": round(time.process_time() - cpu, 1), "run_file": str(out / "run.trec")}
     return rows
-
-
-def _recipe_seeds(ns, script: str, recipe: str) -> list[tuple[int, list[str]]]:
-    """(seed, overrides) per --seeds value (default: the recipe's own train.seed) for a section
-    whose first rows ran with the recipe's seed: that seed is not named on the command, so those
-    runs' commands, and --reuse of them, stay as they were."""
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-    from pretrain.args import PretrainRecipe
-
-    own = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
-                      recipe).train.seed
-    return [(seed, [] if seed == own else [f"train.seed={seed}"]) for seed in ns.seeds or [own]]
-
-
-def _suffix(seed: int, own: list[str]) -> str:
-    return f"_s{seed}" if own else ""  # the recipe's own seed keeps its first run folder
 
 
 def section_fewshot(ns) -> dict:
@@ -239,7 +128,7 @@ def section_fewshot(ns) -> dict:
 
 def section_dev(ns) -> dict:
     chosen = _chosen(ns, DEV_CHOICES)
-    rows = {f"dev: {name}": finetune("dev_" + _slug(name),
+    rows = {f"dev: {name}": finetune("dev_" + slug(name),
                                      "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
             for name in chosen}
     if not ns.dry_run:  # the start model on the same dev split and corpus slice
@@ -260,16 +149,16 @@ def section_dev(ns) -> dict:
 def section_label_free(ns) -> dict:
     group = "domain_pretrain, label-free"
     return {f"{group} (seed {seed})": {**run_script(
-        "pretrain/run.py", "domain_pretrain", RUNS / f"domain_pretrain{_suffix(seed, own)}",
+        "pretrain/run.py", "domain_pretrain", RUNS / f"domain_pretrain{seed_suffix(seed, own)}",
         [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
          *TEST_EVAL, *own], ns), "group": group, "seed": seed}
-        for seed, own in _recipe_seeds(ns, "pretrain/run.py", "domain_pretrain")}
+        for seed, own in recipe_seeds(ns, "pretrain/run.py", "domain_pretrain")}
 
 
-def _label_free_dev(name: str, overrides: list[str], ns) -> dict:
+def _label_free_dev(name: str, overrides: list[str], ns, suffix: str = "") -> dict:
     return run_script(
         "pretrain/run.py", "domain_pretrain",
-        RUNS / ("dev_lf_" + _slug(name)),
+        RUNS / ("dev_lf_" + slug(name) + suffix),
         [f"model.name_or_path={MODEL}", f"data.corpora=[{ns.data}]", f"eval.data={ns.data}",
          "train.save_every=0", *overrides, *DEV_EVAL], ns)
 
@@ -299,22 +188,35 @@ def section_label_free_negatives(ns) -> dict:
 
 def section_ablation(ns) -> dict:
     """One change at a time from the committed recipes, on the dev split; each row names its
-    base (the committed recipe's dev run), and is compared with it query by query."""
+    base (the committed recipe's dev run of the same seed), and is compared with it query by
+    query. --seeds: training seeds (default the recipes' own); --choices: only these changes
+    (their part's base always runs)."""
+    unknown = set(ns.choices or ()) - {*FEWSHOT_ABLATION, *LABEL_FREE_ABLATION}
+    if unknown:
+        raise SystemExit(f"unknown --choices {sorted(unknown)}; known: "
+                         f"{[*FEWSHOT_ABLATION, *LABEL_FREE_ABLATION]}")
     rows = {}
-    for part, table, run in (
-            ("fewshot", FEWSHOT_ABLATION,
-             lambda first, name, overrides: finetune(  # the base: the `dev` section's own run
-                 "dev_" + _slug("fewshot as committed" if first else name), "fewshot",
+    for part, table, script, recipe, run in (
+            ("fewshot", FEWSHOT_ABLATION, "finetune/run.py", "fewshot",
+             lambda first, name, overrides, suffix: finetune(  # base: the `dev` section's run
+                 "dev_" + slug("fewshot as committed" if first else name) + suffix, "fewshot",
                  [*overrides, *DEV_EVAL], ns)),
-            ("label-free", LABEL_FREE_ABLATION,
-             lambda first, name, overrides: _label_free_dev(
+            ("label-free", LABEL_FREE_ABLATION, "pretrain/run.py", "domain_pretrain",
+             lambda first, name, overrides, suffix: _label_free_dev(
                  LABEL_FREE_BASE if first else f"{LABEL_FREE_BASE} {name}",
-                 [*LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE], *overrides], ns))):
-        base = None
-        for name, overrides in table.items():
-            row = {**run(base is None, name, overrides), "qrels": [ns.data, "train"]}
-            rows[f"ablation, {part}: {name}"] = {**row, "base": base} if base else row
-            base = base or f"ablation, {part}: {name}"
+                 [*LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE], *overrides], ns, suffix))):
+        names = [n for i, n in enumerate(table) if i == 0 or not ns.choices or n in ns.choices]
+        if len(names) == 1 and ns.choices:
+            continue  # none of this part's changes chosen
+        for seed, own in recipe_seeds(ns, script, recipe):
+            base = None
+            for name in names:
+                group = f"ablation, {part}: {name}"
+                row = {**run(base is None, name, [*table[name], *own], seed_suffix(seed, own)),
+                       "qrels": [ns.data, "train"], "group": group, "seed": seed}
+                key = group + (f" (seed {seed})" if own else "")
+                rows[key] = {**row, "base": base} if base else row
+                base = base or key
     return rows
 
 
@@ -345,7 +247,7 @@ def section_other_corpus(ns) -> dict:
             return evaluator.last
         for name, run in (("start model", start_model),
                           ("BM25", lambda: evaluate_bm25(evaluator.data, measures=MEASURES))):
-            out = RUNS / f"{_slug(other)}_{_slug(name)}"
+            out = RUNS / f"{slug(other)}_{slug(name)}"
             start, cpu = time.perf_counter(), time.process_time()
             result = run()
             write_outputs(result, out, overwrite=True, data=evaluator.data)
@@ -366,7 +268,7 @@ def section_other_corpus(ns) -> dict:
                "domain_adapt": ("finetune/run.py", "domain_adapt", source)}
     for name, (script, recipe_name, data) in trained.items():
         rows[prefix + name] = {**run_script(script, recipe_name,
-                                            RUNS / f"{_slug(other)}_{_slug(name)}",
+                                            RUNS / f"{slug(other)}_{slug(name)}",
                                             [*data, *held_out], ns),
                                **where, "base": prefix + "start model"}
     if prefix + "BM25" in rows:
@@ -379,9 +281,9 @@ def section_domain_adapt(ns) -> dict:
     # (finetune/run.py)
     group = "domain_adapt, pretrain then fewshot"
     return {f"{group} (seed {seed})": {**finetune(
-        f"domain_adapt{_suffix(seed, own)}", "domain_adapt", [*TEST_EVAL, *own], ns),
+        f"domain_adapt{seed_suffix(seed, own)}", "domain_adapt", [*TEST_EVAL, *own], ns),
         "group": group, "seed": seed}
-        for seed, own in _recipe_seeds(ns, "finetune/run.py", "domain_adapt")}
+        for seed, own in recipe_seeds(ns, "finetune/run.py", "domain_adapt")}
 
 
 def _sample(n: int, seed: int) -> list[str]:
@@ -410,7 +312,7 @@ def section_curve_dev(ns) -> dict:
     for n in (8, 32):
         base = None
         for name in _chosen(ns, CURVE_DEV_CHOICES):
-            row = {**finetune(f"dev_curve_{n}_{_slug(name)}", "fewshot",
+            row = {**finetune(f"dev_curve_{n}_{slug(name)}", "fewshot",
                               [*_sample(n, 0), *CURVE_DEV_CHOICES[name], *DEV_EVAL], ns),
                    "qrels": [ns.data, "train"]}
             key = f"ablation, fewshot on {n} sampled queries: {name}"
@@ -432,7 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     p.add_argument("--seeds", type=int, nargs="+",
                    help="fewshot / curve: training seeds / few-shot samples (default 0); "
-                        "label_free / domain_adapt: training seeds (default the recipe's own)")
+                        "label_free / domain_adapt / ablation: training seeds (default the "
+                        "recipe's own)")
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
     p.add_argument("--other", default="msmarco_sample",
                    help="other_corpus section: a BEIR or MS MARCO-layout folder (or name)")
@@ -440,8 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
-    p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev sections: run "
-                   "only these of their choices (benchmarks/quality_choices.py)")
+    p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev / ablation "
+                   "sections: run only these of their choices (benchmarks/quality_choices.py)")
     p.add_argument("--without-st", action="store_true",
                    help="fewshot section: twotower's runs only (sentence-transformers' rows "
                         "stay as recorded)")

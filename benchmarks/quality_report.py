@@ -13,7 +13,8 @@ MEASURES = ["nDCG@10", "R@100"]
 REFERENCES = {"BM25": "p vs BM25", "start model": "p vs start", "fewshot (seed 0)": "p vs fewshot"}
 # rows compared with a base row, shown in tables of their own: name prefix -> table title
 BASE_TABLES = {
-    "ablation, ": "Ablation (dev split, one seed; each change against its base row)",
+    "ablation, ": "Ablation (dev split, each seed; each change against its base row of the same "
+                  "seed)",
     "other corpus, ": "The same recipes on another corpus (held-out queries; against the start "
                       "model)",
 }
@@ -70,9 +71,11 @@ def significance(rows: dict, data: str) -> None:
 
 
 def seed_means(rows: dict, data: str) -> dict:
-    """Rows sharing a `group` (one per seed or few-shot sample), test split only: the mean and
-    spread of each measure, and p-values of the per-query nDCG@10 averaged over the seeds against
-    each of REFERENCES (a reference that is itself a group is averaged the same way)."""
+    """Rows sharing a `group` (one per seed or few-shot sample): the mean and spread of each
+    measure, and p-values of the per-query nDCG@10 averaged over the seeds. A test-split group is
+    compared with each of REFERENCES (a reference that is itself a group is averaged the same
+    way); a group of rows with a `base` (the ablation; two seeds or more) with its base rows'
+    group, over the same seeds, on its own `qrels`."""
     import statistics
 
     from common.data import load_run
@@ -82,24 +85,36 @@ def seed_means(rows: dict, data: str) -> dict:
 
     groups: dict = {}
     for name, row in rows.items():
-        if row.get("group") and "qrels" not in row and not name.startswith("dev:"):
+        if row.get("group") and ("qrels" in row or not name.startswith("dev:")):
             groups.setdefault(row["group"], {})[row["seed"]] = name
-    qrels = load_eval_data(data, "test").qrels if groups else {}
-
+    qrels_of: dict = {}
     averaged: dict = {}  # tuple of row names -> per-query mean (a reference serves many groups)
 
     def scores(names: list) -> dict | None:
         key = tuple(names)
         if key not in averaged:
+            split = tuple(rows[names[0]].get("qrels") or (data, "test"))
             paths = [Path(rows[n].get("run_file", "")) for n in names]
-            runs = ([per_query(qrels, load_run(p), ["nDCG@10"])["nDCG@10"] for p in paths]
-                    if all(p.is_file() for p in paths) else None)
+            runs = None
+            if all(p.is_file() for p in paths):
+                qrels_of[split] = qrels = qrels_of.get(split) or load_eval_data(*split).qrels
+                held_out = "qrels" in rows[names[0]]  # a dev split: the queries the runs rank
+                runs = [per_query({q: qrels[q] for q in run if q in qrels} if held_out else qrels, run,
+                                  ["nDCG@10"])["nDCG@10"]
+                        for run in map(load_run, paths)]
             averaged[key] = runs and {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
         return averaged[key]
+
+    def against(mine: dict | None, names: list):
+        theirs = scores(names) if mine is not None and names else None
+        return theirs and compare_paired(mine, theirs)
 
     means = {}
     for group, by_seed in groups.items():
         names = [by_seed[s] for s in sorted(by_seed)]
+        compared = "qrels" in rows[names[0]]
+        if compared and len(names) < 2:
+            continue  # one seed: the per-seed ablation table says it all
         values = {m: [rows[n][m] for n in names] for m in MEASURES if
                   all(isinstance(rows[n].get(m), (int, float)) for n in names)}
         entry = {"seeds": sorted(by_seed), **{m: round(statistics.fmean(v), 4) for m, v in values.items()},
@@ -108,15 +123,26 @@ def seed_means(rows: dict, data: str) -> dict:
                  "wall_s": (statistics.fmean(rows[n]["wall_s"] for n in names)
                             if all(rows[n].get("wall_s") for n in names) else None)}
         mine = scores(names)
+        if compared:
+            entry["qrels"] = rows[names[0]]["qrels"]
+            base_group = rows.get(rows[names[0]].get("base") or "", {}).get("group")
+            base_of = groups.get(base_group, {})
+            if base_group:
+                entry["base"] = base_group
+            test = (against(mine, [base_of[s] for s in sorted(by_seed)])
+                    if base_group and all(s in base_of for s in by_seed) else None)
+            if test:
+                entry["p_vs_base"] = round(test.p_randomization, 4)
+                entry["delta_vs_base"] = round(test.mean_a - test.mean_b, 4)
+            means[group] = entry
+            continue
         for ref in REFERENCES:
             ref_group = rows.get(ref, {}).get("group")
             ref_names = ([groups[ref_group][x] for x in sorted(groups[ref_group])]
                          if ref_group in groups else [ref] if ref in rows else [])
-            if mine is None or not ref_names or ref_group == group:
-                continue
-            theirs = scores(ref_names)
-            if theirs is not None:
-                entry[_p_key(ref)] = round(compare_paired(mine, theirs).p_randomization, 4)
+            test = against(mine, ref_names) if ref_group != group else None
+            if test:
+                entry[_p_key(ref)] = round(test.p_randomization, 4)
         means[group] = entry
     return means
 
@@ -124,6 +150,10 @@ def seed_means(rows: dict, data: str) -> dict:
 def _fmt(row: dict, key: str, spec: str = ".4f") -> str:
     value = row.get(key)
     return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def _per_seed(mean: dict) -> str:
+    return ", ".join(f"{v:.4f}" for v in mean.get("nDCG@10_runs") or [])
 
 
 def markdown(rows: dict, means: dict | None = None) -> str:
@@ -138,18 +168,32 @@ def markdown(rows: dict, means: dict | None = None) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
               "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
-    if means:
+    test_means = {g: m for g, m in (means or {}).items() if "qrels" not in m}
+    if test_means:
         lines += ["", "## Mean over seeds (test split)", "",
                   "| runs | seeds | nDCG@10 mean | sd | per seed | R@100 mean | "
                   + " | ".join(REFERENCES.values()) + " | wall s (mean) |",
                   "|---" * (6 + len(REFERENCES)) + "|"]
-        for group, m in means.items():
-            per_seed = ", ".join(f"{v:.4f}" for v in m.get("nDCG@10_runs") or [])
+        for group, m in test_means.items():
             lines.append(f"| {group} | {', '.join(map(str, m['seeds']))} | " + " | ".join([
-                _fmt(m, "nDCG@10"), _fmt(m, "nDCG@10_sd"), per_seed, _fmt(m, "R@100"),
+                _fmt(m, "nDCG@10"), _fmt(m, "nDCG@10_sd"), _per_seed(m), _fmt(m, "R@100"),
                 *(_fmt(m, _p_key(ref)) for ref in REFERENCES), _fmt(m, "wall_s", ".0f")]) + " |")
         lines += ["", "p of a mean: the per-query nDCG@10 averaged over the seeds (a reference "
                   "with seeds of its own averaged the same way), randomisation test."]
+    base_means = {g: m for g, m in (means or {}).items() if "qrels" in m}
+    if base_means:
+        lines += ["", "## Ablation, mean over seeds (dev split)", "",
+                  "| run | seeds | nDCG@10 mean | sd | per seed | Δ vs base | p vs base | "
+                  "wall s (mean) |", "|---" * 8 + "|"]
+        lines += [f"| {group.removeprefix('ablation, ')} | {', '.join(map(str, m['seeds']))} | "
+                  + " | ".join([_fmt(m, "nDCG@10"), _fmt(m, "nDCG@10_sd"), _per_seed(m),
+                                _fmt(m, "delta_vs_base", "+.4f"), _fmt(m, "p_vs_base"),
+                                _fmt(m, "wall_s", ".0f")]) + " |"
+                  for group, m in base_means.items()]
+        lines += ["", "Δ and p: the per-query nDCG@10 averaged over the seeds against the base "
+                  "row's, averaged over the same seeds. The dev corpus slice (the held-out "
+                  "queries' documents plus 2,000 others) is sampled with the training seed, so "
+                  "the spread over seeds includes the slice's."]
     for prefix, title in BASE_TABLES.items():
         table = {n.removeprefix(prefix): r for n, r in rows.items() if n.startswith(prefix)}
         if table:

@@ -147,9 +147,9 @@ pretrain:
     final = load_file(str(out / "model" / "model.safetensors"))
     assert any(not torch.equal(final[k], pretrained[k]) for k in final)
     # benchmarks/quality.py records a run of several stages by its last stage's metrics
-    from benchmarks.quality import _finished
+    from benchmarks.quality_runs import finished_run
 
-    recorded = _finished(out, "python finetune/run.py --recipe adapt.yaml")
+    recorded = finished_run(out, "python finetune/run.py --recipe adapt.yaml")
     assert recorded["metrics"]["nDCG@10"] == result["nDCG@10"]
     assert Path(recorded["run_file"]) == out / "stages" / "main" / "eval" / "run.trec"
     assert Path(recorded["run_file"]).is_file()  # the per-query scores its p-values come from

@@ -52,7 +52,7 @@ def test_reuse_records_a_finished_run_only_for_the_same_command_and_recipe(tmp_p
     command) is trained again, not recorded with its old numbers."""
     import json
 
-    from benchmarks.quality import _finished, recipe_digest
+    from benchmarks.quality_runs import finished_run, recipe_digest
 
     out = tmp_path / "run"
     (out / "eval").mkdir(parents=True)
@@ -69,12 +69,12 @@ def test_reuse_records_a_finished_run_only_for_the_same_command_and_recipe(tmp_p
     assert before != recipe_digest("finetune/run.py", "domain_adapt", [f"pretrain.recipe={stage}"])
     timing = {"wall_s": 1.0, "cpu_s": 2.0, "command": "cmd", "recipe_digest": digest}
     (out / "quality_timing.json").write_text(json.dumps(timing))
-    assert _finished(out, "cmd", digest)["metrics"] == {"nDCG@10": 0.7}
-    assert _finished(out, "cmd", "another") is None
-    assert _finished(out, "other cmd", digest) is None
+    assert finished_run(out, "cmd", digest)["metrics"] == {"nDCG@10": 0.7}
+    assert finished_run(out, "cmd", "another") is None
+    assert finished_run(out, "other cmd", digest) is None
     del timing["recipe_digest"]  # recorded before digests were kept: the command decides
     (out / "quality_timing.json").write_text(json.dumps(timing))
-    assert _finished(out, "cmd", digest) is not None
+    assert finished_run(out, "cmd", digest) is not None
 
 
 def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
@@ -118,3 +118,50 @@ def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
     assert other["p_vs_fewshot_(seed_0)"] == pytest.approx(round(want_fewshot.p_randomization, 4))
     assert "p_vs_fewshot_(seed_0)" not in means["fewshot"]  # not against itself
     assert "## Mean over seeds" in markdown(rows, means) and "| other | 2, 4 |" in markdown(rows, means)
+
+
+def test_ablation_rows_of_several_seeds_are_compared_with_their_base_over_the_same_seeds(tmp_path):
+    """An ablation group (rows with `qrels` and a `base`, one per seed): its per-query nDCG@10
+    averaged over the seeds against the base group's, averaged over the same seeds, on the
+    dev queries; a group of one seed, or one whose base lacks a seed, gets no mean p-value."""
+    from benchmarks.quality_report import seed_means
+
+    write_beir(tmp_path / "beir")  # train qrels: q_t -> topic0 (1), topic1 (2), topic2 (0)
+    held_out = ["q1", "q2", "q3"]
+    ideal = 2.0 + 1.0 / math.log2(3)
+    # the grade-2 document of each held-out query at these ranks, no other judged one retrieved
+    rank_of = {("base", 42): [1, 2, 1], ("base", 1): [2, 1, 3], ("change", 42): [3, 1, 2],
+               ("change", 1): [4, 2, 2], ("lonely", 42): [1, 1, 1], ("partial", 7): [1, 1, 1]}
+    qrels = [str(tmp_path / "beir"), "train"]
+    rows, gains = {}, {}
+    for (name, seed), ranks in rank_of.items():
+        run = {}
+        for q, r in zip(held_out, ranks):
+            topic = TOPICS[int(q[1])]
+            run[q] = {f"{topic}{i}": 12.0 - i for i in range(3, 8)}  # 9, 8, ..., 5
+            run[q][f"{topic}1"] = 10.0 - r + 0.5
+        gains[name, seed] = [2.0 / math.log2(r + 1) / ideal for r in ranks]
+        key = f"ablation, x: {name}" + ("" if seed == 42 else f" (seed {seed})")
+        rows[key] = {"run_file": str(write_run(run, tmp_path / f"{name}{seed}.trec")),
+                     "qrels": qrels, "group": f"ablation, x: {name}", "seed": seed,
+                     "nDCG@10": sum(gains[name, seed]) / 3, "wall_s": 5.0}
+        if name != "base":
+            rows[key]["base"] = "ablation, x: base" + ("" if seed in (42, 7) else f" (seed {seed})")
+    means = seed_means(rows, str(tmp_path / "beir"))
+    # one seed each: lonely and partial have no mean row
+    assert set(means) == {"ablation, x: base", "ablation, x: change"}
+    change = means["ablation, x: change"]
+    assert change["seeds"] == [1, 42] and change["base"] == "ablation, x: base"
+    mine = {q: (a + b) / 2 for q, a, b in zip(held_out, gains["change", 42], gains["change", 1])}
+    theirs = {q: (a + b) / 2 for q, a, b in zip(held_out, gains["base", 42], gains["base", 1])}
+    want = compare_paired(mine, theirs)
+    assert change["delta_vs_base"] == pytest.approx(round(want.mean_a - want.mean_b, 4))
+    assert change["p_vs_base"] == pytest.approx(round(want.p_randomization, 4))
+    assert change["nDCG@10"] == pytest.approx(round(sum(mine.values()) / 3, 4))
+    assert "p_vs_base" not in means["ablation, x: base"] and "p_vs_BM25" not in change
+    rows["ablation, x: base (seed 1)"]["seed"] = 3  # the base now lacks seed 1
+    assert "p_vs_base" not in seed_means(rows, str(tmp_path / "beir"))["ablation, x: change"]
+    table = markdown(rows, means)
+    assert "## Ablation, mean over seeds (dev split)" in table
+    assert "## Mean over seeds (test split)" not in table
+    assert f"| x: change | 1, 42 | {change['nDCG@10']:.4f} |" in table

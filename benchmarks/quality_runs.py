@@ -1,0 +1,130 @@
+"""How benchmarks/quality.py runs one training: a subprocess of the committed recipe with
+overrides, timed (wall and CPU seconds), and recorded again without training (--reuse) only
+when a finished run has exactly the same command and resolved recipe."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.quality_report import MEASURES
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "quality"
+TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
+             f"eval.metrics=[{','.join(MEASURES)}]"]
+# dev: 100 training queries held out; corpus = their judged documents + 2,000 others (cheaper
+# than the whole corpus; sampled with the training seed, so the same for every choice of a seed)
+DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=2000",
+            f"eval.metrics=[{','.join(MEASURES)}]"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def final_stage(out: Path) -> Path:
+    """Where a run's last Trainer wrote recipe.yaml, metrics.json and eval/: `out` itself, or for
+    a recipe of several stages (domain_adapt) the stage that `out`/result.json names."""
+    result = out / "result.json"
+    if result.is_file():
+        stage = json.loads(result.read_text()).get("stage")
+        if stage and (out / "stages" / stage).is_dir():
+            return out / "stages" / stage
+    return out
+
+
+def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
+    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
+    does not record a run of a recipe file edited since."""
+    from common.config import load_recipe, recipe_to_yaml
+    from finetune.args import FinetuneRecipe
+    from pretrain.args import PretrainRecipe
+
+    resolved = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
+                           recipe, overrides)
+    texts = [recipe_to_yaml(resolved)]
+    stage = getattr(resolved, "pretrain", None)
+    if stage is not None and stage.recipe:
+        texts.append(recipe_to_yaml(load_recipe(PretrainRecipe, stage.recipe,
+                                                list(stage.overrides))))
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+
+def finished_run(out: Path, command: str, digest: str = "") -> dict | None:
+    """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
+    with its timing: measured by this script, or else the span between the run's first and last
+    files. Runs recorded before digests were kept are taken on the command alone."""
+    final = final_stage(out)
+    metrics, recipes = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
+    if not metrics.is_file() or not recipes:
+        return None
+    timing_file = out / "quality_timing.json"
+    if timing_file.is_file():
+        timing = json.loads(timing_file.read_text())
+        if timing.get("command") != command or timing.get("recipe_digest", digest) != digest:
+            return None
+    else:  # started by an earlier version of this script: file times, no CPU seconds
+        first = min(r.stat().st_mtime for r in recipes)
+        timing = {"wall_s": round(metrics.stat().st_mtime - first, 1),
+                  "timing": "from file times"}
+    return {"metrics": json.loads(metrics.read_text()), **timing,
+            "run_file": str(final / "eval" / "run.trec")}
+
+
+def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) -> dict:
+    """One run in a subprocess; its final metrics.json plus wall and CPU seconds."""
+    cmd = [sys.executable, str(REPO / script), "--recipe", recipe, f"train.output_dir={out}",
+           "train.overwrite_output_dir=true", *overrides]
+    command = " ".join(cmd[1:])
+    print("$", command, flush=True)
+    if ns.dry_run:
+        return {"command": command}
+    digest = recipe_digest(script, recipe, cmd[cmd.index(recipe) + 1:])
+    done = finished_run(out, command, digest) if ns.reuse else None
+    if done is None:
+        cpu, start = children_cpu_s(), time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode:
+            raise SystemExit(f"{script} --recipe {recipe} failed ({proc.returncode})")
+        timing = {"wall_s": round(time.perf_counter() - start, 1),
+                  "cpu_s": round(children_cpu_s() - cpu, 1), "command": command,
+                  "recipe_digest": digest}
+        (out / "quality_timing.json").write_text(json.dumps(timing))
+        done = finished_run(out, command, digest)
+        if done is None:  # a table row without its numbers would hide the failure
+            raise SystemExit(f"{script} --recipe {recipe} wrote no metrics.json under {out}")
+    metrics = done.pop("metrics")
+    return {**done, "command": command, **{m: metrics.get(m) for m in MEASURES}}
+
+
+def finetune(name: str, recipe: str, overrides: list[str], ns) -> dict:
+    return run_script("finetune/run.py", recipe, RUNS / name,
+                      [f"data.path={ns.data}", f"eval.data={ns.data}", *overrides], ns)
+
+
+def recipe_seeds(ns, script: str, recipe: str) -> list[tuple[int, list[str]]]:
+    """(seed, overrides) per --seeds value (default: the recipe's own train.seed) for a section
+    whose first rows ran with the recipe's seed: that seed is not named on the command, so those
+    runs' commands, and --reuse of them, stay as they were."""
+    from common.config import load_recipe
+    from finetune.args import FinetuneRecipe
+    from pretrain.args import PretrainRecipe
+
+    own = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
+                      recipe).train.seed
+    return [(seed, [] if seed == own else [f"train.seed={seed}"]) for seed in ns.seeds or [own]]
+
+
+def seed_suffix(seed: int, own: list[str]) -> str:
+    return f"_s{seed}" if own else ""  # the recipe's own seed keeps its first run folder
