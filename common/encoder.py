@@ -183,13 +183,15 @@ class Encoder(nn.Module):
             return self._forward_rows(input_ids, attention_mask, tower, extra)
         # model.forward_chunk: the same rows in slices, each cut to its own longest text. On
         # this CPU two calls of 32 x 256 tokens train faster than one of 64 (benchmarks/perf.py)
+        starts = range(0, input_ids.shape[0], chunk)
+        widths = [input_ids.shape[1]] * len(starts)
+        if self.tokenizer.padding_side == "right":  # trailing padding changes nothing
+            lengths = attention_mask.sum(1)  # every chunk's width in one read from the device
+            widths = torch.stack([lengths[s:s + chunk].max() for s in starts]).tolist()
         parts = []
-        for start in range(0, input_ids.shape[0], chunk):
+        for start, width in zip(starts, widths):
             rows = slice(start, start + chunk)
-            mask = attention_mask[rows]
-            if self.tokenizer.padding_side == "right":  # trailing padding changes nothing
-                mask = mask[:, : int(mask.sum(1).max())]
-            width = mask.shape[1]
+            mask = attention_mask[rows, :width]
             part = {k: v[rows, :width] if torch.is_tensor(v) and v.dim() == 2 else v
                     for k, v in extra.items()}
             parts.append(self._forward_rows(input_ids[rows, :width], mask, tower, part))

@@ -27,8 +27,15 @@ def test_forward_chunk_gives_the_same_embeddings_and_gradients():
     batch = finetune_batch(plain.encoder)  # documents of 4-20 words: slices of unequal width
     docs = plain.encoder.tokenize(texts(7, 5, 1, 30), tower="doc")
     want = plain.encoder(docs["input_ids"], docs["attention_mask"], tower="doc")
+    widths, forward_rows = [], chunked.encoder._forward_rows
+    chunked.encoder._forward_rows = lambda ids, mask, *rest: (
+        widths.append(ids.shape[1]), forward_rows(ids, mask, *rest))[1]
     got = chunked.encoder(docs["input_ids"], docs["attention_mask"], tower="doc")
+    del chunked.encoder._forward_rows
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    lengths = docs["attention_mask"].sum(1).tolist()  # each slice cut to its own longest text
+    assert widths == [max(lengths[s:s + 3]) for s in range(0, 7, 3)]
+    assert len(set(widths)) > 1
     loss_plain, want_grads = uncached_grads(plain, batch)
     loss_chunked, got_grads = uncached_grads(chunked, batch)
     torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-5, atol=1e-6)
