@@ -99,9 +99,8 @@ def seed_means(rows: dict, data: str) -> dict:
             if all(p.is_file() for p in paths):
                 qrels_of[split] = qrels = qrels_of.get(split) or load_eval_data(*split).qrels
                 held_out = "qrels" in rows[names[0]]  # a dev split: the queries the runs rank
-                runs = [per_query({q: qrels[q] for q in run if q in qrels} if held_out else qrels, run,
-                                  ["nDCG@10"])["nDCG@10"]
-                        for run in map(load_run, paths)]
+                runs = [per_query({q: qrels[q] for q in run if q in qrels} if held_out else qrels,
+                                  run, ["nDCG@10"])["nDCG@10"] for run in map(load_run, paths)]
             averaged[key] = runs and {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
         return averaged[key]
 
