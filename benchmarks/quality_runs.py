@@ -44,20 +44,27 @@ def final_stage(out: Path) -> Path:
     return out
 
 
-def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
-    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
-    does not record a run of a recipe file edited since."""
-    from common.config import load_recipe, recipe_to_yaml
+def load_script_recipe(script: str, recipe: str, overrides: list[str] = ()):
+    """`recipe` resolved as `script` (pretrain/run.py or finetune/run.py) resolves it."""
+    from common.config import load_recipe
     from finetune.args import FinetuneRecipe
     from pretrain.args import PretrainRecipe
 
-    resolved = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
-                           recipe, overrides)
+    kind = PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe
+    return load_recipe(kind, recipe, list(overrides))
+
+
+def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
+    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
+    does not record a run of a recipe file edited since."""
+    from common.config import recipe_to_yaml
+
+    resolved = load_script_recipe(script, recipe, overrides)
     texts = [recipe_to_yaml(resolved)]
     stage = getattr(resolved, "pretrain", None)
     if stage is not None and stage.recipe:
-        texts.append(recipe_to_yaml(load_recipe(PretrainRecipe, stage.recipe,
-                                                list(stage.overrides))))
+        texts.append(recipe_to_yaml(load_script_recipe("pretrain", stage.recipe,
+                                                       stage.overrides)))
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
@@ -117,12 +124,7 @@ def recipe_seeds(ns, script: str, recipe: str) -> list[tuple[int, list[str]]]:
     """(seed, overrides) per --seeds value (default: the recipe's own train.seed) for a section
     whose first rows ran with the recipe's seed: that seed is not named on the command, so those
     runs' commands, and --reuse of them, stay as they were."""
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-    from pretrain.args import PretrainRecipe
-
-    own = load_recipe(PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe,
-                      recipe).train.seed
+    own = load_script_recipe(script, recipe).train.seed
     return [(seed, [] if seed == own else [f"train.seed={seed}"]) for seed in ns.seeds or [own]]
 
 
