@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant
     from common.data import resolve_data
     from common.encoder import Encoder
+    from common.sharded import process_device
     from common.evaluate import load_eval_data
     from common.evaluate_cli import slug
 
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = AnalyzeArgs(max_queries=ns.max_queries, max_docs=ns.max_docs, seed=ns.seed,
                        projection=ns.projection, max_plot_points=ns.max_plot_points,
                        batch_size=ns.batch_size)
-    encoder = Encoder.load(ns.model)
+    encoder = Encoder.load(ns.model).to(process_device())
     analysis = analyze_encoder(encoder, load_eval_data(data_path, ns.split), args,
                                progress=not ns.no_progress)
     info = {"model": ns.model, "data": data_path.name, "split": ns.split,

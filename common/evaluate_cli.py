@@ -180,8 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args=bm25_args)
     else:
         from common.encoder import Encoder  # torch: only when needed
+        from common.sharded import process_device
 
-        encoder = Encoder.load(_model_args(ns))
+        encoder = Encoder.load(_model_args(ns)).to(process_device())
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
         if candidates is not None:
             result = evaluate_rerank(encoder, data, candidates, batch_size=ns.batch_size,

@@ -308,8 +308,9 @@ def run_cli(parser, ns, model_slug: str, model_args, command: str, shard: bool =
         result = evaluate_qa_bm25(passages, questions, args, bm25_args)
     else:
         from common.encoder import Encoder
+        from common.sharded import process_device
 
-        encoder = Encoder.load(model_args)
+        encoder = Encoder.load(model_args).to(process_device())
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
         result = evaluate_qa_dense(encoder, passages, questions, args,
                                    batch_size=ns.batch_size, index=ns.index or "flat",

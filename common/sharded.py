@@ -29,7 +29,19 @@ def encode_sharded(encode: Callable[[Sequence[T]], np.ndarray], items: Sequence[
         return encode(items)
     start, end = shard_bounds(len(items), world_size(), rank())
     local = torch.from_numpy(np.ascontiguousarray(encode(items[start:end]), dtype=np.float32))
-    return gather_variable(local).numpy()
+    # the gather runs on the process group's device: NCCL (GPUs) gathers only GPU tensors
+    return gather_variable(local.to(process_device())).cpu().numpy()
+
+
+def process_device() -> torch.device:
+    """Where this process encodes and gathers: its own GPU under `accelerate launch`, the GPU of
+    a single process that has one, else the CPU (the standalone tools: evaluation, mining,
+    analysis; the Trainer places its model through Accelerate)."""
+    from accelerate import PartialState
+
+    from common.training import use_cpu
+
+    return PartialState(cpu=use_cpu("auto")).device
 
 
 def join_processes() -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +79,9 @@ class TrainingPool:
     teacher: Dict[str, Dict[str, float]] = field(default_factory=dict)  # qid -> pid -> t(q, d)
     neg_queries: Dict[str, List[str]] = field(default_factory=dict)  # pid -> qids (q- of d)
     source: str = "training data"  # for error messages
+    # data.mine: what the miner ranks (a RetrievalData: corpus, every judged query, qrels), read
+    # when finetune.sources.finish_pool mines, which every process must call together
+    mining_data: Optional[Callable[[], Any]] = None
 
 
 @dataclass

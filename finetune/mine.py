@@ -5,7 +5,8 @@ hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
     python -m finetune.mine --data msmarco_sample --retriever dense \
         --model bundled:all-MiniLM-L6-v2 --skip-top 3 --window 30 --n 10 --output negs.jsonl
     accelerate launch --multi_gpu --num_processes 2 -m finetune.mine ... --retriever dense
-        (each process encodes a slice of the corpus and queries; one process writes the file)
+        (each process encodes a slice of the corpus and queries; BM25 ranks on one process;
+        one process writes the file)
 
 Per query: retrieve `depth` documents, drop every judged-relevant document (and any document
 whose text equals a positive's), keep the rank window [skip_top, skip_top + window) of what is
@@ -76,9 +77,9 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
     from common.encoder import Encoder
     from common.evaluate import _corpus_rows
     from common.search import dense_search
-    from common.sharded import encode_sharded
+    from common.sharded import encode_sharded, process_device
 
-    encoder = Encoder.load(args.model)
+    encoder = Encoder.load(args.model).to(process_device())
     encoder.encode_bf16, encoder.encode_compile = args.bf16, args.compile
     doc_ids, rows = _corpus_rows(data)
     # under `accelerate launch` every process encodes its slice of the corpus and of the queries
@@ -126,6 +127,19 @@ def mine(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
         chosen = sorted(rng.choice(len(window), min(args.n, len(window)), replace=False).tolist())
         out[q] = {"pos": sorted(positives), "neg": [window[i] for i in chosen]}
     return out
+
+
+def mine_together(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
+    """mine() when several processes run (every one must call it): dense mining encodes one slice
+    of the corpus and queries per process (encode_sharded); BM25 ranks on the main process only
+    and sends the result to the others, so a run holds one BM25 index, not one per process."""
+    from common.distributed import broadcast_object, is_distributed, is_main
+
+    if args.retriever != "bm25" or not is_distributed():
+        return mine(data, args, teacher)
+    mined = mine(data, args, teacher) if is_main() else None
+    mined, args.stats = broadcast_object((mined, args.stats))
+    return mined
 
 
 def _filter(qid, text, window, scores, pos_scores, positives, args, teacher, doc_text):
@@ -217,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = Teacher(TeacherArgs(model=args.teacher, kind=args.teacher_kind),
                           cache_path=args.teacher_cache or None)
     data = load_eval_data(ns.data, ns.split)
-    mined = mine(data, args, teacher)
+    mined = mine_together(data, args, teacher)
     if not is_main():  # every process has the same result; one writes it
         return 0
     system = args.system or (args.retriever if args.retriever == "bm25" else f"dense:{Path(args.model).name}")

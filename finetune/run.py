@@ -60,17 +60,21 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     from common.encoder import Encoder
     from finetune.data import GroupCollator, GroupDataset
     from finetune.method import FinetuneMethod
-    from finetune.sources import build_pool, required_pairs
+    from finetune.sources import build_pool, finish_pool, required_pairs
     from finetune.tokens import LongestDocument, TokenCache
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
     teacher = _teacher(recipe, device)
     with_teacher = stage.loss.needs_teacher_scores()
-    # the main process computes teacher scores into the cache first; the others then read them
-    with PartialState().main_process_first():
+    state = PartialState()
+    with state.main_process_first():  # the main process reads first (and fills any file cache)
         pool = build_pool(stage.data, teacher=teacher, report=report,
-                          exclude=dev_queries(recipe, stage))
+                          exclude=dev_queries(recipe, stage), finish=False)
+    # mining is collective (dense: one slice of the corpus per process), so not one at a time
+    finish_pool(pool, stage.data)
+    # the main process computes teacher scores into the cache first; the others then read them
+    with state.main_process_first():
         if with_teacher and teacher is not None:
             n = teacher.fill_pool(pool, required_pairs(pool, with_neg_queries=stage.data.n_neg_queries > 0))
             log.info("teacher: %d pairs scored (%d computed, %d from the cache)", n,
@@ -80,7 +84,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     tokens = None
     if stage.data.pretokenize:
         tokens = TokenCache(encoder, pool)
-        tokens.pretokenize(progress=PartialState().is_main_process)
+        tokens.pretokenize(progress=state.is_main_process)
     dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
                            with_teacher=with_teacher, short_pool=stage.data.short_pool,
                            seed=recipe.train.seed,

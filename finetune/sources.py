@@ -99,8 +99,8 @@ def _beir_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     queries = TextStore.from_table(rd.queries, with_title=False)
     groups = _groups_from_qrels(queries.ids, rd.qrels, data.min_relevance, f"{data.path}/{data.split}")
     groups = _attach_negatives(groups, data, None, docs, teacher, read)
-    _mine_negatives(groups, data, rd)
-    return TrainingPool(groups, queries, docs, teacher=teacher, source=f"{data.path} ({data.split})")
+    return TrainingPool(groups, queries, docs, teacher=teacher, source=f"{data.path} ({data.split})",
+                        mining_data=(lambda: rd) if data.mine.retriever else None)
 
 
 def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
@@ -121,29 +121,33 @@ def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     for g in groups:
         if g.qid not in queries:
             raise D.DataError(f"query {g.qid!r} has no text in {data.queries}", path=root)
-    if data.mine.retriever:
+
+    def mining_data():  # every judged query of the file, as before the dev and few-shot cuts
         kept = [i for i, q in enumerate(queries.ids) if q in {g.qid for g in groups}]
         table = D.load_msmarco_queries(_file(root, data.queries), **read).select(kept)
-        _mine_negatives(groups, data, D.RetrievalData(
+        return D.RetrievalData(
             corpus=D.load_msmarco_collection(_file(root, data.collection), **read), queries=table,
             qrels={g.qid: {p: 1 for p in g.positives} for g in groups}, name=root.name,
-            split="train"))
-    return TrainingPool(groups, queries, docs, teacher=teacher, source=str(root))
+            split="train")
+    return TrainingPool(groups, queries, docs, teacher=teacher, source=str(root),
+                        mining_data=mining_data if data.mine.retriever else None)
 
 
-def _mine_negatives(groups: List[TrainGroup], data: DataArgs, rd) -> None:
-    """data.mine: negatives from BM25 / a dense model, with the rank window of finetune.mine."""
+def _mine_negatives(pool: TrainingPool, data: DataArgs) -> None:
+    """data.mine: negatives from BM25 / a dense model, with the rank window of finetune.mine.
+    Every process calls it (dense mining encodes one slice of the corpus per process)."""
     if not data.mine.retriever:
         return
-    from finetune.mine import MineArgs, mine
+    from finetune.mine import MineArgs, mine_together
 
     m = data.mine
     args = MineArgs(retriever=m.retriever, model=m.model, depth=m.depth, skip_top=m.skip_top,
                     window=m.window, n=m.n, seed=data.sample_seed,
                     max_pos_ratio=m.max_pos_ratio, max_score=m.max_score, bf16=m.bf16,
                     compile=m.compile)
-    mined = mine(rd, args)
-    for g in groups:
+    mined = mine_together(pool.mining_data(), args)
+    pool.mining_data = None  # the corpus table is not needed by training
+    for g in pool.groups:
         g.negatives = [p for p in mined.get(g.qid, {}).get("neg", []) if p not in g.positives]
     log.info("mined %s negatives: %s", m.retriever, args.stats)
 
@@ -253,10 +257,12 @@ def data_file(data: DataArgs, name: str) -> Path:
 
 
 def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None,
-               exclude: Sequence[str] = ()) -> TrainingPool:
-    """The groups of `data` (few-shot sampled, teacher scores attached, negative queries mined).
-    With data.on_error=skip, bad records are dropped and counted in `report`. Queries in
-    `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot sampling."""
+               exclude: Sequence[str] = (), finish: bool = True) -> TrainingPool:
+    """The groups of `data` (few-shot sampled, teacher scores attached, negatives and negative
+    queries mined). With data.on_error=skip, bad records are dropped and counted in `report`.
+    Queries in `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot
+    sampling. finish=False leaves the mining to finish_pool, which every process of a
+    distributed run must call at the same point (the reading may be done one process at a time)."""
     read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
     scores: Dict[str, Dict[str, float]] = {}
     if data.teacher_scores:
@@ -282,10 +288,18 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
         keep = np.sort(rng.choice(len(pool.groups), data.max_queries, replace=False))
         pool.groups = [pool.groups[i] for i in keep]
         pool.source += f" ({data.max_queries} sampled queries, seed {data.sample_seed})"
+    if finish:
+        finish_pool(pool, data)
+    return pool
+
+
+def finish_pool(pool: TrainingPool, data: DataArgs) -> None:
+    """data.mine's hard negatives (the miner ranks every judged query of the data, so the cuts
+    above change no query's negatives), then the negative queries drawn from them."""
+    _mine_negatives(pool, data)
     if data.n_neg_queries:
         mine_negative_queries(pool, data.n_neg_queries, data.sample_seed,
                               fill_random=data.short_pool == "random")
-    return pool
 
 
 def mine_negative_queries(pool: TrainingPool, m: int, seed: int, fill_random: bool) -> None:

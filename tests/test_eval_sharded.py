@@ -50,6 +50,27 @@ def test_encode_sharded_gathers_in_order_and_each_process_encodes_its_slice():
     assert seen0 == [0, 1, 2, 3] and seen1 == [4, 5, 6]
 
 
+def test_encode_sharded_gathers_on_the_process_device(monkeypatch):
+    """NCCL (GPUs) gathers only GPU tensors: the slice goes to process_device() before the
+    gather, and the result comes back to the host. ("meta" stands in for a GPU here.)"""
+    import torch
+
+    import common.sharded as sharded
+
+    seen = []
+
+    def gather(x):
+        seen.append(x.device)
+        return torch.zeros((7, 2))  # what a gather would bring back (not a meta tensor)
+    monkeypatch.setattr(sharded, "world_size", lambda: 2)
+    monkeypatch.setattr(sharded, "rank", lambda: 0)
+    monkeypatch.setattr(sharded, "process_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(sharded, "gather_variable", gather)
+    out = encode_sharded(lambda part: np.ones((len(part), 2), dtype=np.float32), list(range(7)))
+    assert seen == [torch.device("meta")]
+    assert isinstance(out, np.ndarray) and out.shape == (7, 2)
+
+
 def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
     beir = tmp_path / "beir"
     write_beir(beir)

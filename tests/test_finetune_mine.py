@@ -178,3 +178,51 @@ def test_two_process_dense_mining_equals_one_process(tmp_path):
     rows_one = load_hard_negatives(tmp_path / "one.jsonl").to_list()
     assert rows_one == load_hard_negatives(tmp_path / "two.jsonl").to_list()
     assert len(rows_one) == len(TOPICS) and all(len(r["neg"]) == 4 for r in rows_one)
+
+
+@pytest.mark.timeout(600)
+def test_two_process_recipe_with_dense_mining_equals_one_process_with_doubled_batch(tmp_path):
+    """data.mine with a dense miner in a 2-process run of finetune/run.py: mining is collective
+    (each process encodes a slice), so it must not run inside the one-process-at-a-time reading
+    of the data (it used to hang there: the main process gathered while the other waited at a
+    barrier); the run ends where 1 process with the doubled batch ends."""
+    from tests.test_grad_cache_runs import final_weights, finetune_overrides, run
+
+    write_beir(tmp_path / "beir")
+    tiny_bert(dropout=0.0).save(tmp_path / "miner")
+    dense = f"data.mine={{retriever: dense, model: {tmp_path / 'miner'}, depth: 20, window: 6, n: 3}}"
+    for name, batch, processes in (("one", 4, 1), ("two", 2, 2)):
+        proc = run([*finetune_overrides(tmp_path / "beir", tmp_path / name), dense,
+                    f"train.per_device_batch_size={batch}"], processes=processes)
+        assert proc.stderr.count("mined dense negatives") == processes  # the dense miner ran
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst <= 5e-5, f"2 processes differ from 1 process by {worst}"
+
+
+def _bm25_mining_in_two(rank, world, folder):
+    import finetune.mine as M
+
+    calls = []
+    real = M.mine
+
+    def counted(*args, **kwargs):
+        calls.append(rank)
+        return real(*args, **kwargs)
+    M.mine = counted
+    args = MineArgs(retriever="bm25", depth=20, window=6, n=3)
+    return M.mine_together(load_beir(folder, "train"), args), args.stats, calls
+
+
+def test_bm25_mining_of_two_processes_ranks_once_and_sends_the_result(tmp_path):
+    """mine_together with BM25: only the main process builds an index and ranks; the other gets
+    the same negatives (and counts) as a single process computes."""
+    from tests.dist_utils import run_distributed
+
+    data = write_beir(tmp_path / "beir")
+    args = MineArgs(retriever="bm25", depth=20, window=6, n=3)
+    alone = mine(data, args)
+    (mined0, stats0, calls0), (mined1, stats1, calls1) = run_distributed(
+        _bm25_mining_in_two, 2, (tmp_path / "beir",))
+    assert mined0 == mined1 == alone and stats0 == stats1 == args.stats
+    assert calls0 == [0] and calls1 == []

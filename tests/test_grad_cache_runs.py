@@ -35,6 +35,7 @@ def run(overrides, processes=1):
     proc = subprocess.run([*launch, str(REPO / "finetune" / "run.py"), "--recipe", "fewshot_cpu",
                            *overrides], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def final_weights(out):
