@@ -208,9 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant
     from common.data import resolve_data
     from common.encoder import Encoder
-    from common.sharded import process_device
     from common.evaluate import load_eval_data
     from common.evaluate_cli import slug
+    from common.sharded import process_device
 
     data_path = resolve_data(ns.data)
     output_dir = Path(ns.output_dir or Path("runs", "analyze",
