@@ -2,15 +2,13 @@
 halves are gathered, and the outputs equal a single-process evaluation."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.sharded import encode_sharded, shard_bounds
-from tests.dist_utils import free_port, run_distributed
+from tests.dist_utils import launch_prefix, run_distributed, run_to_end
 from tests.test_eval_cli import write_beir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,15 +75,11 @@ def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     args = ["--model", str(tiny_model_dir), "--data", str(beir), "--split", "test", "--k", "10",
             "--no-progress"]
-    one = subprocess.run([sys.executable, "-m", "common.evaluate", *args, "--output-dir",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
+    one = run_to_end([*launch_prefix(1), "-m", "common.evaluate", *args, "--output-dir",
+                      str(tmp_path / "one")], env=env, cwd=REPO)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                          "-m", "common.evaluate", *args, "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    two = run_to_end([*launch_prefix(2), "-m", "common.evaluate", *args, "--output-dir",
+                      str(tmp_path / "two")], env=env, cwd=REPO)
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())

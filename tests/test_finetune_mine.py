@@ -151,11 +151,9 @@ def test_two_process_dense_mining_equals_one_process(tmp_path):
     """Under `accelerate launch` each process encodes half of the corpus and queries; the gathered
     embeddings give the same negatives as a single process, and only one process writes."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from tests.dist_utils import free_port
+    from tests.dist_utils import launch_prefix, run_to_end
 
     repo = Path(__file__).resolve().parents[1]
     write_beir(tmp_path / "beir")
@@ -164,14 +162,11 @@ def test_two_process_dense_mining_equals_one_process(tmp_path):
     args = ["-m", "finetune.mine", "--data", str(tmp_path / "beir"), "--split", "train",
             "--retriever", "dense", "--model", str(tmp_path / "model"), "--skip-top", "1",
             "--n", "4", "--batch-size", "3"]
-    one = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one.jsonl")],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    one = run_to_end([*launch_prefix(1), *args, "--output", str(tmp_path / "one.jsonl")],
+                     env=env, cwd=repo)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                          *args, "--output", str(tmp_path / "two.jsonl")],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    two = run_to_end([*launch_prefix(2), *args, "--output", str(tmp_path / "two.jsonl")],
+                     env=env, cwd=repo)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads(two.stdout[two.stdout.index("{"):])["processes"] == 2
     assert json.loads(one.stdout[one.stdout.index("{"):])["processes"] == 1

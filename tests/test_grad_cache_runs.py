@@ -3,15 +3,10 @@ launch` with 2 gloo processes it ends where 1 uncached process with the doubled 
 cached run killed after a checkpoint resumes bit-exactly (dropout on, replayed per chunk)."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 from safetensors.torch import load_file
 
-from tests.dist_utils import free_port
+from tests.dist_utils import launch_prefix, run_to_end
 from tests.test_reliability_resume import REPO, TINY_MODEL, crash_and_resume, env
 
 NO_DROPOUT = [o for o in TINY_MODEL if not o.startswith("model.config_overrides")] + [
@@ -29,24 +24,10 @@ def finetune_overrides(beir, out) -> list[str]:
 
 
 def run(overrides, processes=1):
-    launch = [sys.executable]
-    if processes > 1:
-        launch += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    # a session of its own: a run that hangs is killed with every process `accelerate launch`
-    # started, not only the launcher (a hung gloo collective would otherwise outlive the test)
-    proc = subprocess.Popen([*launch, str(REPO / "finetune" / "run.py"), "--recipe", "fewshot_cpu",
-                             *overrides], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"finetune/run.py still running after 300 s:\n{err[-4000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    proc = run_to_end([*launch_prefix(processes), str(REPO / "finetune" / "run.py"), "--recipe",
+                       "fewshot_cpu", *overrides], env=env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def final_weights(out):

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.dist_utils import launch_prefix, run_to_end
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "tests" / "scripts" / "toy_train.py")
 BASE = ["train.log_every=1", "train.lr=1e-3", "train.warmup_steps=2", "n_pairs=48"]
@@ -23,14 +25,7 @@ def run_toy(out, *overrides, resume=False, processes=1, check=True):
     args = ["--recipe", "none", f"train.output_dir={out}", *BASE, *overrides]
     if resume:
         args.append("--resume")
-    if processes == 1:
-        cmd = [sys.executable, TOY, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(29400 + os.getpid() % 500), TOY,
-               *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_to_end([*launch_prefix(processes), TOY, *args], env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"toy run failed:\n{proc.stderr[-4000:]}")
     return proc
