@@ -22,6 +22,9 @@ plus the final evaluation of the whole test split):
                 queue 1024 / 4096 / 16384, in-batch only), on the dev split
   domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot` (one run per --seeds)
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
+  fewshot_dual  `fewshot` plus DANCE's dual loss, the one change the dev ablation found may help
+                (p 0.04 of four changes tried), run on the test split afterwards: one run per
+                --seeds (default 0), the seeds of the `fewshot` rows it is compared with
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
                 100 held-out queries, the other 100 for few-shot training)
   ablation      which seed methods help: one change at a time from `fewshot` (negatives: none,
@@ -286,6 +289,18 @@ def section_domain_adapt(ns) -> dict:
         for seed, own in recipe_seeds(ns, "finetune/run.py", "domain_adapt")}
 
 
+def section_fewshot_dual(ns) -> dict:
+    """The dev ablation's pick on the test split, next to `fewshot` and sentence-transformers'
+    rows of the same seeds (chosen on dev, then run on test once: not tuned on test)."""
+    change = "+ dual loss (DANCE, weight 0.1)"
+    group = f"fewshot {change.removeprefix('+ ')}"
+    return {f"{group} (seed {seed})": {
+                **finetune(f"fewshot_dual_s{seed}", "fewshot",
+                           [f"train.seed={seed}", *FEWSHOT_ABLATION[change], *TEST_EVAL], ns),
+                "group": group, "seed": seed}
+            for seed in ns.seeds or [0]}
+
+
 def _sample(n: int, seed: int) -> list[str]:
     """Overrides of recipe `fewshot` for n sampled training queries: a batch of at most n / 2 (a
     batch of all n queries must hold every text, and two queries sharing a judged document cannot
@@ -325,7 +340,7 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
             "domain_adapt": section_domain_adapt,
-            "curve": section_curve, "curve_dev": section_curve_dev, "ablation": section_ablation,
+            "curve": section_curve, "fewshot_dual": section_fewshot_dual, "curve_dev": section_curve_dev, "ablation": section_ablation,
             "other_corpus": section_other_corpus}
 
 
@@ -333,7 +348,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     p.add_argument("--seeds", type=int, nargs="+",
-                   help="fewshot / curve: training seeds / few-shot samples (default 0); "
+                   help="fewshot / fewshot_dual / curve: training seeds / few-shot samples (default 0); "
                         "label_free / domain_adapt / ablation: training seeds (default the "
                         "recipe's own)")
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")

@@ -9,8 +9,10 @@ from pathlib import Path
 MEASURES = ["nDCG@10", "R@100"]
 
 # every test-split row is compared with these (whichever have a run file): the zero-shot
-# baselines, and the labelled-data run that domain_adapt must beat; row name -> column title
-REFERENCES = {"BM25": "p vs BM25", "start model": "p vs start", "fewshot (seed 0)": "p vs fewshot"}
+# baselines, the labelled-data run that domain_adapt must beat, and sentence-transformers'
+# trainer on the same triples that the few-shot runs must beat; row name -> column title
+REFERENCES = {"BM25": "p vs BM25", "start model": "p vs start", "fewshot (seed 0)": "p vs fewshot",
+              "sentence-transformers MNRL, same triples (seed 0)": "p vs ST"}
 # rows compared with a base row, shown in tables of their own: name prefix -> table title
 BASE_TABLES = {
     "ablation, ": "Ablation (dev split, each seed; each change against its base row of the same "
