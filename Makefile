@@ -34,11 +34,9 @@ bench: install
 	$(PY) benchmarks/perf.py encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/quality.py reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus --reuse
-	$(PY) benchmarks/quality.py fewshot curve --seeds 0 1 2 --reuse
+	$(PY) benchmarks/quality.py fewshot fewshot_dual curve --seeds 0 1 2 --reuse
 	$(PY) benchmarks/quality.py label_free domain_adapt --seeds 42 1 2 --reuse
-	$(PY) benchmarks/quality.py ablation --seeds 42 1 2 --reuse --choices "4 pairs, uniform weights" "1 pair (Contriever's cropping)" \
-		"in-batch negatives only" "dense-mined negative, false-negative filter 0.95" \
-		"+ dual loss (DANCE, weight 0.1)" "SamToNe instead of InfoNCE"
+	$(PY) benchmarks/quality.py ablation --seeds 42 1 2 --reuse
 
 clean:
 	rm -rf .make runs

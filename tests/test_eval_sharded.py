@@ -2,6 +2,7 @@
 halves are gathered, and the outputs equal a single-process evaluation."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,26 @@ def test_encode_sharded_gathers_on_the_process_device(monkeypatch):
     out = encode_sharded(lambda part: np.ones((len(part), 2), dtype=np.float32), list(range(7)))
     assert seen == [torch.device("meta")]
     assert isinstance(out, np.ndarray) and out.shape == (7, 2)
+
+
+def test_process_device_inside_a_recipe_run_is_the_recipes_device():
+    """A recipe run sets up Accelerate's (process-wide) state first, from train.device
+    (finetune/run.py run_recipe); process_device() then returns that state's device, so a
+    recipe's dense miner and evaluation stay on the CPU with train.device=cpu on a machine
+    with a GPU (faked here) instead of picking the GPU on their own."""
+    code = "\n".join([
+        "import torch",
+        "torch.cuda.is_available = lambda: True  # a machine with a GPU",
+        "from accelerate import PartialState",
+        "from common.sharded import process_device",
+        "from common.training import use_cpu",
+        "assert use_cpu('auto') is False  # left alone, a tool would take the GPU",
+        "PartialState(cpu=use_cpu('cpu'))  # what run_recipe does with train.device=cpu",
+        "print(process_device())"])
+    out = run_to_end([sys.executable, "-c", code], cwd=REPO,
+                     env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "cpu"
 
 
 def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
