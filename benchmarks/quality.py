@@ -293,7 +293,7 @@ def section_fewshot_dual(ns) -> dict:
     """The dev ablation's pick on the test split, next to `fewshot` and sentence-transformers'
     rows of the same seeds (chosen on dev, then run on test once: not tuned on test)."""
     change = "+ dual loss (DANCE, weight 0.1)"
-    group = f"fewshot {change.removeprefix('+ ')}"
+    group = f"fewshot {change}"
     return {f"{group} (seed {seed})": {
                 **finetune(f"fewshot_dual_s{seed}", "fewshot",
                            [f"train.seed={seed}", *FEWSHOT_ABLATION[change], *TEST_EVAL], ns),
