@@ -340,7 +340,8 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
             "domain_adapt": section_domain_adapt,
-            "curve": section_curve, "fewshot_dual": section_fewshot_dual, "curve_dev": section_curve_dev, "ablation": section_ablation,
+            "curve": section_curve, "fewshot_dual": section_fewshot_dual,
+            "curve_dev": section_curve_dev, "ablation": section_ablation,
             "other_corpus": section_other_corpus}
 
 
@@ -348,7 +349,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     p.add_argument("--seeds", type=int, nargs="+",
-                   help="fewshot / fewshot_dual / curve: training seeds / few-shot samples (default 0); "
+                   help="fewshot / fewshot_dual / curve: training seeds / few-shot samples "
+                        "(default 0); "
                         "label_free / domain_adapt / ablation: training seeds (default the "
                         "recipe's own)")
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
