@@ -70,24 +70,30 @@ def test_encode_sharded_gathers_on_the_process_device(monkeypatch):
     assert isinstance(out, np.ndarray) and out.shape == (7, 2)
 
 
-def test_process_device_inside_a_recipe_run_is_the_recipes_device():
-    """A recipe run sets up Accelerate's (process-wide) state first, from train.device
-    (finetune/run.py run_recipe); process_device() then returns that state's device, so a
-    recipe's dense miner and evaluation stay on the CPU with train.device=cpu on a machine
-    with a GPU (faked here) instead of picking the GPU on their own."""
+def test_process_device_inside_a_recipe_run_is_the_recipes_device(tmp_path):
+    """finetune/run.py run_recipe sets up Accelerate's (process-wide) state from train.device
+    before it builds a stage (where data.mine runs); process_device() then returns that state's
+    device, so with train.device=cpu a recipe's dense miner stays on the CPU on a machine with a
+    GPU (faked here) instead of picking the GPU on its own."""
     code = "\n".join([
-        "import torch",
+        "import sys, torch",
         "torch.cuda.is_available = lambda: True  # a machine with a GPU",
-        "from accelerate import PartialState",
+        "import finetune.run as run",
+        "from common.config import load_recipe",
         "from common.sharded import process_device",
         "from common.training import use_cpu",
+        "from finetune.args import FinetuneRecipe",
         "assert use_cpu('auto') is False  # left alone, a tool would take the GPU",
-        "PartialState(cpu=use_cpu('cpu'))  # what run_recipe does with train.device=cpu",
-        "print(process_device())"])
+        "def build_stage(*args, **kwargs):  # where the miner would ask for its device",
+        "    print('miner device', process_device()); sys.exit(0)",
+        "run.build_stage = build_stage",
+        f"run.run_recipe(load_recipe(FinetuneRecipe, 'fewshot_cpu', "
+        f"['train.device=cpu', 'train.output_dir={tmp_path / 'run'}']))"])
     out = run_to_end([sys.executable, "-c", code], cwd=REPO,
-                     env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                     env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                     timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "cpu"
+    assert out.stdout.strip().splitlines()[-1] == "miner device cpu"
 
 
 def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
