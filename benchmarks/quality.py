@@ -25,6 +25,8 @@ plus the final evaluation of the whole test split):
   fewshot_dual  `fewshot` plus DANCE's dual loss, the one change the dev ablation found may help
                 (p 0.04 of four changes tried), run on the test split afterwards: one run per
                 --seeds (default 0), the seeds of the `fewshot` rows it is compared with
+  domain_adapt_dual  `domain_adapt` with that dual loss in its fine-tuning stage: one run per
+                --seeds (default the recipe's seed), the seeds of the `domain_adapt` rows
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
                 100 held-out queries, the other 100 for few-shot training)
   ablation      which seed methods help: one change at a time from `fewshot` (negatives: none,
@@ -56,6 +58,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
                                         FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
+from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual  # noqa: E402
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
 from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
                                      finetune, recipe_seeds, run_script, seed_suffix, slug)
@@ -289,18 +292,6 @@ def section_domain_adapt(ns) -> dict:
         for seed, own in recipe_seeds(ns, "finetune/run.py", "domain_adapt")}
 
 
-def section_fewshot_dual(ns) -> dict:
-    """The dev ablation's pick on the test split, next to `fewshot` and sentence-transformers'
-    rows of the same seeds (chosen on dev, then run on test once: not tuned on test)."""
-    change = "+ dual loss (DANCE, weight 0.1)"
-    group = f"fewshot {change}"
-    return {f"{group} (seed {seed})": {
-                **finetune(f"fewshot_dual_s{seed}", "fewshot",
-                           [f"train.seed={seed}", *FEWSHOT_ABLATION[change], *TEST_EVAL], ns),
-                "group": group, "seed": seed}
-            for seed in ns.seeds or [0]}
-
-
 def _sample(n: int, seed: int) -> list[str]:
     """Overrides of recipe `fewshot` for n sampled training queries: a batch of at most n / 2 (a
     batch of all n queries must hold every text, and two queries sharing a judged document cannot
@@ -339,7 +330,7 @@ def section_curve_dev(ns) -> dict:
 SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": section_dev,
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
-            "domain_adapt": section_domain_adapt,
+            "domain_adapt": section_domain_adapt, "domain_adapt_dual": section_domain_adapt_dual,
             "curve": section_curve, "fewshot_dual": section_fewshot_dual,
             "curve_dev": section_curve_dev, "ablation": section_ablation,
             "other_corpus": section_other_corpus}
@@ -351,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="fewshot / fewshot_dual / curve: training seeds / few-shot samples "
                         "(default 0); "
-                        "label_free / domain_adapt / ablation: training seeds (default the "
+                        "label_free / domain_adapt(_dual) / ablation: training seeds (default the "
                         "recipe's own)")
     p.add_argument("--data", default="scifact", help="BEIR folder or name under $TWOTOWER_DATA")
     p.add_argument("--other", default="msmarco_sample",
