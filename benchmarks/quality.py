@@ -20,6 +20,9 @@ plus the final evaluation of the whole test split):
                 sees a query)
   label_free_negatives  Contriever's ablation of the number of negatives for that run (MoCo
                 queue 1024 / 4096 / 16384, in-batch only), on the dev split
+  label_free_sentences  label-free fine-tuning on sentences of the corpus as queries
+                (data.kind=sentences), on the dev split against the label-free base of the same
+                seed (benchmarks/quality_sentences.py; --choices, --seeds)
   domain_adapt  recipe `domain_adapt`: corpus pretraining, then `fewshot` (one run per --seeds)
   curve         `fewshot` with 8 / 32 / 128 training queries (one sample per --seeds)
   fewshot_dual  `fewshot` plus DANCE's dual loss, the one change the dev ablation found may help
@@ -60,6 +63,7 @@ from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa:
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
 from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual  # noqa: E402
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
+from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
 from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
                                      finetune, recipe_seeds, run_script, seed_suffix, slug)
 
@@ -330,6 +334,7 @@ def section_curve_dev(ns) -> dict:
 SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": section_dev,
             "label_free": section_label_free, "label_free_dev": section_label_free_dev,
             "label_free_negatives": section_label_free_negatives,
+            "label_free_sentences": section_label_free_sentences,
             "domain_adapt": section_domain_adapt, "domain_adapt_dual": section_domain_adapt_dual,
             "curve": section_curve, "fewshot_dual": section_fewshot_dual,
             "curve_dev": section_curve_dev, "ablation": section_ablation,
@@ -351,8 +356,9 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="record runs that already finished with the same command instead of "
                         "training them again (an interrupted benchmark goes on where it stopped)")
-    p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev / ablation "
-                   "sections: run only these of their choices (benchmarks/quality_choices.py)")
+    p.add_argument("--choices", nargs="+", help="dev / label_free_dev / curve_dev / ablation / "
+                   "label_free_sentences sections: run only these of their choices "
+                   "(benchmarks/quality_choices.py, quality_sentences.py)")
     p.add_argument("--without-st", action="store_true",
                    help="fewshot section: twotower's runs only (sentence-transformers' rows "
                         "stay as recorded)")

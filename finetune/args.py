@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 from common.args import EvalArgs, ModelArgs, TrainArgs, _choice
 from common.config import RecipeError
 
-DATA_KINDS = ("beir", "msmarco", "triples", "jsonl", "pseudo")
+DATA_KINDS = ("beir", "msmarco", "triples", "jsonl", "pseudo", "sentences")
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -100,6 +100,20 @@ class PseudoArgs:
 
 
 @dataclass
+class SentenceQueryArgs:
+    """data.kind=sentences (finetune.sentence_queries): one sentence of each sampled document is
+    its query; data.max_queries documents (0 = all), sampled with data.sample_seed."""
+    min_words: int = 5  # shorter sentences (headings, numbers) are not queries
+    max_words: int = 64
+    punkt: str = "auto"  # pretrain.sentences: nltk's Punkt model, trained on the corpus if absent
+
+    def validate(self) -> None:
+        if not 1 <= self.min_words <= self.max_words:
+            raise RecipeError("'data.sentences' needs 1 <= min_words <= max_words")
+        _choice("data.sentences.punkt", self.punkt, ("auto", "pretrained", "train"))
+
+
+@dataclass
 class MiningArgs:
     """Hard negatives mined before training (finetune.mine) when no hard_negatives file is given."""
     retriever: str = ""  # "" = no mining; bm25 | dense
@@ -128,7 +142,8 @@ class MiningArgs:
 class DataArgs:
     # beir: BEIR folder + qrels/<split>.tsv; msmarco: folder of the official files;
     # triples: a triples.train text file; jsonl: {"query", "positives", "negatives", "scores"};
-    # pseudo: queries + corpus of `path` labelled by the teacher (see `pseudo`)
+    # pseudo: queries + corpus of `path` labelled by the teacher (see `pseudo`);
+    # sentences: the corpus of `path` only, a sentence of each document its query (label-free)
     kind: str = "beir"
     path: str = ""  # a path, or a name under $TWOTOWER_DATA
     split: str = "train"  # beir qrels split
@@ -162,13 +177,15 @@ class DataArgs:
     # (margin_mse, margin_mse_dual); needs pretokenize
     length_grouped: bool = False
     pseudo: PseudoArgs = field(default_factory=PseudoArgs)
+    sentences: SentenceQueryArgs = field(default_factory=SentenceQueryArgs)
     mine: MiningArgs = field(default_factory=MiningArgs)
 
     def validate(self) -> None:
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         _choice("data.kind", self.kind, DATA_KINDS)
-        if self.mine.retriever and (self.hard_negatives or self.kind not in ("beir", "msmarco")):
-            raise RecipeError("'data.mine' mines negatives for beir/msmarco data without a "
+        if self.mine.retriever and (self.hard_negatives
+                                    or self.kind not in ("beir", "msmarco", "sentences")):
+            raise RecipeError("'data.mine' mines negatives for beir/msmarco/sentences data without a "
                               "'data.hard_negatives' file; set one or the other")
         _choice("data.short_pool", self.short_pool, ("random", "error"))
         if self.teacher_margin is not None and not self.teacher_scores:

@@ -103,6 +103,9 @@ def target_corpus(recipe: FinetuneRecipe) -> str:
         return ""
     if data.kind in ("beir", "pseudo"):
         return data.path
+    if data.kind == "sentences":  # either layout (finetune.sentence_queries)
+        collection = data_file(data, data.collection)
+        return str(collection) if collection.is_file() else data.path
     if data.kind == "msmarco":
         return str(data_file(data, data.collection))
     return ""

@@ -242,14 +242,19 @@ def _score(value, path: Path, line_no: int) -> float:
     return parse_score(value, "score", path, line_no)
 
 
+def _sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
+    from finetune.sentence_queries import sentences_pool
+    return sentences_pool(data, teacher, read)
+
+
 READERS = {"beir": _beir_pool, "msmarco": _msmarco_pool, "triples": _triples_pool,
-           "jsonl": _jsonl_pool}
+           "jsonl": _jsonl_pool, "sentences": _sentences_pool}
 
 
 def data_file(data: DataArgs, name: str) -> Path:
     """A file named in the data section: absolute, inside data.path (msmarco folders), or
     anything common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
-    if data.kind in ("msmarco", "pseudo") and data.path and not Path(name).is_absolute():
+    if data.kind in ("msmarco", "pseudo", "sentences") and data.path and not Path(name).is_absolute():
         inside = D.resolve_data(data.path) / name
         if inside.exists():
             return inside

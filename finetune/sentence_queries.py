@@ -1,0 +1,109 @@
+"""Label-free training groups from a corpus alone (data.kind=sentences): a sentence of a document
+is the query, that document its positive, and the hard negatives are mined for the sentence
+(data.mine: BM25 ranks, the source document never among them).
+
+This is the inverse cloze task (Lee, Chang and Toutanova, "Latent Retrieval for Weakly Supervised
+Open Domain Question Answering", ACL 2019, arXiv 1906.00300: a sentence is the pseudo-query, its
+context the pseudo-evidence; pretrain's `pairs.task=ict`) at the level of whole documents, trained like a labelled few-shot set: the
+fine-tuning losses, BM25-mined negatives, whole documents as keys. ORQA removes the sentence
+from its context 90% of the time; here it stays in its document (one text per document is shared
+by every group), so the task is partly lexical: find the document holding this sentence among
+BM25's nearest ones. Spar (Chen et al., "Salient Phrase Aware Dense Retrieval: Can a Dense
+Retriever Imitate a Sparse One?", Findings of EMNLP 2022) likewise teaches a dense model lexical
+matching from sentences taken as queries; its sampling and teacher are not reproduced here.
+No labels and no query file are read: only the corpus of data.path (a BEIR folder's corpus.jsonl
+or an MS MARCO folder's collection).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+from common import data as D
+from finetune.args import DataArgs
+from finetune.data import TextStore, TrainGroup, TrainingPool
+
+log = logging.getLogger("twotower.finetune")
+QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
+
+
+def load_target_corpus(data: DataArgs, read: Dict):
+    """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
+    data.collection, else the BEIR corpus.jsonl."""
+    root = D.resolve_data(data.path)
+    collection = Path(data.collection) if Path(data.collection).is_absolute() \
+        else root / data.collection
+    if collection.is_file():
+        return D.load_msmarco_collection(collection, **read), root
+    corpus = next((root / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (root / n).is_file()),
+                  None)
+    if corpus is None:
+        raise D.DataError(f"data.kind=sentences: no corpus.jsonl (BEIR) or {data.collection} "
+                          "(MS MARCO) in the data folder", path=root)
+    return D.load_corpus(corpus, **read), root
+
+
+def sentence_groups(ids, texts, data: DataArgs, split) -> tuple[list, Dict[str, str], Dict]:
+    """One (query id, sentence, document) per document in a seeded order until data.max_queries
+    (0 = every document): a sentence of sentences.min_words..max_words words, drawn with
+    data.sample_seed. Returns the groups, the query texts and the counts of documents skipped."""
+    args = data.sentences
+    rng = np.random.default_rng(data.sample_seed)
+    order = rng.permutation(len(ids))
+    groups, queries = [], {}
+    skipped = {"empty text": 0, "no sentence of the allowed length": 0}
+    for i in order:
+        if data.max_queries and len(groups) >= data.max_queries:
+            break
+        text = texts(int(i))
+        if not text.strip():
+            skipped["empty text"] += 1
+            continue
+        eligible = [s for s in split(text) if args.min_words <= len(s.split()) <= args.max_words]
+        if not eligible:
+            skipped["no sentence of the allowed length"] += 1
+            continue
+        qid = QUERY_PREFIX + ids[int(i)]
+        queries[qid] = eligible[int(rng.integers(len(eligible)))]
+        groups.append(TrainGroup(qid, [ids[int(i)]]))
+    return groups, queries, skipped
+
+
+def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
+    from common.data import column
+    from pretrain.sentences import load_splitter
+
+    corpus, root = load_target_corpus(data, read)
+    ids = column(corpus, "id")
+
+    def body(i: int) -> str:  # read on demand: only the sampled documents are split
+        return corpus[i]["text"]
+    split = load_splitter(data.sentences.punkt, lambda: (body(i) for i in range(len(ids))))
+    groups, query_texts, skipped = sentence_groups(ids, body, data, split)
+    if any(skipped.values()):
+        log.warning("data.kind=sentences, %s: documents without a query: %s", root,
+                    ", ".join(f"{n} {why}" for why, n in skipped.items() if n))
+    if not groups:
+        raise D.DataError("data.kind=sentences: no document has a sentence of "
+                          f"{data.sentences.min_words}-{data.sentences.max_words} words "
+                          "(data.sentences.min_words / max_words)", path=root)
+    log.info("data.kind=sentences: %d pseudo-queries, one sentence of each of as many sampled "
+             "documents (seed %d)", len(groups), data.sample_seed)
+    docs = TextStore.from_table(corpus, with_title=True)
+    queries = TextStore.from_dict(query_texts)
+
+    def mining_data():
+        import datasets
+
+        table = datasets.Dataset.from_dict({"id": list(query_texts),
+                                            "text": list(query_texts.values())})
+        return D.RetrievalData(corpus=corpus, queries=table,
+                               qrels={g.qid: {g.positives[0]: 1} for g in groups},
+                               name=root.name, split="sentences")
+    return TrainingPool(groups, queries, docs, teacher=teacher,
+                        source=f"{root} (sentences as queries: {len(groups)} documents, "
+                               f"seed {data.sample_seed})",
+                        mining_data=mining_data if data.mine.retriever else None)
