@@ -185,8 +185,8 @@ class DataArgs:
         _choice("data.kind", self.kind, DATA_KINDS)
         if self.mine.retriever and (self.hard_negatives
                                     or self.kind not in ("beir", "msmarco", "sentences")):
-            raise RecipeError("'data.mine' mines negatives for beir/msmarco/sentences data without a "
-                              "'data.hard_negatives' file; set one or the other")
+            raise RecipeError("'data.mine' mines negatives for beir/msmarco/sentences data "
+                              "without a 'data.hard_negatives' file; set one or the other")
         _choice("data.short_pool", self.short_pool, ("random", "error"))
         if self.teacher_margin is not None and not self.teacher_scores:
             raise RecipeError("'data.teacher_margin' needs 'data.teacher_scores'")

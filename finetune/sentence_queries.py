@@ -4,8 +4,9 @@ is the query, that document its positive, and the hard negatives are mined for t
 
 This is the inverse cloze task (Lee, Chang and Toutanova, "Latent Retrieval for Weakly Supervised
 Open Domain Question Answering", ACL 2019, arXiv 1906.00300: a sentence is the pseudo-query, its
-context the pseudo-evidence; pretrain's `pairs.task=ict`) at the level of whole documents, trained like a labelled few-shot set: the
-fine-tuning losses, BM25-mined negatives, whole documents as keys. ORQA removes the sentence
+context the pseudo-evidence; pretrain's `pairs.task=ict`) at the level of whole documents and
+trained like a labelled few-shot set: the fine-tuning losses, BM25-mined negatives, whole
+documents as keys. ORQA removes the sentence
 from its context 90% of the time; here it stays in its document (one text per document is shared
 by every group), so the task is partly lexical: find the document holding this sentence among
 BM25's nearest ones. Spar (Chen et al., "Salient Phrase Aware Dense Retrieval: Can a Dense
