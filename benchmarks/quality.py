@@ -65,7 +65,8 @@ from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_d
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
 from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
 from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
-                                     finetune, recipe_seeds, run_script, seed_suffix, slug)
+                                     finetune, recipe_seeds, run_script, seed_suffix, slug,
+                                     start_model_dev)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -222,8 +223,12 @@ def section_ablation(ns) -> dict:
             base = None
             for name in names:
                 group = f"ablation, {part}: {name}"
-                row = {**run(base is None, name, [*table[name], *own], seed_suffix(seed, own)),
-                       "qrels": [ns.data, "train"], "group": group, "seed": seed}
+                suffix = seed_suffix(seed, own)
+                if table[name] is None:  # no training: evaluated in process
+                    done = start_model_dev(ns, seed, RUNS / f"dev_start_model{suffix}")
+                else:
+                    done = run(base is None, name, [*table[name], *own], suffix)
+                row = {**done, "qrels": [ns.data, "train"], "group": group, "seed": seed}
                 key = group + (f" (seed {seed})" if own else "")
                 rows[key] = {**row, "base": base} if base else row
                 base = base or key

@@ -57,6 +57,9 @@ LABEL_FREE_ABLATION = {
     "1 pair (Contriever's cropping)": ["pairs.n_pairs=1", "method.relevance_aware=false"],
     # chunks cut inside each document (pretrain/chunks.py DocumentChunker), not across them
     "chunks inside documents": ["pairs.chunking=document"],
+    # no label-free training at all: the start model on the same dev corpus slice (None: an
+    # evaluation in process, quality_runs.start_model_dev, not a training run)
+    "no training (the start model)": None,
 }
 
 # `curve_dev`: how many steps a small few-shot sample gets. At 8 or 32 sampled queries the

@@ -130,3 +130,38 @@ def recipe_seeds(ns, script: str, recipe: str) -> list[tuple[int, list[str]]]:
 
 def seed_suffix(seed: int, own: list[str]) -> str:
     return f"_s{seed}" if own else ""  # the recipe's own seed keeps its first run folder
+
+
+def start_model_dev(ns, seed: int, out: Path) -> dict:
+    """The start model, untrained, on the dev split and the corpus slice of training seed `seed`
+    (the Trainer's evaluator, seeded as a training run of that seed is), with its run file: a
+    row the dev runs of the same seed can be compared with query by query. --reuse: the saved
+    run of an earlier call."""
+    from benchmarks.quality_choices import MODEL
+
+    if ns.dry_run:
+        print(f"$ (in process) {MODEL} on the dev split, corpus slice of seed {seed}")
+        return {}
+    saved = out / "metrics.json"
+    if ns.reuse and saved.is_file() and (out / "run.trec").is_file():
+        earlier = json.loads(saved.read_text())
+        if earlier.get("slice_seed") == seed:
+            return {**{m: earlier["metrics"][m] for m in MEASURES}, **earlier["timing"],
+                    "run_file": str(out / "run.trec")}
+    from common.config import load_recipe
+    from common.encoder import Encoder
+    from common.evaluate import evaluator_from_args
+    from common.report import write_outputs
+    from finetune.args import FinetuneRecipe
+
+    recipe = load_recipe(FinetuneRecipe, "fewshot", [f"data.path={ns.data}",
+                                                     f"eval.data={ns.data}", *DEV_EVAL])
+    start, cpu = time.perf_counter(), time.process_time()
+    evaluate = evaluator_from_args(recipe.eval, seed=seed)
+    evaluate(Encoder.load(MODEL))
+    timing = {"wall_s": round(time.perf_counter() - start, 1),
+              "cpu_s": round(time.process_time() - cpu, 1)}
+    write_outputs(evaluate.last, out, overwrite=True, data=evaluate.data,
+                  extra={"slice_seed": seed, "timing": timing})
+    return {**{m: evaluate.last.metrics[m] for m in MEASURES}, **timing,
+            "run_file": str(out / "run.trec")}
