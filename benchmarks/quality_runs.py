@@ -146,7 +146,7 @@ def start_model_dev(ns, seed: int, out: Path) -> dict:
     if ns.reuse and saved.is_file() and (out / "run.trec").is_file():
         earlier = json.loads(saved.read_text())
         if earlier.get("slice_seed") == seed:
-            return {**{m: earlier["metrics"][m] for m in MEASURES}, **earlier["timing"],
+            return {**{m: earlier["metrics"][m] for m in MEASURES}, **earlier["quality_timing"],
                     "run_file": str(out / "run.trec")}
     from common.config import load_recipe
     from common.encoder import Encoder
@@ -162,6 +162,6 @@ def start_model_dev(ns, seed: int, out: Path) -> dict:
     timing = {"wall_s": round(time.perf_counter() - start, 1),
               "cpu_s": round(time.process_time() - cpu, 1)}
     write_outputs(evaluate.last, out, overwrite=True, data=evaluate.data,
-                  extra={"slice_seed": seed, "timing": timing})
+                  extra={"slice_seed": seed, "quality_timing": timing})
     return {**{m: evaluate.last.metrics[m] for m in MEASURES}, **timing,
             "run_file": str(out / "run.trec")}

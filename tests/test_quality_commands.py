@@ -5,6 +5,8 @@ import os
 import shlex
 from pathlib import Path
 
+import pytest
+
 from benchmarks.quality import SECTIONS, main
 from benchmarks.quality_runs import load_script_recipe
 
@@ -29,3 +31,39 @@ def test_every_section_command_loads_its_recipe(tmp_path, monkeypatch, capsys):
         load_script_recipe(script, recipe, cmd[cmd.index("--recipe") + 2:])
         checked += 1
     assert checked >= 40
+
+
+def test_start_model_dev_rows_are_saved_with_their_run_and_reused_only_for_the_same_slice(
+        tmp_path, monkeypatch):
+    """quality_runs.start_model_dev (the label-free ablation's "no training" row): the start
+    model on the dev split of a seed's corpus slice, its run file written for the paired test;
+    --reuse records the saved row of the same slice without encoding, another seed encodes."""
+    import json
+    from argparse import Namespace
+
+    import benchmarks.quality_choices as choices
+    from benchmarks.quality_runs import start_model_dev
+    from common.encoder import Encoder, tiny_bert
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "title": "", "text": f"topic {i} words {i % 7}"}) + "\n"
+        for i in range(130)))
+    (beir / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n" for i in range(120)))
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(120)))  # 120 judged: the dev split holds out 100
+    tiny_bert(dropout=0.0, normalize=True).save(tmp_path / "model")
+    monkeypatch.setattr(choices, "MODEL", str(tmp_path / "model"))
+    ns = Namespace(data=str(beir), dry_run=False, reuse=True)
+    row = start_model_dev(ns, 42, tmp_path / "out")
+    assert 0.0 <= row["nDCG@10"] <= 1.0 and Path(row["run_file"]).is_file() and "wall_s" in row
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("--reuse encoded again")
+    with monkeypatch.context() as patched:
+        patched.setattr(Encoder, "load", no_encoding)
+        assert start_model_dev(ns, 42, tmp_path / "out") == row
+        with pytest.raises(AssertionError, match="encoded again"):  # another seed's slice
+            start_model_dev(ns, 1, tmp_path / "out")
