@@ -104,8 +104,9 @@ def target_corpus(recipe: FinetuneRecipe) -> str:
     if data.kind in ("beir", "pseudo"):
         return data.path
     if data.kind == "sentences":  # either layout (finetune.sentence_queries)
-        collection = data_file(data, data.collection)
-        return str(collection) if collection.is_file() else data.path
+        from finetune.sentence_queries import msmarco_collection
+        collection = msmarco_collection(data)
+        return str(collection) if collection is not None else data.path
     if data.kind == "msmarco":
         return str(data_file(data, data.collection))
     return ""

@@ -6,10 +6,9 @@ This is the inverse cloze task (Lee, Chang and Toutanova, "Latent Retrieval for 
 Open Domain Question Answering", ACL 2019, arXiv 1906.00300: a sentence is the pseudo-query, its
 context the pseudo-evidence; pretrain's `pairs.task=ict`) at the level of whole documents and
 trained like a labelled few-shot set: the fine-tuning losses, BM25-mined negatives, whole
-documents as keys. ORQA removes the sentence
-from its context 90% of the time; here it stays in its document (one text per document is shared
-by every group), so the task is partly lexical: find the document holding this sentence among
-BM25's nearest ones. Spar (Chen et al., "Salient Phrase Aware Dense Retrieval: Can a Dense
+documents as keys. ORQA removes the sentence from its context 90% of the time; here it stays in
+its document (one text per document is shared by every group), so the task is partly lexical:
+find the document holding this sentence among BM25's nearest ones. Spar (Chen et al., "Salient Phrase Aware Dense Retrieval: Can a Dense
 Retriever Imitate a Sparse One?", Findings of EMNLP 2022) likewise teaches a dense model lexical
 matching from sentences taken as queries; its sampling and teacher are not reproduced here.
 No labels and no query file are read: only the corpus of data.path (a BEIR folder's corpus.jsonl
@@ -31,13 +30,21 @@ log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
 
 
+def msmarco_collection(data: DataArgs) -> Path | None:
+    """data.collection when data.path is an MS MARCO folder holding it (or it is absolute and
+    exists), else None: data.path is a BEIR folder."""
+    collection = Path(data.collection)
+    if not collection.is_absolute():
+        collection = D.resolve_data(data.path) / collection
+    return collection if collection.is_file() else None
+
+
 def load_target_corpus(data: DataArgs, read: Dict):
     """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
     data.collection, else the BEIR corpus.jsonl."""
     root = D.resolve_data(data.path)
-    collection = Path(data.collection) if Path(data.collection).is_absolute() \
-        else root / data.collection
-    if collection.is_file():
+    collection = msmarco_collection(data)
+    if collection is not None:
         return D.load_msmarco_collection(collection, **read), root
     corpus = next((root / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (root / n).is_file()),
                   None)

@@ -169,6 +169,13 @@ def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):
                                                      f"data.path={tmp_path / 'ms'}",
                                                      "data.collection=passages.tsv"])
     assert target_corpus(ms) == str(tmp_path / "ms" / "passages.tsv")
+    # label-free sentence queries (data.kind=sentences) read either layout
+    (tmp_path / "beir").mkdir()
+    for folder, expected in ((tmp_path / "beir", str(tmp_path / "beir")),
+                             (tmp_path / "ms", str(tmp_path / "ms" / "passages.tsv"))):
+        sentences = load_recipe(FinetuneRecipe, "domain_adapt", [
+            "data.kind=sentences", f"data.path={folder}", "data.collection=passages.tsv"])
+        assert target_corpus(sentences) == expected
     triples = load_recipe(FinetuneRecipe, "domain_adapt", ["data.kind=triples", "data.mine.retriever=",
                                                           f"data.path={tmp_path / 't.tsv'}",
                                                           f"train.output_dir={tmp_path / 'out'}"])
