@@ -65,8 +65,8 @@ from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_d
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
 from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
 from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
-                                     finetune, recipe_seeds, run_script, seed_suffix, slug,
-                                     start_model_dev)
+                                     finetune, load_script_recipe, recipe_seeds, run_script,
+                                     seed_suffix, slug, start_model_dev)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -142,18 +142,8 @@ def section_dev(ns) -> dict:
     rows = {f"dev: {name}": finetune("dev_" + slug(name),
                                      "fewshot", [*DEV_CHOICES[name], *DEV_EVAL], ns)
             for name in chosen}
-    if not ns.dry_run:  # the start model on the same dev split and corpus slice
-        from common.config import load_recipe
-        from common.encoder import Encoder
-        from common.evaluate import evaluator_from_args
-        from finetune.args import FinetuneRecipe
-
-        recipe = load_recipe(FinetuneRecipe, "fewshot", [f"eval.data={ns.data}", *DEV_EVAL])
-        start = time.perf_counter()
-        # the Trainer's own evaluator, with the Trainer's default seed for the corpus slice
-        metrics = evaluator_from_args(recipe.eval, seed=recipe.train.seed)(Encoder.load(MODEL))
-        rows["dev: start model (no training)"] = {
-            **{m: metrics[m] for m in MEASURES}, "wall_s": round(time.perf_counter() - start, 1)}
+    seed = load_script_recipe("finetune/run.py", "fewshot").train.seed  # these runs' dev slice
+    rows["dev: start model (no training)"] = start_model_dev(ns, seed, RUNS / "dev_start_model")
     return rows
 
 

@@ -54,35 +54,91 @@ def load_script_recipe(script: str, recipe: str, overrides: list[str] = ()):
     return load_recipe(kind, recipe, list(overrides))
 
 
-def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
-    """What a command trains: its resolved recipe (and its pretraining stage's), so that --reuse
-    does not record a run of a recipe file edited since."""
-    from common.config import recipe_to_yaml
-
+def resolved_recipes(script: str, recipe: str, overrides: list[str]) -> list:
+    """What a command trains: its resolved recipe, and its pretraining stage's if it has one."""
     resolved = load_script_recipe(script, recipe, overrides)
-    texts = [recipe_to_yaml(resolved)]
     stage = getattr(resolved, "pretrain", None)
     if stage is not None and stage.recipe:
-        texts.append(recipe_to_yaml(load_script_recipe("pretrain", stage.recipe,
-                                                       stage.overrides)))
+        return [resolved, load_script_recipe("pretrain", stage.recipe, stage.overrides)]
+    return [resolved]
+
+
+def _digest(containers: list) -> str:
+    from omegaconf import OmegaConf
+
+    texts = [OmegaConf.to_yaml(OmegaConf.create(c)) for c in containers]
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-def finished_run(out: Path, command: str, digest: str = "") -> dict | None:
+def _containers(recipes: list) -> list:
+    from omegaconf import OmegaConf
+
+    return [OmegaConf.to_container(OmegaConf.structured(r)) for r in recipes]
+
+
+def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
+    """A digest of resolved_recipes, so that --reuse does not record a run of a recipe file
+    edited since."""
+    return _digest(_containers(resolved_recipes(script, recipe, overrides)))
+
+
+def _without_added_keys(now: dict, saved: dict, default: dict) -> dict | None:
+    """`now` restricted to the keys of `saved` (a run's recipe.yaml), when every key it lacks (a
+    schema key added since the run) is at its default, so trains as before; else None."""
+    kept = {}
+    for key, value in now.items():
+        if key not in saved:
+            if value != default.get(key):
+                return None
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            inner = _without_added_keys(value, saved[key], default.get(key) or {})
+            if inner is None:
+                return None
+            kept[key] = inner
+        else:
+            kept[key] = value
+    return kept
+
+
+def digest_as_recorded(out: Path, recipes: list) -> str | None:
+    """The digest `recipes` had when the run in `out` was recorded: schema keys added since (at
+    their defaults) left out, found by the run's own recipe.yaml files (the last stage's, then
+    the pretraining stage's). None when a file is missing or an added key is not at its default."""
+    from omegaconf import OmegaConf
+
+    saved_files = [final_stage(out) / "recipe.yaml", out / "pretrain" / "recipe.yaml"]
+    restricted = []
+    for recipe, now, path in zip(recipes, _containers(recipes), saved_files):
+        if not path.is_file():
+            return None
+        default = OmegaConf.to_container(OmegaConf.structured(type(recipe)))
+        kept = _without_added_keys(now, OmegaConf.to_container(OmegaConf.load(path)), default)
+        if kept is None:
+            return None
+        restricted.append(kept)
+    return _digest(restricted)
+
+
+def finished_run(out: Path, command: str, digest: str = "", recipes: list = ()) -> dict | None:
     """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
     with its timing: measured by this script, or else the span between the run's first and last
-    files. Runs recorded before digests were kept are taken on the command alone."""
+    files. Runs recorded before digests were kept are taken on the command alone. A run recorded
+    before a schema key was added still counts when the key is at its default (`recipes`, the
+    resolved recipes behind `digest`: digest_as_recorded)."""
     final = final_stage(out)
-    metrics, recipes = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
-    if not metrics.is_file() or not recipes:
+    metrics, saved = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
+    if not metrics.is_file() or not saved:
         return None
     timing_file = out / "quality_timing.json"
     if timing_file.is_file():
         timing = json.loads(timing_file.read_text())
-        if timing.get("command") != command or timing.get("recipe_digest", digest) != digest:
+        if timing.get("command") != command:
+            return None
+        recorded = timing.get("recipe_digest", digest)
+        if recorded != digest and not (recipes and digest_as_recorded(out, recipes) == recorded):
             return None
     else:  # started by an earlier version of this script: file times, no CPU seconds
-        first = min(r.stat().st_mtime for r in recipes)
+        first = min(r.stat().st_mtime for r in saved)
         timing = {"wall_s": round(metrics.stat().st_mtime - first, 1),
                   "timing": "from file times"}
     return {"metrics": json.loads(metrics.read_text()), **timing,
@@ -97,8 +153,9 @@ def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) ->
     print("$", command, flush=True)
     if ns.dry_run:
         return {"command": command}
-    digest = recipe_digest(script, recipe, cmd[cmd.index(recipe) + 1:])
-    done = finished_run(out, command, digest) if ns.reuse else None
+    recipes = resolved_recipes(script, recipe, cmd[cmd.index(recipe) + 1:])
+    digest = _digest(_containers(recipes))
+    done = finished_run(out, command, digest, recipes) if ns.reuse else None
     if done is None:
         cpu, start = children_cpu_s(), time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})

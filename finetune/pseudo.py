@@ -19,6 +19,7 @@ import numpy as np
 from common import data as D
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
+from finetune.sources import msmarco_collection
 
 log = logging.getLogger("twotower.finetune")
 
@@ -26,8 +27,8 @@ log = logging.getLogger("twotower.finetune")
 def load_unlabelled(data: DataArgs):
     """(corpus Dataset, queries Dataset) of an MS MARCO-layout or BEIR folder."""
     root = D.resolve_data(data.path)
-    collection = Path(data.collection) if Path(data.collection).is_absolute() else root / data.collection
-    if collection.is_file():
+    collection = msmarco_collection(data)
+    if collection is not None:
         queries = Path(data.queries) if Path(data.queries).is_absolute() else root / data.queries
         return D.load_msmarco_collection(collection), D.load_msmarco_queries(queries), root
     return D.load_corpus(root / "corpus.jsonl"), D.load_queries(root / "queries.jsonl"), root

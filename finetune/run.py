@@ -104,7 +104,7 @@ def target_corpus(recipe: FinetuneRecipe) -> str:
     if data.kind in ("beir", "pseudo"):
         return data.path
     if data.kind == "sentences":  # either layout (finetune.sentence_queries)
-        from finetune.sentence_queries import msmarco_collection
+        from finetune.sources import msmarco_collection
         collection = msmarco_collection(data)
         return str(collection) if collection is not None else data.path
     if data.kind == "msmarco":

@@ -17,7 +17,6 @@ or an MS MARCO folder's collection).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -25,18 +24,10 @@ import numpy as np
 from common import data as D
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
+from finetune.sources import msmarco_collection
 
 log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
-
-
-def msmarco_collection(data: DataArgs) -> Path | None:
-    """data.collection when data.path is an MS MARCO folder holding it (or it is absolute and
-    exists), else None: data.path is a BEIR folder."""
-    collection = Path(data.collection)
-    if not collection.is_absolute():
-        collection = D.resolve_data(data.path) / collection
-    return collection if collection.is_file() else None
 
 
 def load_target_corpus(data: DataArgs, read: Dict):

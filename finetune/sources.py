@@ -30,6 +30,13 @@ def _file(root: Path, name: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def msmarco_collection(data: DataArgs) -> Optional[Path]:
+    """data.collection inside data.path (or absolute) when that file exists — data.path is an
+    MS MARCO folder — else None (a BEIR folder). For the kinds that read either layout."""
+    collection = _file(D.resolve_data(data.path), data.collection)
+    return collection if collection.is_file() else None
+
+
 def _positives(judged: Dict[str, int], min_relevance: int) -> List[str]:
     return [d for d, rel in judged.items() if rel >= min_relevance]
 
