@@ -83,20 +83,19 @@ def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
 
 
 def _without_added_keys(now: dict, saved: dict, default: dict) -> dict | None:
-    """`now` restricted to the keys of `saved` (a run's recipe.yaml), when every key it lacks (a
-    schema key added since the run) is at its default, so trains as before; else None."""
+    """`now` restricted to the keys of `saved` (a run's recipe.yaml), in the run's order, when
+    every key `saved` lacks (a schema key added since the run) is at its default, so trains as
+    before; else None (also when a key of the run is gone)."""
+    if set(saved) - set(now) or any(now[k] != default.get(k) for k in set(now) - set(saved)):
+        return None
     kept = {}
-    for key, value in now.items():
-        if key not in saved:
-            if value != default.get(key):
+    for key in saved:
+        if isinstance(now[key], dict) and isinstance(saved[key], dict):
+            kept[key] = _without_added_keys(now[key], saved[key], default.get(key) or {})
+            if kept[key] is None:
                 return None
-        elif isinstance(value, dict) and isinstance(saved[key], dict):
-            inner = _without_added_keys(value, saved[key], default.get(key) or {})
-            if inner is None:
-                return None
-            kept[key] = inner
         else:
-            kept[key] = value
+            kept[key] = now[key]
     return kept
 
 
@@ -119,12 +118,29 @@ def digest_as_recorded(out: Path, recipes: list) -> str | None:
     return _digest(restricted)
 
 
+def _trains_as_recorded(out: Path, recipes: list, recorded: str) -> bool:
+    """`recipes` (resolved today) train what the run in `out` trained: their digest as recorded
+    (digest_as_recorded) is the stored one, or, for a recipe of one stage, the digest of the
+    run's own recipe.yaml (the stored digest can be stale: a parent process resolved the recipe
+    with older code than the run saved it with; a pretraining stage's recipe.yaml also holds
+    what domain_adapt sets at run time, so only its stored digest counts)."""
+    from omegaconf import OmegaConf
+
+    restricted = digest_as_recorded(out, recipes) if recipes else None
+    if restricted is None:
+        return False
+    if restricted == recorded:
+        return True
+    saved = OmegaConf.to_container(OmegaConf.load(final_stage(out) / "recipe.yaml"))
+    return len(recipes) == 1 and restricted == _digest([saved])
+
+
 def finished_run(out: Path, command: str, digest: str = "", recipes: list = ()) -> dict | None:
     """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
     with its timing: measured by this script, or else the span between the run's first and last
     files. Runs recorded before digests were kept are taken on the command alone. A run recorded
     before a schema key was added still counts when the key is at its default (`recipes`, the
-    resolved recipes behind `digest`: digest_as_recorded)."""
+    resolved recipes behind `digest`: _trains_as_recorded)."""
     final = final_stage(out)
     metrics, saved = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
     if not metrics.is_file() or not saved:
@@ -135,7 +151,7 @@ def finished_run(out: Path, command: str, digest: str = "", recipes: list = ()) 
         if timing.get("command") != command:
             return None
         recorded = timing.get("recipe_digest", digest)
-        if recorded != digest and not (recipes and digest_as_recorded(out, recipes) == recorded):
+        if recorded != digest and not _trains_as_recorded(out, recipes, recorded):
             return None
     else:  # started by an earlier version of this script: file times, no CPU seconds
         first = min(r.stat().st_mtime for r in saved)

@@ -112,6 +112,12 @@ def test_reuse_survives_a_schema_key_added_since_the_run_only_at_its_default(tmp
                                                   ["train.lr=1e-5"])) is None  # digest alone
     assert reused(out, ["train.lr=1e-5", "data.sentences.min_words=7"]) is None
     assert reused(out, ["train.lr=2e-5"]) is None
+    # a stale stored digest (a parent resolved the recipe with older code than the run saved it
+    # with): for a one-stage recipe, the run's own recipe.yaml decides
+    timing = json.loads((out / "quality_timing.json").read_text())
+    (out / "quality_timing.json").write_text(json.dumps({**timing, "recipe_digest": "stale"}))
+    assert reused(out, ["train.lr=1e-5"])["metrics"] == {"nDCG@10": 0.7}
+    assert reused(out, ["train.lr=2e-5"]) is None
 
 
 def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
