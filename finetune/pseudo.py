@@ -19,19 +19,18 @@ import numpy as np
 from common import data as D
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.sources import msmarco_collection
+from finetune.sources import load_target_corpus, msmarco_collection
 
 log = logging.getLogger("twotower.finetune")
 
 
 def load_unlabelled(data: DataArgs):
     """(corpus Dataset, queries Dataset) of an MS MARCO-layout or BEIR folder."""
-    root = D.resolve_data(data.path)
-    collection = msmarco_collection(data)
-    if collection is not None:
+    corpus, root = load_target_corpus(data, {})
+    if msmarco_collection(data) is not None:
         queries = Path(data.queries) if Path(data.queries).is_absolute() else root / data.queries
-        return D.load_msmarco_collection(collection), D.load_msmarco_queries(queries), root
-    return D.load_corpus(root / "corpus.jsonl"), D.load_queries(root / "queries.jsonl"), root
+        return corpus, D.load_msmarco_queries(queries), root
+    return corpus, D.load_queries(root / "queries.jsonl"), root
 
 
 def candidate_run(data: DataArgs, corpus, qids, qtexts, root: Path) -> dict:

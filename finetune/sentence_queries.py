@@ -8,9 +8,9 @@ context the pseudo-evidence; pretrain's `pairs.task=ict`) at the level of whole 
 trained like a labelled few-shot set: the fine-tuning losses, BM25-mined negatives, whole
 documents as keys. ORQA removes the sentence from its context 90% of the time; here it stays in
 its document (one text per document is shared by every group), so the task is partly lexical:
-find the document holding this sentence among BM25's nearest ones. Spar (Chen et al., "Salient Phrase Aware Dense Retrieval: Can a Dense
-Retriever Imitate a Sparse One?", Findings of EMNLP 2022) likewise teaches a dense model lexical
-matching from sentences taken as queries; its sampling and teacher are not reproduced here.
+find the document holding this sentence among BM25's nearest ones. Spar (Chen et al., "Salient
+Phrase Aware Dense Retrieval: Can a Dense Retriever Imitate a Sparse One?", Findings of EMNLP
+2022) likewise teaches a dense model lexical matching from sentences taken as queries; its sampling and teacher are not reproduced here.
 No labels and no query file are read: only the corpus of data.path (a BEIR folder's corpus.jsonl
 or an MS MARCO folder's collection).
 """
@@ -24,25 +24,10 @@ import numpy as np
 from common import data as D
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.sources import msmarco_collection
+from finetune.sources import load_target_corpus
 
 log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
-
-
-def load_target_corpus(data: DataArgs, read: Dict):
-    """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
-    data.collection, else the BEIR corpus.jsonl."""
-    root = D.resolve_data(data.path)
-    collection = msmarco_collection(data)
-    if collection is not None:
-        return D.load_msmarco_collection(collection, **read), root
-    corpus = next((root / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (root / n).is_file()),
-                  None)
-    if corpus is None:
-        raise D.DataError(f"data.kind=sentences: no corpus.jsonl (BEIR) or {data.collection} "
-                          "(MS MARCO) in the data folder", path=root)
-    return D.load_corpus(corpus, **read), root
 
 
 def sentence_groups(ids, texts, data: DataArgs, split) -> tuple[list, Dict[str, str], Dict]:

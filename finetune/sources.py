@@ -37,6 +37,21 @@ def msmarco_collection(data: DataArgs) -> Optional[Path]:
     return collection if collection.is_file() else None
 
 
+def load_target_corpus(data: DataArgs, read: Dict):
+    """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
+    data.collection, else the BEIR corpus.jsonl."""
+    root = D.resolve_data(data.path)
+    collection = msmarco_collection(data)
+    if collection is not None:
+        return D.load_msmarco_collection(collection, **read), root
+    corpus = next((root / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (root / n).is_file()),
+                  None)
+    if corpus is None:
+        raise D.DataError(f"data.kind={data.kind}: no corpus.jsonl (BEIR) or {data.collection} "
+                          "(MS MARCO) in the data folder", path=root)
+    return D.load_corpus(corpus, **read), root
+
+
 def _positives(judged: Dict[str, int], min_relevance: int) -> List[str]:
     return [d for d, rel in judged.items() if rel >= min_relevance]
 
