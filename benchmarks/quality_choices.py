@@ -49,6 +49,11 @@ FEWSHOT_ABLATION = {
     # SamToNe (arXiv 2306.02516) in place of InfoNCE: query-query negatives added, symmetric
     "SamToNe instead of InfoNCE": ["loss.infonce.weight=0", "loss.samtone.weight=1.0",
                                    "loss.samtone.symmetric=true"],
+    # PAIR (Findings of ACL 2021) in place of InfoNCE: (1 - 0.1) L_Q + 0.1 L_P, the passage-centric
+    # term against the batch's hard negatives; the paper's alpha 0.1, the recipe's tau 0.05
+    "PAIR's passage-centric loss instead of InfoNCE": [
+        "loss.infonce.weight=0", "loss.pair.weight=1.0", "loss.pair.alpha=0.1",
+        "loss.pair.passage_negatives=hard"],
 }
 # on the first label-free dev choice (crop, lr 1e-5, 300 steps: 4 pairs, relevance-aware)
 LABEL_FREE_ABLATION = {
