@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from common import data as D
+from common.config import RecipeError
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
 
@@ -290,6 +291,9 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
     Queries in `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot
     sampling. finish=False leaves the mining to finish_pool, which every process of a
     distributed run must call at the same point (the reading may be done one process at a time)."""
+    if not data.path:  # a recipe that leaves the data to the command line (gpl)
+        raise RecipeError(f"'data.path' is empty: name the {data.kind} training data (a path, or "
+                          "a name under $TWOTOWER_DATA), e.g. data.path=<folder>")
     read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
     scores: Dict[str, Dict[str, float]] = {}
     if data.teacher_scores:

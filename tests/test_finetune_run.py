@@ -19,7 +19,7 @@ RECIPES = ["msmarco_mnrl", "msmarco_dance_dual", "msmarco_samtone", "msmarco_mar
            "msmarco_margin_mse_dual", "pair_two_stage", "fewshot", "domain_adapt"]
 
 
-@pytest.mark.parametrize("name", RECIPES + [r + "_cpu" for r in RECIPES])
+@pytest.mark.parametrize("name", RECIPES + [r + "_cpu" for r in RECIPES] + ["gpl"])
 def test_shipped_recipes_load(name):
     recipe = load_recipe(FinetuneRecipe, name)
     assert all(stage.loss.active() for _, stage in recipe.stage_list())
@@ -110,6 +110,50 @@ def test_two_stage_run_and_resume(tiny_setup, caplog):
         main(argv + ["--resume"])  # both stages finished: nothing is trained again
     assert "stage pseudo already finished" in caplog.text
     assert "stage labelled already finished" in caplog.text
+
+
+def write_generated_queries(root: Path) -> Path:
+    """GPL's step 1 as it leaves a BEIR folder (files renamed): the corpus, and queries generated
+    from passages, each judged relevant to its own passage."""
+    gen = root / "generated"
+    (gen / "qrels").mkdir(parents=True, exist_ok=True)
+    docs = [json.loads(line) for line in (root / "beir" / "corpus.jsonl").read_text().splitlines()]
+    (gen / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    sources = docs[::3]
+    (gen / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"gen{i}", "text": " ".join(d["text"].split()[:3])}) + "\n"
+        for i, d in enumerate(sources)))
+    (gen / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"gen{i}\t{d['_id']}\t1\n" for i, d in enumerate(sources)))
+    return gen
+
+
+def test_gpl_recipe_distils_the_cross_encoder_on_generated_queries(tiny_setup, caplog):
+    """recipes/gpl.yaml end to end: generated queries, negatives from a dense miner's top 50 (the
+    tiny student stands in for GPL's miner), the cross-encoder scores each query's positive and
+    every mined negative once, and Margin-MSE is the only loss; no data.path is a clear error."""
+    root = tiny_setup
+    gen = write_generated_queries(root)
+    n_queries = len((gen / "queries.jsonl").read_text().splitlines())
+    n_docs = len((gen / "corpus.jsonl").read_text().splitlines())
+    argv = ["--recipe", "gpl", *common_overrides(root, "gpl"), f"data.mine.model={root / 'student'}",
+            f"teacher.model={root / 'ce'}", f"teacher.cache={root / 'gpl_teacher.sqlite'}",
+            "model.max_query_length=16", "teacher.max_length=64"]
+    with pytest.raises(RecipeError, match="'data.path' is empty"):
+        main(argv)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="twotower.finetune"):
+        result = main(argv[:-2] + [f"data.path={gen}", "model.max_query_length=16",
+                                   "teacher.max_length=64"])
+    assert result["step"] == 2
+    assert "losses {'margin_mse': 1.0}" in caplog.text
+    # every query: its positive plus the top 50 of the other documents (the corpus is smaller),
+    # less one: the copy of the first source passage under another id is never its negative
+    assert n_docs - 1 < 50
+    pairs = n_queries * n_docs - 1
+    assert f"teacher: {pairs} pairs scored ({pairs} computed, 0 from the cache)" in caplog.text
+    saved = load_recipe(FinetuneRecipe, str(root / "gpl" / "recipe.yaml"))
+    assert saved.model.normalize is False and saved.data.mine.depth == 50
 
 
 def test_existing_output_dir_is_refused(tiny_setup):
