@@ -143,8 +143,7 @@ def test_gpl_recipe_distils_the_cross_encoder_on_generated_queries(tiny_setup, c
         main(argv)
     caplog.clear()
     with caplog.at_level("INFO", logger="twotower.finetune"):
-        result = main(argv[:-2] + [f"data.path={gen}", "model.max_query_length=16",
-                                   "teacher.max_length=64"])
+        result = main(argv + [f"data.path={gen}"])
     assert result["step"] == 2
     assert "losses {'margin_mse': 1.0}" in caplog.text
     # every query: its positive plus the top 50 of the other documents (the corpus is smaller),
