@@ -28,6 +28,9 @@ plus the final evaluation of the whole test split):
   fewshot_dual  `fewshot` plus DANCE's dual loss, the one change the dev ablation found may help
                 (p 0.04 of four changes tried), run on the test split afterwards: one run per
                 --seeds (default 0), the seeds of the `fewshot` rows it is compared with
+  st_reference_lr  sentence-transformers on the `fewshot` triples at lr 2e-5, the learning rate of
+                the issue's reference run, instead of the recipe's dev-chosen 5e-5 (one run per
+                --seeds, default 0; benchmarks/quality_baselines.py)
   domain_adapt_dual  `domain_adapt` with that dual loss in its fine-tuning stage: one run per
                 --seeds (default the recipe's seed), the seeds of the `domain_adapt` rows
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
@@ -51,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,10 +63,11 @@ sys.path.insert(0, str(REPO))
 from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
                                         FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
+from benchmarks.quality_baselines import ST_SAME, section_st_reference_lr, st_rows  # noqa: E402
 from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual  # noqa: E402
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
 from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
-from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, children_cpu_s,  # noqa: E402
+from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL,  # noqa: E402
                                      finetune, load_script_recipe, recipe_seeds, run_script,
                                      seed_suffix, slug, start_model_dev)
 
@@ -111,29 +114,8 @@ def section_fewshot(ns) -> dict:
         rows[f"fewshot ({tag})"] = {**finetune(f"fewshot_s{seed}", "fewshot",
                                                [f"train.seed={seed}", *TEST_EVAL], ns),
                                     "group": "fewshot", "seed": seed}
-        if ns.without_st:
-            continue
-        cmd = [sys.executable, str(REPO / "benchmarks" / "quality_st.py"), "--recipe", "fewshot",
-               "--output-dir", str(RUNS / f"st_mnrl_s{seed}"), "--seed", str(seed),
-               "--data", ns.data]
-        print("$", " ".join(cmd[1:]), flush=True)
-        if ns.dry_run:
-            continue
-        out = RUNS / f"st_mnrl_s{seed}"
-        timing_file = out / "quality_timing.json"
-        reusable = (ns.reuse and timing_file.is_file()
-                    and json.loads(timing_file.read_text()).get("command") == " ".join(cmd[1:]))
-        if not reusable:
-            cpu, start = children_cpu_s(), time.perf_counter()
-            subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            timing_file.write_text(json.dumps({
-                "wall_s": round(time.perf_counter() - start, 1),
-                "cpu_s": round(children_cpu_s() - cpu, 1), "command": " ".join(cmd[1:])}))
-        st = json.loads((out / "metrics.json").read_text())
-        rows[f"sentence-transformers MNRL, same triples ({tag})"] = {
-            **{m: st["metrics"][m] for m in MEASURES}, **json.loads(timing_file.read_text()),
-            "group": "sentence-transformers MNRL, same triples", "seed": seed,
-            "train_s": st.get("train_s"), "run_file": str(out / "run.trec")}
+        if not ns.without_st:
+            rows.update(st_rows(ns, seed, f"st_mnrl_s{seed}", ST_SAME))
     return rows
 
 
@@ -332,6 +314,7 @@ SECTIONS = {"reference": section_reference, "fewshot": section_fewshot, "dev": s
             "label_free_sentences": section_label_free_sentences,
             "domain_adapt": section_domain_adapt, "domain_adapt_dual": section_domain_adapt_dual,
             "curve": section_curve, "fewshot_dual": section_fewshot_dual,
+            "st_reference_lr": section_st_reference_lr,
             "curve_dev": section_curve_dev, "ablation": section_ablation,
             "other_corpus": section_other_corpus}
 
@@ -340,7 +323,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     p.add_argument("--seeds", type=int, nargs="+",
-                   help="fewshot / fewshot_dual / curve: training seeds / few-shot samples "
+                   help="fewshot / fewshot_dual / st_reference_lr / curve: training seeds / few-shot samples "
                         "(default 0); "
                         "label_free / domain_adapt(_dual) / ablation: training seeds (default the "
                         "recipe's own)")
