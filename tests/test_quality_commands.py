@@ -22,15 +22,19 @@ def test_every_section_command_loads_its_recipe(tmp_path, monkeypatch, capsys):
                 if line.startswith("$ ") and " --recipe " in line]
     scripts = {Path(cmd[0]).parent.name for cmd in commands}
     assert {"finetune", "pretrain"} <= scripts and len(commands) >= 40
-    checked = 0
+    checked = st_checked = 0
     for cmd in commands:
         script = f"{Path(cmd[0]).parent.name}/{Path(cmd[0]).name}"
-        if script not in ("finetune/run.py", "pretrain/run.py"):
-            continue  # sentence-transformers' script (benchmarks/quality_st.py) has its own CLI
         recipe = cmd[cmd.index("--recipe") + 1]
+        if script == "benchmarks/quality_st.py":  # its own flags, then the recipe's overrides
+            overrides = cmd[cmd.index("--data") + 2:]
+            loaded = load_script_recipe("finetune/run.py", recipe, overrides)
+            st_checked += 1
+            assert ("train.lr=2e-5" in overrides) == (loaded.train.lr == 2e-5)
+            continue
         load_script_recipe(script, recipe, cmd[cmd.index("--recipe") + 2:])
         checked += 1
-    assert checked >= 40
+    assert checked >= 40 and st_checked == 4  # fewshot's and st_reference_lr's, 2 seeds each
 
 
 def test_start_model_dev_rows_are_saved_with_their_run_and_reused_only_for_the_same_slice(
