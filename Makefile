@@ -34,7 +34,7 @@ bench: install
 	$(PY) benchmarks/perf.py encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/quality.py reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus label_free_sentences domain_adapt_dual --reuse
-	$(PY) benchmarks/quality.py fewshot fewshot_dual curve --seeds 0 1 2 --reuse
+	$(PY) benchmarks/quality.py fewshot fewshot_dual st_reference_lr curve --seeds 0 1 2 --reuse
 	$(PY) benchmarks/quality.py label_free domain_adapt --seeds 42 1 2 --reuse
 	$(PY) benchmarks/quality.py ablation --seeds 42 1 2 --reuse
 
