@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.quality_report import MEASURES
 from benchmarks.quality_runs import REPO, RUNS, children_cpu_s
 
 ST_SAME = "sentence-transformers MNRL, same triples"
@@ -40,7 +41,7 @@ def st_rows(ns, seed: int, folder: str, group: str, overrides: list[str] = ()) -
             "cpu_s": round(children_cpu_s() - cpu, 1), "command": " ".join(cmd[1:])}))
     st = json.loads((out / "metrics.json").read_text())
     return {f"{group} (seed {seed})": {
-        **{m: st["metrics"][m] for m in ("nDCG@10", "R@100")}, **json.loads(timing_file.read_text()),
+        **{m: st["metrics"][m] for m in MEASURES}, **json.loads(timing_file.read_text()),
         "group": group, "seed": seed, "train_s": st.get("train_s"), "run_file": str(out / "run.trec")}}
 
 
