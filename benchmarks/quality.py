@@ -36,10 +36,10 @@ plus the final evaluation of the whole test split):
   other_corpus  the recipes, unchanged, on another corpus (--other, default the MS MARCO sample:
                 100 held-out queries, the other 100 for few-shot training)
   ablation      which seed methods help: one change at a time from `fewshot` (negatives: none,
-                BM25, dense-mined, with a false-negative filter; dual loss; SamToNe; PAIR) and from the
-                label-free dev run (multi-pair, relevance-aware weights), on the dev split, each
-                compared with its base of the same seed query by query (one run each per
-                --seeds; --choices: only these changes; benchmarks/quality_choices.py)
+                BM25, dense-mined, with a false-negative filter; dual loss; SamToNe; PAIR) and
+                from the label-free dev run (multi-pair, relevance-aware weights), on the dev
+                split, each compared with its base of the same seed query by query (one run
+                each per --seeds; --choices: only these changes; benchmarks/quality_choices.py)
 Rows of several seeds (or few-shot samples) are also summarised by their mean; the mean's
 p-values compare per-query nDCG@10 averaged over the seeds (for an ablation row, against its
 base averaged over the same seeds).

@@ -42,7 +42,8 @@ def st_rows(ns, seed: int, folder: str, group: str, overrides: list[str] = ()) -
     st = json.loads((out / "metrics.json").read_text())
     return {f"{group} (seed {seed})": {
         **{m: st["metrics"][m] for m in MEASURES}, **json.loads(timing_file.read_text()),
-        "group": group, "seed": seed, "train_s": st.get("train_s"), "run_file": str(out / "run.trec")}}
+        "group": group, "seed": seed, "train_s": st.get("train_s"),
+        "run_file": str(out / "run.trec")}}
 
 
 def section_st_reference_lr(ns) -> dict:
@@ -50,5 +51,6 @@ def section_st_reference_lr(ns) -> dict:
     lr 2e-5 instead of the recipe's dev-chosen 5e-5: one run per --seeds (default 0)."""
     rows = {}
     for seed in ns.seeds or [0]:
-        rows.update(st_rows(ns, seed, f"st_mnrl_lr2e-5_s{seed}", ST_REFERENCE_LR, ["train.lr=2e-5"]))
+        rows.update(st_rows(ns, seed, f"st_mnrl_lr2e-5_s{seed}", ST_REFERENCE_LR,
+                            ["train.lr=2e-5"]))
     return rows

@@ -99,19 +99,26 @@ def _without_added_keys(now: dict, saved: dict, default: dict) -> dict | None:
     return kept
 
 
-def digest_as_recorded(out: Path, recipes: list) -> str | None:
-    """The digest `recipes` had when the run in `out` was recorded: schema keys added since (at
-    their defaults) left out, found by the run's own recipe.yaml files (the last stage's, then
-    the pretraining stage's). None when a file is missing or an added key is not at its default."""
+def _saved_recipes(out: Path, n: int) -> list | None:
+    """The run's own recipe.yaml files as dicts: the last stage's, then the pretraining
+    stage's (the first n); None when one is missing."""
     from omegaconf import OmegaConf
 
-    saved_files = [final_stage(out) / "recipe.yaml", out / "pretrain" / "recipe.yaml"]
+    paths = [final_stage(out) / "recipe.yaml", out / "pretrain" / "recipe.yaml"][:n]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [OmegaConf.to_container(OmegaConf.load(p)) for p in paths]
+
+
+def digest_as_recorded(recipes: list, saved: list) -> str | None:
+    """The digest `recipes` had when a run saved `saved` (_saved_recipes): schema keys added
+    since (at their defaults) left out. None when an added key is not at its default."""
+    from omegaconf import OmegaConf
+
     restricted = []
-    for recipe, now, path in zip(recipes, _containers(recipes), saved_files):
-        if not path.is_file():
-            return None
+    for recipe, now, old in zip(recipes, _containers(recipes), saved):
         default = OmegaConf.to_container(OmegaConf.structured(type(recipe)))
-        kept = _without_added_keys(now, OmegaConf.to_container(OmegaConf.load(path)), default)
+        kept = _without_added_keys(now, old, default)
         if kept is None:
             return None
         restricted.append(kept)
@@ -124,15 +131,11 @@ def _trains_as_recorded(out: Path, recipes: list, recorded: str) -> bool:
     run's own recipe.yaml (the stored digest can be stale: a parent process resolved the recipe
     with older code than the run saved it with; a pretraining stage's recipe.yaml also holds
     what domain_adapt sets at run time, so only its stored digest counts)."""
-    from omegaconf import OmegaConf
-
-    restricted = digest_as_recorded(out, recipes) if recipes else None
+    saved = _saved_recipes(out, len(recipes)) if recipes else None
+    restricted = digest_as_recorded(recipes, saved) if saved is not None else None
     if restricted is None:
         return False
-    if restricted == recorded:
-        return True
-    saved = OmegaConf.to_container(OmegaConf.load(final_stage(out) / "recipe.yaml"))
-    return len(recipes) == 1 and restricted == _digest([saved])
+    return restricted == recorded or (len(recipes) == 1 and restricted == _digest(saved))
 
 
 def finished_run(out: Path, command: str, digest: str = "", recipes: list = ()) -> dict | None:

@@ -10,7 +10,8 @@ documents as keys. ORQA removes the sentence from its context 90% of the time; h
 its document (one text per document is shared by every group), so the task is partly lexical:
 find the document holding this sentence among BM25's nearest ones. Spar (Chen et al., "Salient
 Phrase Aware Dense Retrieval: Can a Dense Retriever Imitate a Sparse One?", Findings of EMNLP
-2022) likewise teaches a dense model lexical matching from sentences taken as queries; its sampling and teacher are not reproduced here.
+2022) likewise teaches a dense model lexical matching from sentences taken as queries; its
+sampling and teacher are not reproduced here.
 No labels and no query file are read: only the corpus of data.path (a BEIR folder's corpus.jsonl
 or an MS MARCO folder's collection).
 """

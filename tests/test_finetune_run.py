@@ -136,8 +136,8 @@ def test_gpl_recipe_distils_the_cross_encoder_on_generated_queries(tiny_setup, c
     gen = write_generated_queries(root)
     n_queries = len((gen / "queries.jsonl").read_text().splitlines())
     n_docs = len((gen / "corpus.jsonl").read_text().splitlines())
-    argv = ["--recipe", "gpl", *common_overrides(root, "gpl"), f"data.mine.model={root / 'student'}",
-            f"teacher.model={root / 'ce'}", f"teacher.cache={root / 'gpl_teacher.sqlite'}",
+    argv = ["--recipe", "gpl", *common_overrides(root, "gpl"),
+            f"data.mine.model={root / 'student'}", f"teacher.model={root / 'ce'}", f"teacher.cache={root / 'gpl_teacher.sqlite'}",
             "model.max_query_length=16", "teacher.max_length=64"]
     with pytest.raises(RecipeError, match="'data.path' is empty"):
         main(argv)
