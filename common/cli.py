@@ -6,8 +6,11 @@ argparse with `parse_args` (never `parse_known_args`): a mistyped flag is an err
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,49 @@ def parse_run_args(description: str, argv: list[str] | None = None,
         if "=" not in item:
             parser.error(f"'{item}' is not a KEY=VALUE override (e.g. train.lr=3e-5)")
     return RunArgs(recipe=ns.recipe, overrides=ns.overrides, resume=ns.resume)
+
+
+class LaunchError(RuntimeError):
+    """The process was started in a way that would not run what the user asked for."""
+
+
+def setup_process() -> None:
+    """What every training entry point does first: logging, a check of how it was launched, and,
+    under a launcher, dying with it."""
+    setup_logging()
+    check_launch(os.environ)
+    die_with_launcher()
+
+
+def check_launch(env) -> None:
+    """`accelerate launch --num_processes 2 script.py` without `--multi_gpu` (or a config saying
+    so) runs Accelerate's simple launcher: ONE process, which then trains alone and records
+    world_size 1. That launcher exports MASTER_PORT for N > 1 but no WORLD_SIZE; refuse it."""
+    simple = "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+    if simple:
+        raise LaunchError(
+            "accelerate launch was given several processes but started one: without --multi_gpu "
+            "(or a multi-process config) it runs a single process. On CPUs add --multi_gpu (gloo), "
+            "e.g. accelerate launch --multi_gpu --num_processes 2 ...; for one process drop "
+            "--num_processes.")
+
+
+def die_with_launcher() -> None:
+    """torchrun / `accelerate launch` start each worker in a session of its own (torch elastic's
+    SubprocessHandler: start_new_session=True), so a SIGKILL of the launcher, or of its process
+    group, leaves the workers training. Ask Linux to SIGKILL this worker when its parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere, or outside a launcher, nothing changes."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        logging.getLogger("twotower").warning(
+            "prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker outlives a killed launcher",
+            ctypes.get_errno())
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def setup_logging() -> None:

@@ -258,6 +258,10 @@ class Trainer:
             # Accelerate's loaders count epochs themselves and re-seed the sampler from that count
             # on every __iter__; a resumed process must tell them which epoch this really is.
             loader.set_epoch(state.epoch)
+            # ...but on several processes skip_first_batches nests the sampler one wrapper deeper
+            # (SkipBatchSampler > BatchSamplerShard > BatchSampler) than their set_epoch reaches:
+            # the resumed epoch would be read in epoch 0's order. Set it on the sampler itself.
+            self.sampler.set_epoch(state.epoch)
             if len(self.loader) == 0:
                 raise ValueError("the training data is smaller than one global batch "
                                  f"({args.per_device_batch_size} x {acc.num_processes} processes)")

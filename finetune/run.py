@@ -20,8 +20,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import parse_run_args, print_result, setup_logging  # noqa: E402
+from common.cli import parse_run_args, print_result, setup_process  # noqa: E402
 from common.config import load_recipe  # noqa: E402
+from common.encoder import check_model  # noqa: E402
 from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
 
 log = logging.getLogger("twotower.finetune")
@@ -37,15 +38,35 @@ def _teacher(recipe: FinetuneRecipe, device):
     return Teacher(recipe.teacher, cache_path=cache, device=device)
 
 
+def check_models(recipe: FinetuneRecipe) -> None:
+    """Every model the recipe needs -- student (and its tokenizer), teacher, dense miners -- found
+    and its config read before any long step (domain pretraining, BM25, mining, scoring); a
+    missing one is a ModelLoadError naming the recipe key and what to download or set."""
+    models = {"model.name_or_path": recipe.model.name_or_path, "model.tokenizer":
+              recipe.model.tokenizer, "teacher.model": recipe.teacher.model}
+    for name, stage in recipe.stage_list():
+        where = "data" if name == "main" else f"stages.{name}.data"
+        if stage.data.mine.retriever == "dense":
+            models[f"{where}.mine.model"] = stage.data.mine.model
+    for key, model in models.items():
+        if model:
+            check_model(model, key)
+
+
 def dev_queries(recipe: FinetuneRecipe, stage: StageArgs) -> list[str]:
     """The eval.holdout dev queries when the evaluation data is the stage's training data (same
     folder): they are left out of training. [] otherwise."""
     if not (recipe.eval.holdout and recipe.eval.data and stage.data.path):
         return []
-    from common.data import resolve_data
+    from common.data import DataNotFoundError, resolve_data
     from common.evaluate import eval_args_data
 
-    if resolve_data(recipe.eval.data).resolve() != resolve_data(stage.data.path).resolve():
+    eval_path = resolve_data(recipe.eval.data)
+    try:  # never a download for the training data here: build_pool resolves it, or says why not
+        stage_path = resolve_data(stage.data.path, download=False)
+    except DataNotFoundError:
+        return []
+    if eval_path.resolve() != stage_path.resolve():
         return []
     return list(eval_args_data(recipe.eval).qrels)
 
@@ -60,6 +81,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     from common.encoder import Encoder
     from finetune.data import GroupCollator, GroupDataset
     from finetune.method import FinetuneMethod
+    from finetune.pseudo import pseudo_candidates
     from finetune.sources import build_pool, finish_pool, required_pairs
     from finetune.tokens import LongestDocument, TokenCache
 
@@ -68,9 +90,11 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     teacher = _teacher(recipe, device)
     with_teacher = stage.loss.needs_teacher_scores()
     state = PartialState()
+    # pseudo labels' BM25 candidates: ranked by the main process, sent to the others (collective)
+    candidates = pseudo_candidates(stage.data)
     with state.main_process_first():  # the main process reads first (and fills any file cache)
         pool = build_pool(stage.data, teacher=teacher, report=report,
-                          exclude=dev_queries(recipe, stage), finish=False)
+                          exclude=dev_queries(recipe, stage), finish=False, candidates=candidates)
     # mining is collective (dense: one slice of the corpus per process), so not one at a time
     finish_pool(pool, stage.data)
     # the main process computes teacher scores into the cache first; the others then read them
@@ -152,6 +176,7 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     # join the process group before anything else touches Accelerate's state: a bare
     # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
     state = PartialState(cpu=use_cpu(recipe.train.device))
+    check_models(recipe)
     skipped = SkipReport()
     root = Path(recipe.train.output_dir)
     model_path = recipe.model.name_or_path
@@ -202,7 +227,7 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Fine-tune a dense retriever (finetune/)", argv)
     recipe = load_recipe(FinetuneRecipe, run.recipe, run.overrides)
-    setup_logging()
+    setup_process()
     result = run_recipe(recipe, resume=run.resume)
     print_result(result, recipe.train.output_dir)
     return result

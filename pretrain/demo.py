@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import setup_logging  # noqa: E402
+from common.cli import setup_process  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from pretrain.args import PretrainRecipe  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(PretrainRecipe, ns.recipe, DEFAULTS + ns.overrides)
     if not recipe.eval.data:
         parser.error("the demo needs eval.data (a BEIR dataset) to show before/after figures")
-    setup_logging()
+    setup_process()
     from common.evaluate import evaluator_from_args
     from common.training import Trainer
     from pretrain.run import build

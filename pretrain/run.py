@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import parse_run_args, print_result, setup_logging  # noqa: E402
+from common.cli import parse_run_args, print_result, setup_process  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from pretrain.args import PretrainRecipe  # noqa: E402
 
@@ -38,10 +38,16 @@ def build(recipe: PretrainRecipe, report=None):
 def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Unsupervised contrastive pretraining (pretrain/)", argv)
     recipe = load_recipe(PretrainRecipe, run.recipe, run.overrides)
-    setup_logging()
-    from common.data import SkipReport
-    from common.training import Trainer
+    setup_process()
+    from accelerate import PartialState
 
+    from common.data import SkipReport
+    from common.training import Trainer, use_cpu
+
+    # join the process group before building the data: the main process tokenises the corpora
+    # first and the others read its cache (pretrain.dataset.main_process_first); a bare
+    # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
+    PartialState(cpu=use_cpu(recipe.train.device))
     skipped = SkipReport()
     method, dataset, collate = build(recipe, skipped)
     log.info("%s: %d training items per epoch, method %s, %d key(s) per query", run.recipe,
