@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
@@ -23,51 +24,118 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LOCK = ".lock"
 
+log = logging.getLogger("twotower.train")
+
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used as asked; the message names the flag that fixes it."""
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
-    """Main process only: check the directory may be used and create it."""
-    used = path.is_dir() and any(p.name != LOCK for p in path.iterdir())
-    if used and not resume:
-        if not overwrite:
+# what a run writes into its folder (and nothing else): train.overwrite_output_dir deletes a folder
+# only when it holds these alone. finetune/run.py adds stages/, pretrain/ and result.json.
+RUN_OUTPUTS = frozenset({"recipe.yaml", "run_info.json", CHECKPOINTS, "logs", "metrics.json",
+                         "eval", "model", "model.partial", "model.old", "stages", "pretrain",
+                         "result.json", LOCK})
+RUN_MARKERS = ("run_info.json", "recipe.yaml")  # written first, under the lock
+
+
+def foreign_entries(path: Path) -> list[Path]:
+    """What in `path` no run writes (temporary `*.tmp` files of write_atomic are a run's)."""
+    return [p for p in sorted(path.iterdir())
+            if p.name not in RUN_OUTPUTS and not p.name.endswith(".tmp")]
+
+
+def started(path: Path) -> bool:
+    """The run in `path` got somewhere: a complete checkpoint or a final model."""
+    return bool(complete_checkpoints(path)) or (path / "model").exists()
+
+
+def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> "RunLock":
+    """Main process: take the run lock on `path` (created if needed), then decide under it whether
+    the folder may be used; returns the held lock. Never deletes a live run (the lock is taken
+    first) nor a folder that is not provably a twotower run folder (anything foreign is named)."""
+    if path.is_dir() and not resume:  # read-only checks first: no lock file in a foreign folder
+        foreign = foreign_entries(path)
+        if foreign:
             raise RunDirError(
-                f"output directory '{path}' already holds a run. Pass --resume to continue it, "
-                "set train.output_dir to a new folder, or train.overwrite_output_dir=true to "
-                "delete it and start again.")
-        shutil.rmtree(path)
+                f"output directory '{path}' holds '{foreign[0].name}', which no twotower run "
+                f"writes{' (and %d more)' % (len(foreign) - 1) if len(foreign) > 1 else ''}: it "
+                "is not a run folder and is left untouched. Set train.output_dir to a new folder.")
     path.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(path).acquire()
+    try:
+        _check_claimed(path, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_claimed(path: Path, resume: bool, overwrite: bool) -> None:
+    output = [p for p in path.iterdir() if p.name != LOCK]
+    if resume or not output:
+        return
+    if overwrite:
+        if not any((path / m).is_file() for m in RUN_MARKERS):
+            raise RunDirError(f"train.overwrite_output_dir=true: '{path}' has no "
+                              f"{' or '.join(RUN_MARKERS)}, so it is not provably a twotower run "
+                              "folder; it is left untouched. Remove it yourself or choose "
+                              "another train.output_dir.")
+        log.warning("train.overwrite_output_dir=true: deleting the run in %s", path)
+    elif started(path):
+        raise RunDirError(
+            f"output directory '{path}' already holds a run. Pass --resume to continue it, "
+            "set train.output_dir to a new folder, or train.overwrite_output_dir=true to "
+            "delete it and start again.")
+    else:  # an attempt that failed before its first checkpoint: nothing of it to keep
+        log.warning("%s holds a run that stopped before its first checkpoint; starting it afresh",
+                    path)
+    for entry in output:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 class RunLock:
-    """An exclusive advisory lock on the run directory (two runs on one directory are refused)."""
+    """An exclusive advisory lock on the run directory (two runs on one directory are refused).
+    `acquire()` takes it; as a context manager it is taken on entry (if not held) and released
+    on exit."""
 
     def __init__(self, path: Path):
         self.path = path / LOCK
         self.handle = None
 
-    def __enter__(self) -> "RunLock":
-        self.handle = open(self.path, "a+")
+    def acquire(self) -> "RunLock":
+        if self.handle:
+            return self
+        handle = open(self.path, "a+")
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
-            self.handle.close()
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
             raise RunDirError(f"another run (pid {holder}) is using '{self.path.parent}'; "
                               "wait for it or choose another train.output_dir") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
         return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         if self.handle:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

@@ -206,10 +206,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _setup_run_dir(self, resume: bool) -> contextlib.AbstractContextManager:
-        if self.is_main:
-            rundir.prepare_output_dir(self.output_dir, resume, self.args.overwrite_output_dir)
+        lock = (rundir.claim_output_dir(self.output_dir, resume, self.args.overwrite_output_dir)
+                if self.is_main else contextlib.nullcontext())
         self.accelerator.wait_for_everyone()
-        lock = rundir.RunLock(self.output_dir) if self.is_main else contextlib.nullcontext()
         return lock
 
     def train(self, resume: bool = False) -> dict[str, float]:
@@ -217,9 +216,10 @@ class Trainer:
             if self.is_main and self.recipe is not None:
                 recipe_file = self.output_dir / "recipe.yaml"
                 new = recipe_to_yaml(self.recipe)
+                # a run that never completed a checkpoint has nothing its recipe must match
                 changed = (rundir.check_resumed_recipe(recipe_file, new,
                                                        self.args.allow_recipe_change)
-                           if resume else [])
+                           if resume and rundir.complete_checkpoints(self.output_dir) else [])
                 if changed:
                     log.warning("the recipe differs from the one this run started with (%s) in "
                                 "%s; the new one is used from here on and saved as recipe.yaml",

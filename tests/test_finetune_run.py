@@ -159,7 +159,7 @@ def test_existing_output_dir_is_refused(tiny_setup):
     root = tiny_setup
     (root / "busy").mkdir()
     (root / "busy" / "something").write_text("x")
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(Exception, match="holds 'something', which no twotower run writes"):
         main(["--recipe", "fewshot", *common_overrides(root, "busy"), f"data.path={root / 'beir'}"])
 
 
