@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from finetune.teacher import Teacher
 
         teacher = Teacher(TeacherArgs(model=args.teacher, kind=args.teacher_kind),
-                          cache_path=args.teacher_cache or None)
+                          cache_path=args.teacher_cache or None, key="--teacher")
     data = load_eval_data(ns.data, ns.split)
     mined = mine_together(data, args, teacher)
     if not is_main():  # every process has the same result; one writes it

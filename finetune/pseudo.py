@@ -17,20 +17,38 @@ from pathlib import Path
 import numpy as np
 
 from common import data as D
+from common.distributed import broadcast_object, is_distributed, is_main
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.sources import load_target_corpus, msmarco_collection
+from finetune.sources import load_target_corpus, named
 
 log = logging.getLogger("twotower.finetune")
 
 
+def queries_file(data: DataArgs, root: Path) -> Path:
+    """Exactly data.queries (inside data.path, or absolute). Only a recipe that leaves it at its
+    default (queries.tsv) over a BEIR folder without that file reads the folder's queries.jsonl,
+    and the log says so; anything else missing is an error naming data.queries and the folder."""
+    path = Path(data.queries) if Path(data.queries).is_absolute() else root / data.queries
+    if path.is_file():
+        return path
+    if not named(data, "queries") and (root / "queries.jsonl").is_file():
+        log.info("pseudo labels: data.queries is not set and %s has no %s; labelling the BEIR "
+                 "queries of %s", root, data.queries, root / "queries.jsonl")
+        return root / "queries.jsonl"
+    raise D.DataNotFoundError(f"data.queries={data.queries!r} is not in the data folder "
+                              f"{str(root)!r}; name the file of the queries to label",
+                              reason="data not found")
+
+
 def load_unlabelled(data: DataArgs):
-    """(corpus Dataset, queries Dataset) of an MS MARCO-layout or BEIR folder."""
+    """(corpus Dataset, queries Dataset, folder) of an MS MARCO-layout or BEIR folder; the
+    queries are exactly data.queries (queries_file), JSONL (BEIR) or TSV (MS MARCO)."""
     corpus, root = load_target_corpus(data, {})
-    if msmarco_collection(data) is not None:
-        queries = Path(data.queries) if Path(data.queries).is_absolute() else root / data.queries
-        return corpus, D.load_msmarco_queries(queries), root
-    return corpus, D.load_queries(root / "queries.jsonl"), root
+    queries = queries_file(data, root)
+    if queries.name.endswith((".jsonl", ".jsonl.gz")):
+        return corpus, D.load_queries(queries), root
+    return corpus, D.load_msmarco_queries(queries), root
 
 
 def candidate_run(data: DataArgs, corpus, qids, qtexts, root: Path) -> dict:
@@ -44,17 +62,42 @@ def candidate_run(data: DataArgs, corpus, qids, qtexts, root: Path) -> dict:
     return {q: dict(sorted(run.get(q, {}).items(), key=lambda kv: -kv[1])[:k]) for q in qids}
 
 
-def pseudo_label_pool(data: DataArgs, teacher) -> TrainingPool:
-    corpus, queries, root = load_unlabelled(data)
-    docs = TextStore.from_table(corpus, with_title=True)
-    query_store = TextStore.from_table(queries, with_title=False)
+def labelled_queries(data: DataArgs, query_store: TextStore) -> list:
+    """The ids of the queries to label: all, or the few-shot sample of data.max_queries."""
     qids = list(query_store.ids)
     if data.max_queries and data.max_queries < len(qids):  # label only the few-shot sample
         keep = np.sort(np.random.default_rng(data.sample_seed).choice(len(qids), data.max_queries,
                                                                       replace=False))
         qids = [qids[i] for i in keep]
+    return qids
+
+
+def pseudo_candidates(data: DataArgs):
+    """The BM25 candidate run of a pseudo-labelling stage, ranked on the main process only and
+    sent to the others, so that a run of N processes builds one BM25 index, not N. Collective:
+    every process calls it, at the same point, outside any main-process-first block; None (each
+    pseudo_label_pool ranks for itself) on one process or with a candidate run file."""
+    if data.kind != "pseudo" or data.pseudo.candidates != "bm25" or not is_distributed():
+        return None
+    run = None
+    if is_main():
+        corpus, queries, root = load_unlabelled(data)
+        query_store = TextStore.from_table(queries, with_title=False)
+        qids = labelled_queries(data, query_store)
+        run = candidate_run(data, corpus, qids, [query_store[q] for q in qids], root)
+    return broadcast_object(run)
+
+
+def pseudo_label_pool(data: DataArgs, teacher, candidates=None) -> TrainingPool:
+    """`candidates`: the run pseudo_candidates computed ({qid: {pid: score}}), or None to rank
+    here."""
+    corpus, queries, root = load_unlabelled(data)
+    docs = TextStore.from_table(corpus, with_title=True)
+    query_store = TextStore.from_table(queries, with_title=False)
+    qids = labelled_queries(data, query_store)
     qtexts = [query_store[q] for q in qids]
-    run = candidate_run(data, corpus, qids, qtexts, root)
+    run = (candidate_run(data, corpus, qids, qtexts, root) if candidates is None
+           else candidates)
     pairs = [(q, p) for q in qids for p in run.get(q, {})]
     scores = teacher.score([query_store[q] for q, _ in pairs], [docs[p] for _, p in pairs])
     teacher_scores: dict = {}

@@ -15,6 +15,7 @@ import numpy as np
 
 from common import data as D
 from common.config import RecipeError
+from common.data.resolve import resolve_data_folder
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
 
@@ -31,17 +32,42 @@ def _file(root: Path, name: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def named(data: DataArgs, key: str) -> str:
+    """data.<key> when the recipe names it (a value other than the default), else ""."""
+    value = getattr(data, key)
+    return value if value != getattr(DataArgs(), key) else ""
+
+
+def required_files(data: DataArgs) -> Dict[str, str]:
+    """{recipe key: file} that data.path must hold for data.kind: every file an msmarco recipe
+    reads; the queries a pseudo recipe names (pseudo and sentences read either layout: an MS
+    MARCO folder when it holds data.collection, else a BEIR folder)."""
+    if data.kind == "msmarco":
+        return {"data.collection": data.collection, "data.queries": data.queries,
+                "data.qrels": data.qrels, "data.hard_negatives": data.hard_negatives}
+    if data.kind == "pseudo":
+        return {"data.queries": named(data, "queries")}
+    return {}
+
+
+def data_root(data: DataArgs) -> Path:
+    """The folder data.path names, holding every file the recipe names (required_files), or a
+    DataNotFoundError naming the key, the file and the data root searched; BEIR's zip is
+    downloaded only when it can hold them (common.data.resolve_data_folder)."""
+    return resolve_data_folder(data.path, required_files(data))
+
+
 def msmarco_collection(data: DataArgs) -> Optional[Path]:
     """data.collection inside data.path (or absolute) when that file exists — data.path is an
     MS MARCO folder — else None (a BEIR folder). For the kinds that read either layout."""
-    collection = _file(D.resolve_data(data.path), data.collection)
+    collection = _file(data_root(data), data.collection)
     return collection if collection.is_file() else None
 
 
 def load_target_corpus(data: DataArgs, read: Dict):
     """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
     data.collection, else the BEIR corpus.jsonl."""
-    root = D.resolve_data(data.path)
+    root = data_root(data)
     collection = msmarco_collection(data)
     if collection is not None:
         return D.load_msmarco_collection(collection, **read), root
@@ -127,7 +153,7 @@ def _beir_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
 
 def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
-    root = D.resolve_data(data.path)
+    root = data_root(data)
     docs = TextStore.from_table(D.load_msmarco_collection(_file(root, data.collection), **read), True)
     queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries), **read), False)
     if data.qrels:
@@ -278,19 +304,23 @@ def data_file(data: DataArgs, name: str) -> Path:
     """A file named in the data section: absolute, inside data.path (msmarco folders), or
     anything common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
     if data.kind in ("msmarco", "pseudo", "sentences") and data.path and not Path(name).is_absolute():
-        inside = D.resolve_data(data.path) / name
-        if inside.exists():
+        try:  # the folder if it is here (or already downloaded); never a download for this look
+            inside = D.resolve_data(data.path, download=False) / name
+        except D.DataNotFoundError:
+            inside = None
+        if inside is not None and inside.exists():
             return inside
     return D.resolve_data(name)
 
 
 def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None,
-               exclude: Sequence[str] = (), finish: bool = True) -> TrainingPool:
+               exclude: Sequence[str] = (), finish: bool = True, candidates=None) -> TrainingPool:
     """The groups of `data` (few-shot sampled, teacher scores attached, negatives and negative
     queries mined). With data.on_error=skip, bad records are dropped and counted in `report`.
     Queries in `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot
     sampling. finish=False leaves the mining to finish_pool, which every process of a
-    distributed run must call at the same point (the reading may be done one process at a time)."""
+    distributed run must call at the same point (the reading may be done one process at a time).
+    `candidates`: data.kind=pseudo's candidate run from finetune.pseudo.pseudo_candidates."""
     if not data.path:  # a recipe that leaves the data to the command line (gpl)
         raise RecipeError(f"'data.path' is empty: name the {data.kind} training data (a path, or "
                           "a name under $TWOTOWER_DATA), e.g. data.path=<folder>")
@@ -303,7 +333,7 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
         from finetune.pseudo import pseudo_label_pool
         if teacher is None:
             raise ValueError("data.kind=pseudo needs a teacher (teacher.model)")
-        pool = pseudo_label_pool(data, teacher)
+        pool = pseudo_label_pool(data, teacher, candidates)
         for qid, by_pid in scores.items():
             pool.teacher.setdefault(qid, {}).update(by_pid)
     else:

@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from common.encoder import resolve_model_path
+from common.encoder import check_model
 from finetune.args import TeacherArgs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -76,11 +76,13 @@ class Teacher:
     """score(queries, passages) -> np.ndarray of t(q, p), computing only uncached pairs."""
 
     def __init__(self, args: TeacherArgs, cache_path: str | Path | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", key: str = "teacher.model"):
+        """`key`: how the model was named (recipe key or flag), for the error when the model
+        cannot be found -- raised here, before any scoring, not at the first batch."""
         if not args.model:
-            raise ValueError("teacher.model is empty")
+            raise ValueError(f"{key} is empty")
         self.args, self.device = args, torch.device(device)
-        self.path = resolve_model_path(args.model)
+        self.path = check_model(args.model, key)
         self.id = json.dumps([args.kind, args.model, args.max_length, model_fingerprint(self.path)])
         self.cache = ScoreCache(cache_path) if cache_path else None
         self._model = None

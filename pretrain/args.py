@@ -12,6 +12,11 @@ from common.args import EvalArgs, ModelArgs, TrainArgs, _choice
 from common.config import RecipeError
 
 AUGMENTATIONS = ("none", "delete", "replace", "mask", "shuffle")
+MOCO_SEPARATE_TOWERS = (
+    "'model.shared_tower=false' is not supported with 'method.name=moco': MoCo embeds the queries "
+    "with the query tower and the keys with a momentum copy of that same tower, so the document "
+    "tower would never be trained; set model.shared_tower=true, or method.name=inbatch (which "
+    "trains both towers)")
 
 
 @dataclass
@@ -147,3 +152,7 @@ class PretrainRecipe:
     data: DataArgs = field(default_factory=DataArgs)
     pairs: PairArgs = field(default_factory=PairArgs)
     method: MethodArgs = field(default_factory=MethodArgs)
+
+    def validate(self) -> None:
+        if self.method.name == "moco" and not self.model.shared_tower:
+            raise RecipeError(MOCO_SEPARATE_TOWERS)

@@ -1,10 +1,13 @@
 """From a recipe to (pair dataset, collate function): corpora → tokens → crops, ICT or title pairs."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import datasets
+import torch.distributed as dist
 
+from common.distributed import is_distributed, is_main
 from pretrain.args import PretrainRecipe
 from pretrain.chunks import Chunker, DocumentChunker, load_corpora, token_documents
 from pretrain.ict import ict_passages
@@ -44,8 +47,25 @@ def pairs_from_corpora(corpora: Sequence[datasets.Dataset], recipe: PretrainReci
     return dataset, PairCollator(tok.pad_token_id if tok.pad_token_id is not None else 0)
 
 
+@contextlib.contextmanager
+def main_process_first():
+    """The main process runs the block first and fills the caches (corpus Arrow tables, the
+    tokenising `datasets.map`s, Punkt); the other processes run it after, reading those caches
+    instead of tokenising the same corpora into the same cache at once. No-op on one process."""
+    several = is_distributed()
+    if several and not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:  # also when the main process fails: the others go on (and fail themselves)
+        if several and is_main():
+            dist.barrier()
+
+
 def build_pair_dataset(recipe: PretrainRecipe, encoder, report=None):
-    """`report` (common.data.SkipReport) counts the corpus lines skipped with data.on_error=skip."""
-    corpora = load_corpora(recipe.data.corpora, recipe.data.max_docs_per_corpus,
-                           recipe.data.on_error, report)
-    return pairs_from_corpora(corpora, recipe, encoder)
+    """`report` (common.data.SkipReport) counts the corpus lines skipped with data.on_error=skip.
+    With several processes the main one reads and tokenises first (main_process_first)."""
+    with main_process_first():
+        corpora = load_corpora(recipe.data.corpora, recipe.data.max_docs_per_corpus,
+                               recipe.data.on_error, report)
+        return pairs_from_corpora(corpora, recipe, encoder)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.distributed import gather_nograd
-from pretrain.args import MethodArgs
+from common.config import RecipeError
+from pretrain.args import MOCO_SEPARATE_TOWERS, MethodArgs
 from pretrain.method import PairMethod
 
 
@@ -68,6 +69,8 @@ def enqueue(queue: torch.Tensor, pointer: torch.Tensor, keys: torch.Tensor) -> N
 
 class MoCo(PairMethod):
     def __init__(self, encoder: nn.Module, args: MethodArgs, n_pairs: int, seed: int = 0):
+        if getattr(encoder, "doc_model", None) is not None:
+            raise RecipeError(MOCO_SEPARATE_TOWERS)
         super().__init__(encoder, args, n_pairs)
         self.key_encoder = copy.deepcopy(encoder)
         for p in self.key_encoder.parameters():

@@ -4,17 +4,26 @@ Order: an existing path → ``$TWOTOWER_DATA/<name>`` → a download into the ca
 (``$TWOTOWER_CACHE``, default ``~/.cache/twotower``): BEIR's zip for the public BEIR dataset names
 (``scifact``, ``scifact/qrels/test.tsv``, ...), or a Hugging Face dataset repo for names written
 ``hf:owner/repo[/sub/path]``.  When nothing works, :class:`DataNotFoundError` lists every location
-tried and says what to set.  A failed download is always reported, never hidden.
+tried and says what to set.  A failed download is always reported, never hidden, and a download
+is logged as a warning before it starts.
+
+A recipe that names files inside a data folder goes through :func:`resolve_data_folder`: it gets
+exactly those files or an error naming the recipe key, the file and the data root searched.  A
+BEIR zip is downloaded only when it can hold every named file (BEIR's zips hold ``corpus.jsonl``,
+``queries.jsonl`` and ``qrels/<split>.tsv``): ``msmarco`` with ``queries.train.tsv`` is an error,
+never a silent download of BEIR's ``msmarco`` with its own queries.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
 from .errors import DataError, DataNotFoundError
 
@@ -30,6 +39,10 @@ BEIR_DATASETS = frozenset({
 # Seconds a socket may stay silent before a download is abandoned (connect and each read).
 DOWNLOAD_TIMEOUT_S = 20.0
 HF_PREFIX = "hf:"
+# the files and folders of a BEIR zip (cqadupstack adds one folder per forum around them)
+BEIR_FILES = ("corpus.jsonl", "queries.jsonl")
+BEIR_QRELS = "qrels"
+log = logging.getLogger("common.data")
 
 
 def cache_root() -> Path:
@@ -78,31 +91,54 @@ def _not_found(name: str, tried: list[str], hint: str) -> DataNotFoundError:
                              reason="data not found")
 
 
-def resolve_data(name_or_path: str | os.PathLike, *, download: bool = True) -> Path:
-    """Return a local path for ``name_or_path`` (see the module docstring for the order)."""
-    name = str(name_or_path)
-    if name.startswith(HF_PREFIX):
-        return _resolve_hf(name[len(HF_PREFIX):], download)
+def _local(name: str) -> tuple[Path | None, list[str], str]:
+    """(the existing path or ``$TWOTOWER_DATA/<name>``, or None; the locations tried; the hint)."""
     path = Path(name).expanduser()
     if path.exists():
-        return path
+        return path, [], ""
     where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
     tried = [f"path {str(path)!r}{where}: does not exist"]
     shown = f"{name}/" if len(path.parts) == 1 and not path.suffix else name
     hint = f"Set {DATA_ENV} to a folder containing {shown}, or pass a path."
     if path.is_absolute():
-        raise _not_found(name, tried, "Pass an existing path.")
+        return None, tried, "Pass an existing path."
     root = os.environ.get(DATA_ENV)
     if root:
         candidate = Path(root).expanduser() / path
         if candidate.exists():
-            return candidate
+            return candidate, [], ""
         tried.append(f"${DATA_ENV}/{name} = {str(candidate)!r}: does not exist")
     else:
         tried.append(f"${DATA_ENV}/{name}: {DATA_ENV} is not set")
+    return None, tried, hint
+
+
+def beir_may_hold(parts: tuple[str, ...]) -> bool:
+    """Whether a path inside a BEIR dataset folder can be part of BEIR's zip: the folder itself,
+    a sub-folder, corpus.jsonl, queries.jsonl or a file under qrels/."""
+    if not parts or not Path(parts[-1]).suffix:
+        return True
+    return parts[-1] in BEIR_FILES or BEIR_QRELS in parts[:-1]
+
+
+def resolve_data(name_or_path: str | os.PathLike, *, download: bool = True) -> Path:
+    """Return a local path for ``name_or_path`` (see the module docstring for the order)."""
+    name = str(name_or_path)
+    if name.startswith(HF_PREFIX):
+        return _resolve_hf(name[len(HF_PREFIX):], download)
+    local, tried, hint = _local(name)
+    if local is not None:
+        return local
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        raise _not_found(name, tried, hint)
     dataset, rest = path.parts[0], path.parts[1:]
     if dataset not in BEIR_DATASETS:
         tried.append(f"download: {dataset!r} is not a known BEIR dataset name")
+        raise _not_found(name, tried, hint)
+    if not beir_may_hold(rest):
+        tried.append(f"download: BEIR's {dataset}.zip holds corpus.jsonl, queries.jsonl and "
+                     f"qrels/<split>.tsv, not {'/'.join(rest)}; not downloaded")
         raise _not_found(name, tried, hint)
     beir_root = cache_root() / "beir"
     local = beir_root / dataset
@@ -111,6 +147,8 @@ def resolve_data(name_or_path: str | os.PathLike, *, download: bool = True) -> P
         if not download:
             tried.append(f"download {url}: downloads are disabled (download=False)")
             raise _not_found(name, tried, hint)
+        log.warning("data %r: not found locally (%s); downloading BEIR's %s from %s into %s",
+                    name, "; ".join(tried), dataset, url, beir_root)
         try:
             local = _download_beir(dataset, beir_root)
         except Exception as e:  # any network/zip failure: report it, with what was tried
@@ -122,6 +160,42 @@ def resolve_data(name_or_path: str | os.PathLike, *, download: bool = True) -> P
         tried.append(f"downloaded BEIR copy {str(target)!r}: does not exist")
         raise _not_found(name, tried, hint)
     return target
+
+
+def resolve_data_folder(name: str | os.PathLike, files: Mapping[str, str], *,
+                        download: bool = True) -> Path:
+    """The data folder ``name`` (resolved as :func:`resolve_data` does) holding every file of
+    ``files`` ({recipe key: file name inside the folder, or an absolute path}; empty names are
+    not needed). A missing file is a :class:`DataNotFoundError` naming its key, the file and the
+    data root searched. When the folder is not local, BEIR's zip is downloaded only if it can
+    hold every named file; otherwise nothing is downloaded and the error says why."""
+    name = str(name)
+    named = {key: str(file) for key, file in files.items() if file}
+    for key, file in named.items():
+        if Path(file).is_absolute() and not Path(file).exists():
+            raise DataNotFoundError(f"{key}={file!r}: the file does not exist", reason="data not found")
+    inside = {key: file for key, file in named.items() if not Path(file).is_absolute()}
+    root, tried, hint = _local(name)
+    if root is None and not name.startswith(HF_PREFIX):
+        path = Path(name).expanduser()
+        unfit = {key: file for key, file in inside.items()
+                 if not beir_may_hold(path.parts[1:] + Path(file).parts)}
+        if unfit and not path.is_absolute() and path.parts[0] in BEIR_DATASETS:
+            what = ", ".join(f"{key}={file!r}" for key, file in unfit.items())
+            tried.append(f"download: BEIR's {path.parts[0]}.zip holds corpus.jsonl, "
+                         f"queries.jsonl and qrels/<split>.tsv, not {what}; not downloaded")
+            first = next(iter(unfit.values()))
+            raise _not_found(name, tried, f"{what}: set {DATA_ENV} to a folder containing "
+                             f"{Path(name) / first}, or pass a path.")
+    if root is None:
+        root = resolve_data(name, download=download)  # a download (logged), or the error
+    for key, file in inside.items():
+        if not (root / file).exists():
+            raise DataNotFoundError(
+                f"{key}={file!r} is not in the data folder {str(root)!r} (resolved from "
+                f"{name!r}); name a file of that folder, or point the data path at a folder "
+                "holding it", reason="data not found")
+    return root
 
 
 def _resolve_hf(spec: str, download: bool) -> Path:
