@@ -8,6 +8,17 @@ from typing import Any, Dict, List, Optional
 from common.config import RecipeError
 
 
+def check_ranges(section: str, obj: Any, ranges: dict) -> None:
+    """Each `key: (low, high)` of `obj` within [low, high] (None: unbounded), or a RecipeError
+    naming '<section>.<key>'."""
+    for key, (low, high) in ranges.items():
+        value = getattr(obj, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = (f">= {low}" if high is None else f"<= {high}" if low is None
+                     else f"in [{low}, {high}]")
+            raise RecipeError(f"'{section}.{key}' must be {bound}; got {value}")
+
+
 def _choice(name: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
         hint = (" (YAML reads an unquoted no/yes/off/on as a boolean: write \"no\")"
@@ -42,6 +53,9 @@ class ModelArgs:
 
     def validate(self) -> None:
         _choice("model.pooling", self.pooling, ("auto", "mean", "cls"))
+        # the upper bound is the model's position embeddings: common.encoder.check_lengths
+        check_ranges("model", self, {"max_query_length": (1, None), "max_doc_length": (1, None),
+                                     "forward_chunk": (0, None)})
 
 
 @dataclass
@@ -62,6 +76,12 @@ class TrainArgs:
     # sample of 8 queries is 2 steps an epoch); max_steps still caps
     min_steps: int = 0
     per_device_batch_size: int = 32
+    # > 0: the examples of one optimizer step over ALL processes, the papers' number (Contriever
+    # 2,048 = 32 GPUs x 64). The per-device batch follows: global / processes, exactly, or the run
+    # is refused; in-batch negatives are gathered over the whole global batch (so no gradient
+    # accumulation: it would split the contrastive batch -- bound memory with grad_cache_chunk).
+    # per_device_batch_size is then replaced (the log says by what). 0 = per_device_batch_size
+    global_batch_size: int = 0
     gradient_accumulation_steps: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -90,15 +110,24 @@ class TrainArgs:
         _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if self.epochs < 0:
             raise RecipeError("'train.epochs' must be >= 0 (0 = use train.max_steps)")
-        if self.min_steps < 0:
-            raise RecipeError(f"'train.min_steps' must be >= 0; got {self.min_steps}")
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         _choice("train.device", self.device, ("auto", "cpu"))
-        if self.grad_cache_chunk < 0:
-            raise RecipeError(f"'train.grad_cache_chunk' must be >= 0 (0 = off); got {self.grad_cache_chunk}")
-        if self.max_steps <= 0:
-            raise RecipeError(f"'train.max_steps' must be > 0; got {self.max_steps}")
+        check_ranges("train", self, {
+            "max_steps": (1, None), "min_steps": (0, None), "per_device_batch_size": (1, None),
+            "global_batch_size": (0, None), "gradient_accumulation_steps": (1, None),
+            "warmup_steps": (0, None), "log_every": (1, None), "save_every": (0, None),
+            "keep_last": (1, None), "eval_every": (0, None), "num_workers": (0, None),
+            "grad_cache_chunk": (0, None), "weight_decay": (0, None), "max_grad_norm": (0, None),
+            "adam_beta1": (0, 1), "adam_beta2": (0, 1)})
+        for key in ("lr", "adam_eps"):
+            if not getattr(self, key) > 0:
+                raise RecipeError(f"'train.{key}' must be > 0; got {getattr(self, key)}")
+        if self.global_batch_size and self.gradient_accumulation_steps != 1:
+            raise RecipeError(
+                "'train.global_batch_size' keeps every in-batch negative in one step, so "
+                "'train.gradient_accumulation_steps' must be 1 (it would split the batch); "
+                "bound memory with 'train.grad_cache_chunk' instead")
 
 
 @dataclass
@@ -127,3 +156,7 @@ class EvalArgs:
     # on a small sample (100 queries, their judged documents + 300 others; PCA picture)
     diagnostics: bool = True
 
+
+    def validate(self) -> None:
+        check_ranges("eval", self, {"batch_size": (1, None), "max_queries": (0, None),
+                                    "max_docs": (0, None), "holdout": (0, None)})

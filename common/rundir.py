@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LOCK = ".lock"
@@ -192,6 +195,27 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(done, key=checkpoint_step)
 
 
+class CheckpointError(RuntimeError):
+    """No complete checkpoint of a run can be read; the message names the damaged files."""
+
+
+def damaged_file(checkpoint: Path) -> str | None:
+    """'<file>: <reason>' for the first file of `checkpoint` that cannot be read whole (a copy cut
+    short, a disk error), None if every file loads. Reads each file once: safetensors, torch
+    pickles (optimizer, scheduler, RNG and custom states) and JSON."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                torch.load(path, map_location="cpu", weights_only=False)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001 -- any failure to read is damage, named
+            return f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint folder (step-00000042 -> 42)."""
     return int(path.name.split("-")[1])
@@ -256,3 +280,17 @@ def run_info(world_size: int) -> dict:
         "command": " ".join(sys.argv), "world_size": world_size,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def save_encoder_atomically(encoder, path: Path) -> None:
+    """Write into a sibling folder, then swap it in: a crash never leaves half a model."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    encoder.save(partial)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, path)

@@ -26,19 +26,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import rundir
+from common.guards import NonFiniteLossError, NonFiniteModelError, check_finite_model  # noqa: F401
 from common.args import TrainArgs
-from common.config import recipe_to_yaml
+from common.config import RecipeError, recipe_to_yaml
 from common.epochs import (EpochSampler, TrainState, micro_batch_seed,  # noqa: F401
-                            steps_for_epochs)
+                            resolve_batch, steps_for_epochs)
 
 log = logging.getLogger("twotower.train")
 
 
 FROM_RECIPE = "from recipe.eval"  # the Trainer's default evaluation: what recipe.eval asks for
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss; raised before any update or checkpoint of the broken state."""
 
 
 class Trainer:
@@ -64,7 +61,13 @@ class Trainer:
             # by construction, so re-broadcasting it each step would only cost time
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        if args.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            # Accelerate would train in fp32 without a word (no autocast, no GradScaler on CPU)
+            raise RecipeError("train.mixed_precision=fp16 needs a GPU: on the CPU Accelerate "
+                              "runs fp32 instead. Use train.mixed_precision=bf16 (CPUs with "
+                              "AVX512_BF16/AMX) or no")
         set_seed(args.seed)
+        args = self.args = resolve_batch(args, self.accelerator.num_processes, announce=True)
         if args.epochs > 0:  # train.max_steps stays a cap
             steps = min(args.max_steps, steps_for_epochs(args, len(train_dataset),
                                                          self.accelerator.num_processes))
@@ -106,6 +109,8 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         acc = self.accelerator
+        # identical weights on every process: all of them raise here, or none
+        check_finite_model(self.unwrapped, self.state.step)
         staging = rundir.staging_dir(self.output_dir, self.state.step)
         if self.is_main and staging.exists():
             shutil.rmtree(staging)
@@ -117,22 +122,36 @@ class Trainer:
                                       self.state.state_dict(), self.args.keep_last)
         acc.wait_for_everyone()
 
-    def _tensorboard_kwargs(self, resume: bool) -> dict:
-        """On resume, tensorboard hides what a killed run logged after its last checkpoint
-        (SummaryWriter's purge_step): those steps are logged again, and would show twice."""
-        done = rundir.complete_checkpoints(self.output_dir) if resume else []
-        if not done:
+    @staticmethod
+    def _tensorboard_kwargs(start: Path | None) -> dict:
+        """On resume, tensorboard hides what a killed run logged after the checkpoint it resumes
+        from (SummaryWriter's purge_step): those steps are logged again, and would show twice."""
+        if start is None:
             return {}
-        return {"tensorboard": {"purge_step": rundir.checkpoint_step(done[-1]) + 1}}
+        return {"tensorboard": {"purge_step": rundir.checkpoint_step(start) + 1}}
 
-    def _resume(self) -> None:
+    def _resume_point(self) -> Path | None:
+        """The newest complete checkpoint whose files all read whole, on every process; a damaged
+        one is named and skipped for the one before it (logged), none readable is an error."""
         done = rundir.complete_checkpoints(self.output_dir)
         if not done:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0",
                         self.output_dir / rundir.CHECKPOINTS)
-            return
-        self.accelerator.load_state(str(done[-1]))
-        log.info("resumed from %s (step %d)", done[-1], self.state.step)
+            return None
+        damaged = []
+        for checkpoint in reversed(done):
+            problem = rundir.damaged_file(checkpoint)
+            flag = torch.tensor([float(problem is not None)], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+                if damaged:
+                    log.warning("--resume: skipped damaged checkpoint(s) (%s); resuming from %s",
+                                "; ".join(damaged), checkpoint)
+                return checkpoint
+            damaged.append(problem or f"{checkpoint}: damaged on another process")
+            log.warning("--resume: checkpoint %s cannot be read: %s", checkpoint, damaged[-1])
+        raise rundir.CheckpointError(
+            f"--resume: no checkpoint of {self.output_dir} can be read: {'; '.join(damaged)}. "
+            "Restore the files, or start again with train.overwrite_output_dir=true")
 
     def _build_evaluators(self) -> None:
         eval_args = getattr(self.recipe, "eval", None)
@@ -227,10 +246,12 @@ class Trainer:
                 rundir.write_atomic(recipe_file, new)
                 rundir.write_atomic(self.output_dir / "run_info.json", _json(
                     rundir.run_info(self.accelerator.num_processes)))
-            self.accelerator.init_trackers("tb", init_kwargs=self._tensorboard_kwargs(resume))
+            start = self._resume_point() if resume else None
+            self.accelerator.init_trackers("tb", init_kwargs=self._tensorboard_kwargs(start))
             self._build_evaluators()
-            if resume:
-                self._resume()
+            if start is not None:
+                self.accelerator.load_state(str(start))
+                log.info("resumed from %s (step %d)", start, self.state.step)
             try:
                 return self._loop()
             finally:
@@ -343,7 +364,7 @@ class Trainer:
         self._save_checkpoint()
         metrics = self._evaluate()
         if self.is_main:
-            save_encoder_atomically(self.unwrapped.encoder, self.output_dir / "model")
+            rundir.save_encoder_atomically(self.unwrapped.encoder, self.output_dir / "model")
             if metrics:
                 rundir.write_atomic(self.output_dir / "metrics.json", _json(metrics))
                 self._write_eval_reports()
@@ -361,20 +382,6 @@ def use_cpu(device: str) -> bool:
         return True
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return device == "auto" and several and not torch.cuda.is_available()
-
-
-def save_encoder_atomically(encoder: nn.Module, path: Path) -> None:
-    """Write into a sibling folder, then swap it in: a crash never leaves half a model."""
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    encoder.save(partial)
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, path)
 
 
 def _eval_first(recipe: Any) -> bool:

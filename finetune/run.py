@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from common.cli import parse_run_args, print_result, setup_process  # noqa: E402
 from common.config import load_recipe  # noqa: E402
 from common.encoder import check_model  # noqa: E402
+from common.epochs import resolve_batch  # noqa: E402
 from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
 
 log = logging.getLogger("twotower.finetune")
@@ -112,7 +113,8 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
                            with_teacher=with_teacher, short_pool=stage.data.short_pool,
                            seed=recipe.train.seed,
-                           global_batch_size=recipe.train.per_device_batch_size * num_processes,
+                           global_batch_size=resolve_batch(recipe.train, num_processes)
+                           .per_device_batch_size * num_processes,
                            length_of=LongestDocument(tokens) if stage.data.length_grouped else None)
     return FinetuneMethod(encoder, stage.loss), dataset, GroupCollator(encoder.tokenize, tokens)
 

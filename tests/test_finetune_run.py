@@ -45,7 +45,8 @@ def tiny_setup(tmp_path_factory):
 
 def common_overrides(root: Path, out: str) -> list:
     return [f"model.name_or_path={root / 'student'}", f"train.output_dir={root / out}",
-            "train.per_device_batch_size=2", "train.max_steps=2", "train.warmup_steps=0",
+            "train.global_batch_size=0", "train.per_device_batch_size=2", "train.max_steps=2",
+            "train.warmup_steps=0",
             "train.log_every=1", "model.max_doc_length=32",
             f"eval.data={root / 'beir'}", "eval.split=train", "eval.metrics=[nDCG@10]"]
 

@@ -136,12 +136,12 @@ def test_faithful_recipes_carry_the_papers_numbers():
     assert (c.method.queue_size, c.method.momentum, c.method.temperature) == (131072, 0.9995, 0.05)
     assert (c.train.lr, c.train.warmup_steps, c.train.max_steps) == (5e-5, 20000, 500000)
     assert (c.train.adam_beta2, c.train.adam_eps, c.train.weight_decay) == (0.98, 1e-6, 0.01)
-    assert c.train.per_device_batch_size * 32 == 2048
+    assert c.train.global_batch_size == 2048 == c.train.per_device_batch_size * 32
     assert (c.pairs.chunk_length, c.pairs.ratio_min, c.pairs.ratio_max) == (256, 0.1, 0.5)
     assert (c.pairs.augmentation, c.pairs.prob_augmentation) == (["delete"], 0.1)
     r = load_recipe(PretrainRecipe, "recontriever", [])
     assert (r.pairs.n_pairs, r.method.relevance_aware, r.pairs.ratio_min) == (4, True, 0.05)
-    assert r.train.per_device_batch_size * 16 == 2048
+    assert r.train.global_batch_size == 2048 == r.train.per_device_batch_size * 16
     assert load_recipe(PretrainRecipe, "contriever_inbatch", []).method.name == "inbatch"
     assert load_recipe(PretrainRecipe, "ict", []).pairs.task == "ict"
 

@@ -3,11 +3,13 @@
 (rotation waits for the new one to be complete), --resume ignores the partial folder and continues
 from the previous checkpoint, and the result equals an uninterrupted run bit for bit."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -82,3 +84,42 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
     assert '"batches_in_epoch": 6' in state and '"epoch": 0' in state
     run_toy(out, "train.max_steps=8", *fixed, resume=True)
     assert_same_weights(tmp_path / "straight", out, atol=0.0)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, name):
+    """The newest COMPLETE checkpoint with one file cut in half (a copy cut short): before, a raw
+    safetensors/pickle error without the path. Now: named, the previous checkpoint resumed, and
+    the result is the uninterrupted run's."""
+    fixed = ["train.per_device_batch_size=8", "train.save_every=1", "train.keep_last=2"]
+    run_toy(tmp_path / "straight", "train.max_steps=5", *fixed)
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=5", *fixed)
+    shutil.rmtree(out / "model")  # as if killed after the step-5 checkpoint
+    victim = out / "checkpoints" / "step-00000005" / name
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    proc = run_toy(out, "train.max_steps=5", *fixed, resume=True)
+    assert f"{victim}: " in proc.stderr and "resuming from" in proc.stderr
+    assert sorted(losses_by_file(out)[-1]) == [5]  # step 5 trained again, from step 4
+    assert_same_weights(tmp_path / "straight", out, atol=0.0)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "train.max_steps=2", "train.per_device_batch_size=8", "train.keep_last=1")
+    victim = out / "checkpoints" / "step-00000002" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    proc = run_toy(out, "train.max_steps=3", "train.per_device_batch_size=8", resume=True,
+                   check=False)
+    assert proc.returncode != 0
+    assert "no checkpoint of" in proc.stderr and f"{victim}: " in proc.stderr
+
+
+def test_a_model_that_is_not_finite_is_never_written(tmp_path):
+    """lr 1e30: one step leaves finite weights of ~1e30 whose embeddings are NaN. Before: exit 0
+    and that model saved as the run's result."""
+    out = tmp_path / "run"
+    proc = run_toy(out, "train.max_steps=1", "train.per_device_batch_size=8", "train.lr=1e30",
+                   "train.warmup_steps=0", "train.max_grad_norm=0", check=False)
+    assert proc.returncode != 0 and "is not finite" in proc.stderr
+    assert not (out / "model").exists() and not complete_checkpoints(out)

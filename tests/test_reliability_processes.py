@@ -25,6 +25,7 @@ from common.cli import LaunchError, check_launch
 from common.rundir import complete_checkpoints
 from tests.dist_utils import launch_prefix, run_to_end
 from tests.test_reliability_resume import TINY_MODEL, WORDS, assert_identical_runs, env
+from tests.test_training import assert_same_weights
 
 REPO = Path(__file__).resolve().parents[1]
 N_QUERIES = 12  # per-device batch 2 x 2 processes: 3 steps an epoch
@@ -143,3 +144,14 @@ def test_two_processes_asked_without_multi_gpu_are_refused(tmp_path):
     check_launch({})  # plain python
     with pytest.raises(LaunchError):
         check_launch({"ACCELERATE_USE_CPU": "False", "MASTER_PORT": "1"})
+
+
+def test_gradient_checkpointing_on_two_processes_matches_plain_training(tmp_path):
+    """A shared tower runs twice per step (queries, then documents): under DDP, reentrant
+    checkpointing marks its parameters ready twice and fails; non-reentrant must give the plain
+    run's weights (dropout on: the recomputation replays the same masks)."""
+    data = write_folder(tmp_path / "data")
+    run_ok(finetune_cmd(data, tmp_path / "plain", 3), "plain run")
+    run_ok(finetune_cmd(data, tmp_path / "ckpt", 3, "model.gradient_checkpointing=true"),
+           "gradient checkpointing")
+    assert_same_weights(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6)

@@ -76,7 +76,9 @@ class ToyInBatch(nn.Module):
 def main(argv=None):
     run = parse_run_args("toy trainer", argv, default_recipe=None)
     recipe = load_recipe(ToyRecipe, run.recipe if run.recipe != "none" else None, run.overrides)
-    encoder = tiny_bert(dropout=0.0, seed=recipe.train.seed)
+    encoder = tiny_bert(dropout=0.0, seed=recipe.train.seed,
+                        max_query_length=recipe.model.max_query_length,
+                        max_doc_length=recipe.model.max_doc_length)
     tok = encoder.tokenizer
 
     def collate(items):
