@@ -66,7 +66,7 @@ class ToyInBatch(nn.Module):
         d = self.encoder(**batch["d"], tower="doc")
         all_d = gather_with_grad(d)
         offset = global_offset(q.shape[0])
-        labels = torch.arange(q.shape[0]) + offset
+        labels = torch.arange(q.shape[0], device=q.device) + offset
         loss = F.cross_entropy(q @ all_d.T / self.temperature, labels)
         if self.nan_at_step and int(self.forward_calls) == self.nan_at_step:
             loss = loss * float("nan")
@@ -78,7 +78,8 @@ def main(argv=None):
     recipe = load_recipe(ToyRecipe, run.recipe if run.recipe != "none" else None, run.overrides)
     encoder = tiny_bert(dropout=0.0, seed=recipe.train.seed,
                         max_query_length=recipe.model.max_query_length,
-                        max_doc_length=recipe.model.max_doc_length)
+                        max_doc_length=recipe.model.max_doc_length,
+                        gradient_checkpointing=recipe.model.gradient_checkpointing)
     tok = encoder.tokenizer
 
     def collate(items):
