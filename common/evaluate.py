@@ -266,18 +266,19 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
     return _finish(data, run, info, measures, started)
 
 
-def evaluator_from_args(eval_args, k: int = 1000,
-                        seed: int = 0) -> Callable[[Any], Dict[str, float]]:
+def evaluator_from_args(eval_args, k: int = 1000, seed: int = 0,
+                        shard: bool = False) -> Callable[[Any], Dict[str, float]]:
     """For evaluation before, during and after training: loads and slices `EvalArgs.data` once
     and returns `encoder -> metrics` (dense retrieval, exact search); the slice is its `.data`,
-    the EvalResult of its latest call its `.last` (for the reports written after training)."""
+    the EvalResult of its latest call its `.last` (for the reports written after training).
+    shard: every process of the launch calls it and encodes a slice of the corpus."""
     data = subsample(eval_args_data(eval_args), eval_args.max_queries, eval_args.max_docs, seed)
 
     def evaluate(encoder, progress: bool = False) -> Dict[str, float]:
         with encoder.inference_options(bf16=eval_args.bf16, compile=eval_args.compile):
             evaluate.last = evaluate_dense(  # type: ignore[attr-defined]
                 encoder, data, k=k, batch_size=eval_args.batch_size, measures=eval_args.metrics,
-                progress=progress)
+                progress=progress, shard=shard)
         return evaluate.last.metrics  # type: ignore[attr-defined]
 
     evaluate.data, evaluate.last = data, None  # type: ignore[attr-defined]

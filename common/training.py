@@ -43,11 +43,13 @@ class Trainer:
                  collate_fn: Callable[[list], dict], recipe: Any = None,
                  evaluate_fn: Callable[[nn.Module], dict[str, float]] | None | str = FROM_RECIPE,
                  diagnostics_fn: Callable[[nn.Module], tuple[dict, bytes]] | None | str = FROM_RECIPE):
-        """`evaluate_fn` / `diagnostics_fn` (run on the main process) default to what `recipe.eval`
-        asks for: retrieval metrics on `eval.data` and the embedding-space diagnostics. Pass a
-        callable to evaluate otherwise, or None for no evaluation during training."""
+        """`evaluate_fn` / `diagnostics_fn` default to what `recipe.eval` asks for: retrieval
+        metrics on `eval.data` (every process encodes a slice of the corpus) and the
+        embedding-space diagnostics (main process). A callable given here runs on the main
+        process; None: no evaluation during training."""
         self.args, self.recipe = args, recipe
         self.evaluate_fn, self.diagnostics_fn = evaluate_fn, diagnostics_fn
+        self._eval_everywhere = False  # a callable given here runs on the main process only
         self.output_dir = Path(args.output_dir)
         # one process may train several runs in turn (domain_adapt: pretraining then fine-tuning,
         # each with its own mixed precision); Accelerate keeps its settings process-wide and
@@ -155,24 +157,28 @@ class Trainer:
 
     def _build_evaluators(self) -> None:
         eval_args = getattr(self.recipe, "eval", None)
-        wanted = self.is_main and eval_args is not None and bool(eval_args.data)
+        wanted = eval_args is not None and bool(eval_args.data)
         if isinstance(self.evaluate_fn, str):
             self.evaluate_fn = None
-            if wanted:
+            if wanted:  # on every process: each encodes a slice of the corpus (common/sharded.py)
                 from common.evaluate import evaluator_from_args
-                self.evaluate_fn = evaluator_from_args(eval_args, seed=self.args.seed)
+                several = self.accelerator.num_processes > 1
+                self.evaluate_fn = evaluator_from_args(eval_args, seed=self.args.seed,
+                                                       shard=several)
+                self._eval_everywhere = several
         if isinstance(self.diagnostics_fn, str):
             self.diagnostics_fn = None
-            if wanted and eval_args.diagnostics:
+            if wanted and self.is_main and eval_args.diagnostics:  # a small sample: main only
                 from common.analyze import AnalyzeArgs, diagnostics_evaluator
                 self.diagnostics_fn = diagnostics_evaluator(
                     eval_args, AnalyzeArgs(max_queries=100, max_docs=300, projection="pca"))
 
     def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.is_main and self.evaluate_fn is not None:
+        if self.evaluate_fn is not None and (self.is_main or self._eval_everywhere):
             metrics = self.evaluate_fn(self.unwrapped.encoder)
-            self._log({f"eval/{k}": v for k, v in metrics.items()})
+            if self.is_main:
+                self._log({f"eval/{k}": v for k, v in metrics.items()})
         if self.is_main and self.diagnostics_fn is not None:
             from common.analyze import log_diagnostics
             scalars, png = self.diagnostics_fn(self.unwrapped.encoder)

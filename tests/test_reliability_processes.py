@@ -155,3 +155,24 @@ def test_gradient_checkpointing_on_two_processes_matches_plain_training(tmp_path
     run_ok(finetune_cmd(data, tmp_path / "ckpt", 3, "model.gradient_checkpointing=true"),
            "gradient checkpointing")
     assert_same_weights(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6)
+
+
+def test_evaluation_during_training_is_sharded_over_the_processes(tmp_path):
+    """Before: rank 0 encoded the whole evaluation corpus while the others waited at a barrier
+    (a collective time-out on a large set). Now each process encodes a slice; the metrics equal
+    a one-process evaluation of the saved model."""
+    from common.data import load_beir
+    from common.encoder import Encoder
+    from common.evaluate import evaluate_dense
+
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    run_ok(finetune_cmd(data, out, 2, f"eval.data={data}", "eval.split=train",
+                        "eval.max_queries=0", "eval.max_docs=0", "eval.diagnostics=false",
+                        "eval.metrics=[nDCG@10,R@10]"), "run with evaluation")
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["timing"]["encode_processes"] == 2
+    alone = evaluate_dense(Encoder.load(str(out / "model")), load_beir(data, "train"),
+                           measures=["nDCG@10", "R@10"], progress=False)
+    assert report["metrics"] == pytest.approx(alone.metrics, abs=1e-6)
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(alone.metrics, abs=1e-6)
