@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 STAMP := .make/installed-$(EXTRAS)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench rehearse clean
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PIP) install $(TORCH_SPEC)
@@ -37,6 +37,10 @@ bench: install
 	$(PY) benchmarks/quality.py fewshot fewshot_dual st_reference_lr curve --seeds 0 1 2 --reuse
 	$(PY) benchmarks/quality.py label_free domain_adapt --seeds 42 1 2 --reuse
 	$(PY) benchmarks/quality.py ablation --seeds 42 1 2 --reuse
+
+# every committed GPU recipe on 2 CPU processes with tiny models and synthetic data (5-10 min)
+rehearse: install
+	$(PY) benchmarks/rehearse.py
 
 clean:
 	rm -rf .make runs

@@ -116,6 +116,8 @@ class GroupDataset(Dataset):
         self.left_out_last_epoch = 0
         if with_teacher:
             self._check_teacher()
+            if n_neg_queries:
+                self._keep_dual_anchored()
 
     def __len__(self) -> int:
         return len(self.pool.groups)
@@ -201,6 +203,35 @@ class GroupDataset(Dataset):
             chosen.append(candidate)
             texts.add(text)
         return chosen
+
+    def _keep_dual_anchored(self) -> None:
+        """With a teacher, a document-anchored (dual) loss needs t(q-, p) for a negative query q-
+        of the sampled positive p, and a scored pool cannot be filled at random: keep the
+        positives that have such a query, drop (and count) the groups left with none -- found
+        here, not at whatever step first samples such a group. None left is an error."""
+        queries, teacher = self.pool.queries, self.pool.teacher
+
+        def anchored(group: TrainGroup, p: str) -> bool:
+            own = queries[group.qid]
+            return any(q != group.qid and p in teacher.get(q, {}) and queries[q] != own
+                       for q in self.pool.neg_queries.get(p, []))
+
+        kept, positives_left_out = [], 0
+        for group in self.pool.groups:
+            usable = [p for p in self._scored(group.qid, group.positives) if anchored(group, p)]
+            positives_left_out += len(group.positives) - len(usable)
+            if usable:
+                kept.append(TrainGroup(group.qid, usable, group.negatives))
+        if not kept:
+            raise ValueError(f"{self.pool.source}: no positive of any query is a mined negative "
+                             "of another query with a teacher score, so data.n_neg_queries "
+                             "cannot be met; set data.n_neg_queries=0")
+        if len(kept) < len(self.pool.groups) or positives_left_out:
+            log.warning("%s: %d of %d queries kept (%d positives left out): data.n_neg_queries "
+                        "needs a negative query with a teacher score for the positive, and the "
+                        "others have none", self.pool.source, len(kept), len(self.pool.groups),
+                        positives_left_out)
+        self.pool.groups = kept
 
     def _check_teacher(self) -> None:
         """Every group needs a teacher score for at least one positive (Margin-MSE anchors)."""

@@ -312,3 +312,21 @@ def test_generic_jsonl_reader(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"train.jsonl:1: 'scores' must list 3 numbers"):
         build_pool(DataArgs(kind="jsonl", path=str(path)))
+
+
+def test_a_teacher_dual_pool_keeps_only_anchored_positives_up_front(caplog):
+    """With teacher scores and data.n_neg_queries, a positive that is no other query's scored
+    negative cannot be trained on by the dual loss. Before: a ValueError at whatever step first
+    sampled such a group (the rehearsal of msmarco_margin_mse_dual stopped at step 0). Now the
+    dataset keeps the anchored positives, counts the rest, and samples without an error."""
+    pool = make_pool(n=5, teacher=True)
+    pool.groups[1].negatives.append("p0")  # q1 lists p0: q1 is a scored q- of p0 only
+    pool.teacher["q1"]["p0"] = -1.0
+    mine_negative_queries(pool, 1, seed=0, fill_random=False)
+    with caplog.at_level("WARNING"):
+        ds = GroupDataset(pool, 1, n_neg_queries=1, with_teacher=True, seed=0)
+    assert [g.qid for g in ds.pool.groups] == ["q0"] and len(ds) == 1
+    assert "1 of 5 queries kept (4 positives left out)" in caplog.text
+    assert ds[0]["neg_queries"] == ["query 1"]
+    with pytest.raises(ValueError, match="set data.n_neg_queries=0"):  # nothing anchored
+        GroupDataset(make_pool(n=5, teacher=True), 1, n_neg_queries=1, with_teacher=True, seed=0)
