@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import rundir
-from common.guards import NonFiniteLossError, NonFiniteModelError, check_finite_model  # noqa: F401
+from common.guards import (NonFiniteLossError, NonFiniteModelError,  # noqa: F401
+                           check_finite_model, check_sharding)
 from common.args import TrainArgs
 from common.config import RecipeError, recipe_to_yaml
 from common.epochs import (EpochSampler, TrainState, micro_batch_seed,  # noqa: F401
@@ -63,6 +64,9 @@ class Trainer:
             # by construction, so re-broadcasting it each step would only cost time
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        check_sharding(str(self.accelerator.distributed_type.value), os.environ,
+                       getattr(plugin, "zero_stage", None))
         if args.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             # Accelerate would train in fp32 without a word (no autocast, no GradScaler on CPU)
             raise RecipeError("train.mixed_precision=fp16 needs a GPU: on the CPU Accelerate "

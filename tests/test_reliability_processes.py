@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import LaunchError, check_launch
+from common.guards import ShardingError, check_sharding
 from common.rundir import complete_checkpoints
 from tests.dist_utils import launch_prefix, run_to_end
 from tests.test_reliability_resume import TINY_MODEL, WORDS, assert_identical_runs, env
@@ -176,3 +177,34 @@ def test_evaluation_during_training_is_sharded_over_the_processes(tmp_path):
                            measures=["nDCG@10", "R@10"], progress=False)
     assert report["metrics"] == pytest.approx(alone.metrics, abs=1e-6)
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(alone.metrics, abs=1e-6)
+
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: SIZE_BASED_WRAP, fsdp_min_num_params: 1000}
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: false
+"""
+
+
+def test_fsdp_is_refused_instead_of_silently_running_ddp(tmp_path):
+    """On a CPU Accelerate 1.16 turns an FSDP config into plain DDP (MULTI_CPU) without a word;
+    on a GPU the sharded weights break the export. Both are refused before training."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", "29733", str(REPO / "tests/scripts/toy_train.py"),
+           "--recipe", "none", f"train.output_dir={tmp_path / 'run'}",
+           "train.per_device_batch_size=4", "train.max_steps=1"]
+    done = run_to_end(cmd, timeout=300, env=env())
+    assert done.returncode != 0 and "FSDP needs GPUs" in done.stderr
+    assert not (tmp_path / "run" / "model").exists()
+    with pytest.raises(ShardingError, match="not supported yet"):
+        check_sharding("FSDP", {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ShardingError, match="not supported yet"):
+        check_sharding("DEEPSPEED", {}, zero_stage=3)
+    check_sharding("DEEPSPEED", {}, zero_stage=2)
+    check_sharding("MULTI_GPU", {})
