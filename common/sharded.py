@@ -45,8 +45,8 @@ def process_device() -> torch.device:
 
 
 def join_processes() -> bool:
-    """Under `accelerate launch --num_processes N` (N > 1), join the process group (gloo on a
-    machine without GPUs) and return True; False for a single process."""
+    """Under `accelerate launch --multi_gpu --num_processes N` (N > 1), join the process group
+    (gloo on a machine without GPUs) and return True; False for a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     from accelerate import PartialState

@@ -1,7 +1,7 @@
 """Fine-tune a dense retriever from labelled or teacher-labelled pairs.
 
     python finetune/run.py --recipe fewshot_cpu [key=value ...] [--resume]
-    accelerate launch --num_processes 2 finetune/run.py --recipe pair_two_stage
+    accelerate launch --multi_gpu --num_processes 2 finetune/run.py --recipe pair_two_stage
 
 A recipe with `stages` (pair_two_stage) runs them in order, each from the previous stage's model,
 in <train.output_dir>/stages/<name>/; a recipe with `pretrain.recipe` (domain_adapt) first runs

@@ -1,7 +1,8 @@
 """Unsupervised pretraining of a dense retriever from raw text (Contriever / ReContriever / ICT).
 
     python pretrain/run.py --recipe recontriever_cpu [key=value ...] [--resume]
-    accelerate launch --num_processes 2 pretrain/run.py --recipe recontriever train.max_steps=10
+    accelerate launch --multi_gpu --num_processes 2 pretrain/run.py --recipe recontriever \
+        train.max_steps=10
 """
 from __future__ import annotations
 
