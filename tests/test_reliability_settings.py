@@ -4,7 +4,7 @@ embeddings as soon as its config is known; `train.global_batch_size`, the papers
 exactly on any number of processes or refused."""
 import pytest
 
-from common.args import ModelArgs, TrainArgs
+from common.args import TrainArgs
 from common.config import RecipeError, load_recipe
 from common.encoder import tiny_bert
 from common.epochs import resolve_batch
