@@ -191,8 +191,11 @@ def wait(proc, log, timeout: float) -> int:
 def tail(out: Path, resume=False, n=1) -> str:
     """The last error-looking line of a launch's log, for the table."""
     lines = (out.parent / ("resume.log" if resume else "run.log")).read_text(errors="replace").splitlines()
-    errors = ([x for x in lines if re.search(r"\w+(Error|Exception): ", x)
-               and "ChildFailedError" not in x] or [x for x in lines if "Error" in x] or lines)
+    errors = [x for x in lines if re.search(r"\w+(Error|Exception): ", x)
+              and "ChildFailedError" not in x]
+    # a rank that crashed shows as "Connection closed by peer" in the others: name the cause
+    causes = [x for x in errors if not re.search(r"closed by peer|remote worker crash", x)]
+    errors = causes or errors or [x for x in lines if "Error" in x] or lines
     return " | ".join(x.strip()[:200] for x in errors[-n:])
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -46,13 +48,25 @@ def model_fingerprint(path: str) -> str:
 class ScoreCache:
     """sqlite table (teacher, qhash, phash) -> score; safe to share between runs."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, timeout: float = 60.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (teacher TEXT, qhash TEXT, phash TEXT, "
-                        "score REAL, PRIMARY KEY (teacher, qhash, phash))")
+        self.db = sqlite3.connect(str(self.path), timeout=timeout)
+        # Several processes (the ranks of one launch, or two runs sharing a cache) may open a new
+        # file at once. Switching it to WAL takes an exclusive lock, and sqlite answers a second
+        # opener "database is locked" at once, without waiting for the busy timeout: retry.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("CREATE TABLE IF NOT EXISTS scores (teacher TEXT, qhash TEXT, "
+                                "phash TEXT, score REAL, PRIMARY KEY (teacher, qhash, phash))")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self.db.close()
+                    raise sqlite3.OperationalError(f"teacher score cache {self.path}: {exc}") from exc
+                time.sleep(random.uniform(0.01, 0.1))
 
     def get(self, teacher: str, keys: Sequence[Tuple[str, str]]) -> List[Optional[float]]:
         out: List[Optional[float]] = []

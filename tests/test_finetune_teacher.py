@@ -1,5 +1,6 @@
 """Teacher scoring (cross-encoder / bi-encoder) with its on-disk cache, and pseudo-labelling."""
 import json
+import multiprocessing as mp
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from common.encoder import resolve_model_path, tiny_bert
 from finetune.args import DataArgs, PseudoArgs, TeacherArgs
 from finetune.pseudo import pseudo_label_pool
-from finetune.teacher import Teacher
+from finetune.teacher import ScoreCache, Teacher
 
 QUERIES = ["what do cats eat", "how tall are giraffes"]
 PASSAGES = ["Cats eat meat and fish.", "Giraffes grow to about five metres tall."]
@@ -104,3 +105,31 @@ def test_pseudo_labels_follow_the_thresholds(tmp_path):
     data.pseudo.pos_threshold = 0.99
     with pytest.raises(ValueError, match="pos_threshold"):
         pseudo_label_pool(data, FakeTeacher(table))
+
+
+def _open_and_put(path, barrier, key):
+    barrier.wait()  # every process opens the fresh file at the same moment
+    try:
+        cache = ScoreCache(path)
+        cache.put("t", [("q", key)], [1.0])
+        cache.close()
+        return ""
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        return repr(exc)
+
+
+def test_ranks_opening_a_new_score_cache_at_once_all_succeed(tmp_path):
+    """Every rank of a launch builds its Teacher (and opens the cache) at the same time. Before
+    the fix, sqlite answered a second opener's switch to WAL with 'database is locked' at once
+    (the busy timeout does not apply), about one fresh file in four with 4 openers; in CI it
+    crashed rank 0 of the pair_two_stage rehearsal."""
+    ctx = mp.get_context("fork")
+    with ctx.Manager() as manager, ctx.Pool(4) as pool:
+        for attempt in range(12):
+            path = tmp_path / f"cache{attempt}.sqlite"
+            barrier = manager.Barrier(4)
+            errors = [e for e in pool.starmap(_open_and_put, [(path, barrier, str(i)) for i in range(4)]) if e]
+            assert not errors, f"attempt {attempt}: {errors}"
+            cache = ScoreCache(path)
+            assert cache.get("t", [("q", str(i)) for i in range(4)]) == [1.0] * 4
+            cache.close()

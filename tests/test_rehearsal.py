@@ -29,6 +29,11 @@ def test_mission_recipes_rehearse(tmp_path):
     sizes = rehearse.Sizes(timeout=180)
     rows = rehearse.rehearse(MISSION, tmp_path, sizes, say=lines.append)
     report = "\n".join(lines) + "\n" + rehearse.table(rows)
+    for row in rows:  # a failure shows its launch logs' ends, not only the table's one line
+        if not row.passed:
+            for log in sorted((tmp_path / row.recipe).rglob("*.log")):
+                end = log.read_text(errors="replace").splitlines()[-40:]
+                report += f"\n--- {log.relative_to(tmp_path)} (last 40 lines)\n" + "\n".join(end)
     assert [r.recipe for r in rows] == MISSION
     # the substitutions are said: tiny models of the named classes, synthetic data, smaller sizes
     assert any("bert-base-uncased -> tiny random BertModel" in x for x in lines), report
