@@ -27,9 +27,9 @@ def child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
     from common.args import ModelArgs
     from common.grad_cache import GradCache
     from pretrain.args import MethodArgs
-    from pretrain.method import build_method
+    from pretrain.methods import build_method
 
-    from benchmarks.perf import MODEL, corpus_texts, scifact_test
+    from benchmarks.perf_common import MODEL, corpus_texts, scifact_test
 
     _, texts = corpus_texts(scifact_test())
     from common.encoder import Encoder
@@ -66,7 +66,7 @@ def child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
 
 
 def bench_memory(ns) -> dict:
-    from benchmarks.perf import load_average
+    from benchmarks.perf_common import load_average
 
     out: dict = {"batch": ns.memory_batch, "max_length": 128, "chunk": ns.memory_chunk,
                  "limit_gb": 12, "load_before": load_average(), "rows": []}

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.perf import load_average
+from benchmarks.perf_common import load_average
 
 TEMPERATURE, LR = 0.05, 2e-5
 
@@ -109,7 +109,7 @@ def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int,
                                        SentenceTransformerTrainingArguments, losses)
     from transformers import TrainerCallback
 
-    from benchmarks.perf import st_model
+    from benchmarks.perf_common import st_model
 
     model = st_model(max_length)
     data = Dataset.from_dict({"anchor": [t["query"] for t in triples],

@@ -11,6 +11,7 @@ loss: sum_q dL_q/de_p. An all-reduce (sum) of the gathered gradient gives exactl
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,6 +32,16 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def use_cpu(device: str) -> bool:
+    """Accelerate only picks gloo for several CPU processes when told to run on the CPU; without a
+    GPU, `accelerate launch --multi_gpu --num_processes 2` (or torchrun) would otherwise give N
+    independent single-process runs."""
+    if device == "cpu":
+        return True
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return device == "auto" and several and not torch.cuda.is_available()
 
 
 def _gather_sizes(n: int, device: torch.device) -> list[int]:

@@ -285,13 +285,7 @@ def evaluator_from_args(eval_args, k: int = 1000, seed: int = 0,
     return evaluate
 
 
-# ---------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m common.evaluate ...`: the command line lives in common/evaluate_cli.py."""
-    from common.evaluate_cli import main as cli_main
+if __name__ == "__main__":  # `python -m common.evaluate ...`: the command line (evaluate_cli.py)
+    from common.evaluate_cli import main
 
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

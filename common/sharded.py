@@ -11,7 +11,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from common.distributed import gather_variable, rank, world_size
+from common.distributed import gather_variable, rank, use_cpu, world_size
 
 T = TypeVar("T")
 
@@ -39,8 +39,6 @@ def process_device() -> torch.device:
     analysis; the Trainer places its model through Accelerate)."""
     from accelerate import PartialState
 
-    from common.training import use_cpu
-
     return PartialState(cpu=use_cpu("auto")).device
 
 
@@ -50,8 +48,6 @@ def join_processes() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     from accelerate import PartialState
-
-    from common.training import use_cpu
 
     PartialState(cpu=use_cpu("auto"))
     return True

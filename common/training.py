@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import rundir
+from common.distributed import use_cpu
 from common.guards import NonFiniteLossError, check_finite_model, check_sharding
 from common.args import TrainArgs
 from common.config import RecipeError, recipe_to_yaml
@@ -381,16 +382,6 @@ class Trainer:
         if state.skipped_nonfinite:
             log.warning("%d steps were skipped for a non-finite loss", state.skipped_nonfinite)
         return {**metrics, "step": state.step, "skipped_nonfinite": state.skipped_nonfinite}
-
-
-def use_cpu(device: str) -> bool:
-    """Accelerate only picks gloo for several CPU processes when told to run on the CPU; without a
-    GPU, `accelerate launch --multi_gpu --num_processes 2` (or torchrun) would otherwise give N
-    independent single-process runs."""
-    if device == "cpu":
-        return True
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return device == "auto" and several and not torch.cuda.is_available()
 
 
 def _eval_first(recipe: Any) -> bool:

@@ -20,7 +20,7 @@ from common import data as D
 from common.distributed import broadcast_object, is_distributed, is_main
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.sources import load_target_corpus, named
+from finetune.data_files import load_target_corpus, named
 
 log = logging.getLogger("twotower.finetune")
 

@@ -122,7 +122,7 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
 def target_corpus(recipe: FinetuneRecipe) -> str:
     """The corpus of the last stage's training data (BEIR folder, or the MS MARCO collection
     file); "" for data without one (triples, jsonl)."""
-    from finetune.sources import data_file
+    from finetune.data_files import data_file
 
     data = recipe.stage_list()[-1][1].data
     if not data.path:
@@ -130,7 +130,7 @@ def target_corpus(recipe: FinetuneRecipe) -> str:
     if data.kind in ("beir", "pseudo"):
         return data.path
     if data.kind == "sentences":  # either layout (finetune.sentence_queries)
-        from finetune.sources import msmarco_collection
+        from finetune.data_files import msmarco_collection
         collection = msmarco_collection(data)
         return str(collection) if collection is not None else data.path
     if data.kind == "msmarco":

@@ -25,7 +25,7 @@ import numpy as np
 from common import data as D
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.sources import load_target_corpus
+from finetune.data_files import load_target_corpus
 
 log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query

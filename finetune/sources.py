@@ -15,9 +15,11 @@ import numpy as np
 
 from common import data as D
 from common.config import RecipeError
-from common.data.resolve import resolve_data_folder
 from finetune.args import DataArgs
 from finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
+from finetune.data_files import _file, data_file, data_root
+from finetune.pseudo import pseudo_label_pool
+from finetune.sentence_queries import sentences_pool
 
 log = logging.getLogger("twotower.finetune")
 
@@ -25,58 +27,6 @@ log = logging.getLogger("twotower.finetune")
 def text_id(prefix: str, text: str) -> str:
     """A stable id for a text that came without one (triples, generic jsonl)."""
     return f"{prefix}{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
-
-
-def _file(root: Path, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() else root / path
-
-
-def named(data: DataArgs, key: str) -> str:
-    """data.<key> when the recipe names it (a value other than the default), else ""."""
-    value = getattr(data, key)
-    return value if value != getattr(DataArgs(), key) else ""
-
-
-def required_files(data: DataArgs) -> Dict[str, str]:
-    """{recipe key: file} that data.path must hold for data.kind: every file an msmarco recipe
-    reads; the queries a pseudo recipe names (pseudo and sentences read either layout: an MS
-    MARCO folder when it holds data.collection, else a BEIR folder)."""
-    if data.kind == "msmarco":
-        return {"data.collection": data.collection, "data.queries": data.queries,
-                "data.qrels": data.qrels, "data.hard_negatives": data.hard_negatives}
-    if data.kind == "pseudo":
-        return {"data.queries": named(data, "queries")}
-    return {}
-
-
-def data_root(data: DataArgs) -> Path:
-    """The folder data.path names, holding every file the recipe names (required_files), or a
-    DataNotFoundError naming the key, the file and the data root searched; BEIR's zip is
-    downloaded only when it can hold them (common.data.resolve_data_folder)."""
-    return resolve_data_folder(data.path, required_files(data))
-
-
-def msmarco_collection(data: DataArgs) -> Optional[Path]:
-    """data.collection inside data.path (or absolute) when that file exists — data.path is an
-    MS MARCO folder — else None (a BEIR folder). For the kinds that read either layout."""
-    collection = _file(data_root(data), data.collection)
-    return collection if collection.is_file() else None
-
-
-def load_target_corpus(data: DataArgs, read: Dict):
-    """(corpus Dataset id/title/text, folder): an MS MARCO collection when data.path holds
-    data.collection, else the BEIR corpus.jsonl."""
-    root = data_root(data)
-    collection = msmarco_collection(data)
-    if collection is not None:
-        return D.load_msmarco_collection(collection, **read), root
-    corpus = next((root / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (root / n).is_file()),
-                  None)
-    if corpus is None:
-        raise D.DataError(f"data.kind={data.kind}: no corpus.jsonl (BEIR) or {data.collection} "
-                          "(MS MARCO) in the data folder", path=root)
-    return D.load_corpus(corpus, **read), root
 
 
 def _positives(judged: Dict[str, int], min_relevance: int) -> List[str]:
@@ -292,25 +242,11 @@ def _score(value, path: Path, line_no: int) -> float:
 
 
 def _sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
-    from finetune.sentence_queries import sentences_pool
     return sentences_pool(data, teacher, read)
 
 
 READERS = {"beir": _beir_pool, "msmarco": _msmarco_pool, "triples": _triples_pool,
            "jsonl": _jsonl_pool, "sentences": _sentences_pool}
-
-
-def data_file(data: DataArgs, name: str) -> Path:
-    """A file named in the data section: absolute, inside data.path (msmarco folders), or
-    anything common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
-    if data.kind in ("msmarco", "pseudo", "sentences") and data.path and not Path(name).is_absolute():
-        try:  # the folder if it is here (or already downloaded); never a download for this look
-            inside = D.resolve_data(data.path, download=False) / name
-        except D.DataNotFoundError:
-            inside = None
-        if inside is not None and inside.exists():
-            return inside
-    return D.resolve_data(name)
 
 
 def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = None,
@@ -330,7 +266,6 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
         table = D.load_teacher_scores(data_file(data, data.teacher_scores), **read)
         scores = {q: dict(by_pid) for q, by_pid in table.items()}
     if data.kind == "pseudo":
-        from finetune.pseudo import pseudo_label_pool
         if teacher is None:
             raise ValueError("data.kind=pseudo needs a teacher (teacher.model)")
         pool = pseudo_label_pool(data, teacher, candidates)

@@ -72,14 +72,3 @@ class PairMethod(EmbeddingMethod):
             "stdk": k.detach().std(0).mean(),
             "weight_max": weights.detach().max(1).values.mean(),
         }
-
-
-def build_method(encoder: nn.Module, args: MethodArgs, n_pairs: int, seed: int) -> PairMethod:
-    from pretrain.inbatch import InBatch
-    from pretrain.moco import MoCo
-
-    if args.name == "inbatch":
-        return InBatch(encoder, args, n_pairs)
-    if args.name == "moco":
-        return MoCo(encoder, args, n_pairs, seed=seed)
-    raise ValueError(f"method.name must be inbatch or moco; got {args.name!r}")

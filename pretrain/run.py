@@ -27,7 +27,7 @@ def build(recipe: PretrainRecipe, report=None):
 
     from common.encoder import Encoder
     from pretrain.dataset import build_pair_dataset
-    from pretrain.method import build_method
+    from pretrain.methods import build_method
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(recipe.model)

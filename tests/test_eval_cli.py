@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from common.evaluate import evaluate_bm25, load_eval_data, main, subsample
+from common.evaluate import evaluate_bm25, load_eval_data, subsample
+from common.evaluate_cli import main
 from common.metrics import compute_metrics
 
 TOPICS = ["mangrove swamp", "volcano lava", "glacier ice", "desert dune", "coral reef",

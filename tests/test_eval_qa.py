@@ -10,7 +10,7 @@ import pytest
 
 from common.data import DataError
 from common.data.qa import QAQuestion, load_dpr_passages, load_qa_questions
-from common.evaluate import main
+from common.evaluate_cli import main
 from common.qa import (QAArgs, dpr_tokens, evaluate_qa_bm25, evaluate_qa_dense, has_answer,
                        top_k_accuracy)
 from tests.dist_utils import run_distributed

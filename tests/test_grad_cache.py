@@ -187,7 +187,7 @@ PRETRAIN_SETTINGS = {
 
 def make_pretrain_method(setting, dropout=0.0, seed=0):
     from pretrain.args import MethodArgs
-    from pretrain.method import build_method
+    from pretrain.methods import build_method
 
     encoder = tiny_bert(dropout=dropout, seed=seed)
     args = MethodArgs(temperature=0.2, **PRETRAIN_SETTINGS[setting])

@@ -26,7 +26,7 @@ from finetune.pseudo import pseudo_label_pool
 from finetune.sources import build_pool
 from pretrain.args import MethodArgs, PretrainRecipe
 from pretrain.dataset import build_pair_dataset
-from pretrain.method import build_method
+from pretrain.methods import build_method
 from tests.dist_utils import run_distributed
 
 TOPICS = ["protein", "river", "planet", "market", "vaccine", "storm"]

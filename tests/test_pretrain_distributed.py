@@ -13,7 +13,7 @@ from torch import nn
 
 from common.encoder import tiny_bert
 from pretrain.args import MethodArgs
-from pretrain.method import build_method
+from pretrain.methods import build_method
 
 B, WORLD, LR = 3, 2, 0.5  # per-process batch, processes, SGD step between the two steps
 SCENARIOS = {
