@@ -4,7 +4,7 @@
 
 Evaluates BM25 and the bundled all-MiniLM-L6-v2 (mean pooling, cosine, max 256 tokens for
 queries and documents, as sentence-transformers does) on SciFact test through the library
-(common.evaluate), writes benchmarks/results/acceptance.{json,md}, prints the table, and exits 1
+(twotower.common.eval.evaluate), writes benchmarks/results/acceptance.{json,md}, prints the table, and exits 1
 when a figure is outside its tolerance. Dense encoding of the 5,183 documents takes a few minutes
 on 2 CPU cores.
 """
@@ -18,9 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.args import ModelArgs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.evaluate import evaluate_bm25, evaluate_dense, load_eval_data  # noqa: E402
+from twotower.common.eval.evaluate import (evaluate_bm25, evaluate_dense,  # noqa: E402
+                                           load_eval_data)
 
 # (system, metric) -> (reference value, tolerance); nDCG@10 tolerances are the issue's, the
 # R@100 ones are ours (the reference figures are from the data README, measured outside the
@@ -60,9 +64,6 @@ def main(argv=None) -> int:
     results["bm25"] = {"metrics": bm25.metrics, **bm25.info}
     rows += check("bm25", bm25.metrics)
     if not ns.skip_dense:
-        from common.args import ModelArgs
-        from common.encoder import Encoder
-
         encoder = Encoder.load(ModelArgs(name_or_path="bundled:all-MiniLM-L6-v2",
                                          max_query_length=256, max_doc_length=256))
         assert encoder.args.pooling == "mean" and encoder.args.normalize, encoder.args

@@ -32,21 +32,24 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from benchmarks.perf_memory import bench_memory
+from benchmarks.perf_padding import bench_padding
+from benchmarks.perf_train import bench_train, twotower_step_times
+from twotower.common.eval.evaluate import judged_queries
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.args import ModelArgs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.perf_common import (MODEL, corpus_texts, load_average, median_time,  # noqa: E402
-                                     ndcg_of, scifact_test, st_model)
+                                    ndcg_of, scifact_test, st_model)
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def bench_encode(ns) -> dict:
-    import torch
-
-    from common.args import ModelArgs
-    from common.encoder import Encoder
-    from common.evaluate import judged_queries
-
     data = scifact_test()
     doc_ids, texts = corpus_texts(data)
     sample = texts[: ns.docs]
@@ -116,11 +119,6 @@ def bench_encode(ns) -> dict:
 def bench_scaling(ns) -> dict:
     """Encoding: seconds per document as the corpus doubles; training: seconds per step as the
     batch doubles (twotower fine-tuning step, fp32)."""
-    from common.args import ModelArgs
-    from common.encoder import Encoder
-
-    from benchmarks.perf_train import twotower_step_times
-
     data = scifact_test()
     _, texts = corpus_texts(data)
     enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
@@ -267,15 +265,12 @@ def main(argv=None) -> int:
         if section == "encode":
             write_results("encode", bench_encode(ns), ns)
         elif section == "train":
-            from benchmarks.perf_train import bench_train
             write_results("train", bench_train(ns), ns)
         elif section == "memory":
-            from benchmarks.perf_memory import bench_memory
             write_results("memory", bench_memory(ns), ns)
         elif section == "scaling":
             write_results("scaling", bench_scaling(ns), ns)
         elif section == "padding":
-            from benchmarks.perf_padding import bench_padding
             write_results("padding", bench_padding(ns), ns)
     return 0
 

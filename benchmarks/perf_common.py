@@ -6,6 +6,11 @@ import os
 import statistics
 import time
 
+from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
+from twotower.common.eval.metrics import aggregate, per_query
+from twotower.common.eval.search import dense_search
+from twotower.common.model.encoder import doc_text, resolve_model_path
+
 MODEL = "bundled:all-MiniLM-L6-v2"
 
 
@@ -23,15 +28,10 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def scifact_test():
-    from common.evaluate import load_eval_data
-
     return load_eval_data("scifact", "test")
 
 
 def corpus_texts(data) -> tuple[list[str], list[str]]:
-    from common.encoder import doc_text
-    from common.evaluate import _corpus_rows
-
     ids, rows = _corpus_rows(data)
     return ids, [doc_text(r) for r in rows]
 
@@ -39,18 +39,12 @@ def corpus_texts(data) -> tuple[list[str], list[str]]:
 def st_model(max_length: int):
     from sentence_transformers import SentenceTransformer
 
-    from common.encoder import resolve_model_path
-
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.max_seq_length = max_length
     return model
 
 
 def ndcg_of(data, doc_emb, query_emb, doc_ids) -> float:
-    from common.evaluate import judged_queries
-    from common.metrics import aggregate, per_query
-    from common.search import dense_search
-
     qids, _ = judged_queries(data)
     run = dense_search(query_emb, doc_emb, qids, doc_ids, k=100, similarity="cos")
     return aggregate(per_query(data.qrels, run, ["nDCG@10"]))["nDCG@10"]

@@ -24,15 +24,14 @@ def child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
-    from common.args import ModelArgs
-    from common.grad_cache import GradCache
-    from pretrain.args import MethodArgs
-    from pretrain.methods import build_method
-
     from benchmarks.perf_common import MODEL, corpus_texts, scifact_test
+    from twotower.common.model.grad_cache import GradCache
+    from twotower.common.recipe.args import ModelArgs
+    from twotower.pretrain.args import MethodArgs
+    from twotower.pretrain.losses import build_method
 
     _, texts = corpus_texts(scifact_test())
-    from common.encoder import Encoder
+    from twotower.common.model.encoder import Encoder
 
     encoder = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=max_length,
                                      max_query_length=max_length))

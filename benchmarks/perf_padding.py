@@ -9,6 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.config import load_recipe
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.data import GroupCollator, GroupDataset
+from twotower.finetune.sources import build_pool
+from twotower.finetune.tokens import LongestDocument, TokenCache
+
 
 def _doc_tokens(dataset, collate, order: list[int], size: int) -> tuple[int, int]:
     """(tokens including padding, real tokens) of the document tensors of one epoch's batches."""
@@ -21,13 +28,6 @@ def _doc_tokens(dataset, collate, order: list[int], size: int) -> tuple[int, int
 
 
 def bench_padding(ns) -> dict:
-    from common.config import load_recipe
-    from common.encoder import Encoder
-    from finetune.args import FinetuneRecipe
-    from finetune.data import GroupCollator, GroupDataset
-    from finetune.sources import build_pool
-    from finetune.tokens import LongestDocument, TokenCache
-
     logging.getLogger("twotower").setLevel(logging.WARNING)
     grouped_losses = ["loss.infonce.weight=0", "loss.margin_mse.weight=1",
                       "data.length_grouped=true"]

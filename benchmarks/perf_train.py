@@ -6,7 +6,7 @@ Data: recipe `fewshot` (SciFact train, BM25-mined hard negatives, one per query)
 negatives, cosine similarity x 20 (tau 0.05), AdamW lr 2e-5, gradient clipping at norm 1 (the
 default of both trainers), max length 256, batch 32.
 
-* twotower: common.training.Trainer with finetune's method and collator, as in a real run: the
+* twotower: twotower.common.train.trainer.Trainer with finetune's method and collator, as in a real run: the
   texts are tokenised once before training (data.pretokenize, not timed), a step pads; the
   recipe's model.forward_chunk=32 runs the 64 documents of a batch as two transformer calls;
 * sentence-transformers: SentenceTransformerTrainer + MultipleNegativesRankingLoss (its default
@@ -28,18 +28,22 @@ import time
 
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from datasets import Dataset
+from transformers import TrainerCallback
 
-from benchmarks.perf_common import load_average
+from benchmarks.perf_common import load_average, st_model
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.config import load_recipe, recipe_to_yaml
+from twotower.common.train.trainer import Trainer
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.run import build_stage
 
 TEMPERATURE, LR = 0.05, 2e-5
 
 
 def build(batch: int, max_length: int, n_groups: int):
     """(recipe, method, dataset, collate, triples) for the first `n_groups` groups."""
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-    from finetune.run import build_stage
-
     recipe = load_recipe(FinetuneRecipe, "fewshot", [
         f"model.max_doc_length={max_length}", f"train.per_device_batch_size={batch}",
         f"train.lr={LR}", "train.warmup_steps=0", "train.scheduler=constant", "eval.data=''",
@@ -70,10 +74,6 @@ class _Subset(torch.utils.data.Dataset):
 
 def twotower_pairs_per_s(batch: int, max_length: int, steps: int, warmup: int, precision: str,
                          built=None, grad_cache_chunk: int = 0) -> tuple[float, list[float]]:
-    from common.training import Trainer
-
-    from accelerate.state import AcceleratorState, GradientState
-
     # one process measures several precisions: Accelerate's state is a singleton that refuses
     # a second mixed_precision unless reset
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -89,7 +89,8 @@ def twotower_pairs_per_s(batch: int, max_length: int, steps: int, warmup: int, p
         if grad_cache_chunk:
             train = dataclasses.replace(train, grad_cache_chunk=grad_cache_chunk)
         trainer = Trainer(args=train, method=method, train_dataset=_Subset(dataset, order),
-                          collate_fn=collate, recipe=dataclasses.replace(recipe, train=train))
+                          collate_fn=collate,
+                          recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, train=train)))
         trainer.train()
     step_times = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])] if warmup else []
     seconds = stamps[-1] - stamps[warmup - 1]
@@ -104,12 +105,8 @@ def twotower_step_times(batch: int, max_length: int, steps: int, warmup: int,
 
 def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int, warmup: int,
                    precision: str) -> float:
-    from datasets import Dataset
     from sentence_transformers import (SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
-    from transformers import TrainerCallback
-
-    from benchmarks.perf_common import st_model
 
     model = st_model(max_length)
     data = Dataset.from_dict({"anchor": [t["query"] for t in triples],
@@ -136,8 +133,6 @@ def st_pairs_per_s(triples: list[dict], batch: int, max_length: int, steps: int,
 
 def bare_pairs_per_s(built, batch: int, steps: int, warmup: int, precision: str) -> float:
     """forward, the same loss (InfoNCE over positives + hard negatives), backward, clip, AdamW."""
-    from common.encoder import Encoder
-
     recipe, _, _, collate, triples = built
     encoder = Encoder.load(recipe.model)  # the recipe's model settings: the same forward calls
     encoder.train()

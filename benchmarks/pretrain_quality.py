@@ -24,10 +24,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from twotower.common.eval.evaluate import DenseEvaluator
+from twotower.common.train.trainer import Trainer
+from twotower.pretrain.demo import loss_curve
+from twotower.pretrain.run import build
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import load_recipe  # noqa: E402
-from pretrain.args import PretrainRecipe  # noqa: E402
+from twotower.common.recipe.config import load_recipe  # noqa: E402
+from twotower.common.recipe.config import recipe_to_yaml
+from twotower.pretrain.args import PretrainRecipe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = {
@@ -48,8 +56,6 @@ MEASURES = ["nDCG@10", "R@100"]
 
 def seconds_per_step(method, dataset, collate, batch_size: int, steps: int = 3) -> float:
     """Forward + backward + AdamW on real batches (what one Trainer step costs here)."""
-    import torch
-
     trainable = [p for p in method.parameters() if p.requires_grad]
     state = {k: v.detach().clone() for k, v in method.state_dict().items()}
     optimizer = torch.optim.AdamW(trainable, lr=0.0)
@@ -68,11 +74,6 @@ def seconds_per_step(method, dataset, collate, batch_size: int, steps: int = 3) 
 
 
 def run_part(name: str, budget_s: float, max_docs: int, out_dir: Path) -> dict:
-    from common.training import Trainer
-    from pretrain.demo import loss_curve
-    from common.evaluate import evaluator_from_args
-    from pretrain.run import build
-
     recipe_name, overrides = PARTS[name]
     overrides = overrides + [
         f"train.output_dir={out_dir / name}", "train.overwrite_output_dir=true",
@@ -80,7 +81,7 @@ def run_part(name: str, budget_s: float, max_docs: int, out_dir: Path) -> dict:
         f"eval.metrics=[{','.join(MEASURES)}]"]
     recipe = load_recipe(PretrainRecipe, recipe_name, overrides)
     method, dataset, collate = build(recipe)
-    evaluate = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+    evaluate = DenseEvaluator(recipe.eval, seed=recipe.train.seed)
     data = evaluate.data
     t = time.perf_counter()
     before = evaluate(method.encoder, progress=True)
@@ -90,7 +91,7 @@ def run_part(name: str, budget_s: float, max_docs: int, out_dir: Path) -> dict:
     recipe.train.max_steps = steps
     print(f"[{name}] before {before}; {per_step:.2f} s/step -> {steps} steps", flush=True)
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe, evaluate_fn=None, diagnostics_fn=None)  # evaluated here
+                      recipe_yaml=recipe_to_yaml(recipe))  # evaluated here
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t

@@ -47,7 +47,7 @@ Every run is `python finetune/run.py` / `pretrain/run.py` in a subprocess with t
 recipe; the only overrides are the data folder, output folder, seed, few-shot size and the
 evaluation split: nothing is tuned on the test split (choices come from the `dev` section).
 Per-query nDCG@10 of each run is compared with BM25 and the start model by a paired t-test and
-a randomisation test (common/significance.py).
+a randomisation test (common/eval/significance.py).
 """
 from __future__ import annotations
 
@@ -58,28 +58,32 @@ import sys
 import time
 from pathlib import Path
 
+from twotower.common.data import resolve_data
+from twotower.common.eval.evaluate import (DenseEvaluator, evaluate_bm25, evaluate_dense,
+                                           load_eval_data)
+from twotower.common.eval.outputs import write_outputs
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.config import load_recipe
+from twotower.finetune.args import FinetuneRecipe
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.quality_baselines import ST_SAME, section_st_reference_lr, st_rows  # noqa: E402
 from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
                                         FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
-from benchmarks.quality_baselines import ST_SAME, section_st_reference_lr, st_rows  # noqa: E402
 from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual  # noqa: E402
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
+from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, finetune,  # noqa: E402
+                                     load_script_recipe, recipe_seeds, run_script, seed_suffix,
+                                     slug, start_model_dev)
 from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
-from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL,  # noqa: E402
-                                     finetune, load_script_recipe, recipe_seeds, run_script,
-                                     seed_suffix, slug, start_model_dev)
 
 RESULTS = REPO / "benchmarks" / "results"
 
 
 # ----------------------------------------------------------------------------- sections
 def section_reference(ns) -> dict:
-    from common.encoder import Encoder
-    from common.evaluate import evaluate_bm25, evaluate_dense, load_eval_data
-    from common.report import write_outputs
-
     if ns.dry_run:
         print("$ (in process) BM25 and", MODEL, "on", ns.data, "test")
         return {}
@@ -211,13 +215,6 @@ def section_other_corpus(ns) -> dict:
     """The committed recipes, unchanged, on another corpus (--other; offline: the MS MARCO
     sample): 100 of its judged queries held out for evaluation, the others the few-shot
     training set; the only overrides name the data."""
-    from common.config import load_recipe
-    from common.data import resolve_data
-    from common.encoder import Encoder
-    from common.evaluate import evaluate_bm25, evaluator_from_args
-    from common.report import write_outputs
-    from finetune.args import FinetuneRecipe
-
     other, prefix = ns.other, f"other corpus, {ns.other}: "
     held_out = [f"eval.data={other}", "eval.split=train", "eval.holdout=100", "eval.max_queries=0",
                 "eval.max_docs=0", f"eval.metrics=[{','.join(MEASURES)}]"]
@@ -227,7 +224,7 @@ def section_other_corpus(ns) -> dict:
     rows = {}
     if not ns.dry_run:  # zero-shot rows, on the evaluator the trained runs use
         recipe = load_recipe(FinetuneRecipe, "fewshot", [*source, *held_out])
-        evaluator = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+        evaluator = DenseEvaluator(recipe.eval, seed=recipe.train.seed)
 
         def start_model():
             evaluator(Encoder.load(MODEL))
@@ -277,9 +274,6 @@ def _sample(n: int, seed: int) -> list[str]:
     """Overrides of recipe `fewshot` for n sampled training queries: a batch of at most n / 2 (a
     batch of all n queries must hold every text, and two queries sharing a judged document cannot
     share a batch: the run stops, "no global batch ... without a repeated text")."""
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-
     batch = load_recipe(FinetuneRecipe, "fewshot").train.per_device_batch_size
     return [f"data.max_queries={n}", f"data.sample_seed={seed}",
             f"train.per_device_batch_size={min(batch, n // 2)}"]

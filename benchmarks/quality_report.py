@@ -1,10 +1,16 @@
-"""quality.md from the rows of benchmarks/quality.py: p-values (common/significance.py) and the
+"""quality.md from the rows of benchmarks/quality.py: p-values (common/eval/significance.py) and the
 tables. A row is {"nDCG@10", "R@100", "wall_s", "cpu_s", "run_file", ...}; a row with a
 `base` (another row's name) is compared with that row on the queries of `qrels` (a
 [data, split] pair: the dev queries of an ablation, the held-out queries of another corpus)."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+
+from twotower.common.data import load_run
+from twotower.common.eval.evaluate import load_eval_data
+from twotower.common.eval.metrics import per_query
+from twotower.common.eval.significance import compare_paired
 
 MEASURES = ["nDCG@10", "R@100"]
 
@@ -27,11 +33,6 @@ def _p_key(reference: str) -> str:
 
 
 def _against_base(rows: dict) -> None:
-    from common.data import load_run
-    from common.evaluate import load_eval_data
-    from common.metrics import per_query
-    from common.significance import compare_paired
-
     qrels_of: dict = {}
     for row in rows.values():
         base = rows.get(row.get("base") or "", {})
@@ -53,11 +54,6 @@ def _against_base(rows: dict) -> None:
 def significance(rows: dict, data: str) -> None:
     """p-values of each test-split run's per-query nDCG@10 against each of REFERENCES, and of
     each row with a `base` against that base."""
-    from common.data import load_run
-    from common.evaluate import load_eval_data
-    from common.metrics import per_query
-    from common.significance import compare_paired
-
     _against_base(rows)
     qrels = load_eval_data(data, "test").qrels
     scores = {}
@@ -78,13 +74,6 @@ def seed_means(rows: dict, data: str) -> dict:
     compared with each of REFERENCES (a reference that is itself a group is averaged the same
     way); a group of rows with a `base` (the ablation; two seeds or more) with its base rows'
     group, over the same seeds, on its own `qrels`."""
-    import statistics
-
-    from common.data import load_run
-    from common.evaluate import load_eval_data
-    from common.metrics import per_query
-    from common.significance import compare_paired
-
     groups: dict = {}
     for name, row in rows.items():
         if row.get("group") and ("qrels" in row or not name.startswith("dev:")):
@@ -167,7 +156,7 @@ def markdown(rows: dict, means: dict | None = None) -> str:
                      *(_fmt(r, _p_key(ref)) for ref in REFERENCES),
                      _fmt(r, "wall_s", ".0f"), _fmt(r, "cpu_s", ".0f")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/significance.py). "
+    lines += ["", "p: two-sided randomisation test on per-query nDCG@10 (common/eval/significance.py). "
               "Rows starting with 'dev:' are on the dev split (100 held-out training queries)."]
     test_means = {g: m for g, m in (means or {}).items() if "qrels" not in m}
     if test_means:

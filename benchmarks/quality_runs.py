@@ -12,7 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from benchmarks.quality_choices import MODEL
 from benchmarks.quality_report import MEASURES
+from twotower.common.eval.evaluate import DenseEvaluator
+from twotower.common.eval.outputs import write_outputs
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.config import load_recipe
+from twotower.finetune.args import FinetuneRecipe
+from twotower.pretrain.args import PretrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "quality"
@@ -46,10 +55,6 @@ def final_stage(out: Path) -> Path:
 
 def load_script_recipe(script: str, recipe: str, overrides: list[str] = ()):
     """`recipe` resolved as `script` (pretrain/run.py or finetune/run.py) resolves it."""
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-    from pretrain.args import PretrainRecipe
-
     kind = PretrainRecipe if script.startswith("pretrain") else FinetuneRecipe
     return load_recipe(kind, recipe, list(overrides))
 
@@ -64,15 +69,11 @@ def resolved_recipes(script: str, recipe: str, overrides: list[str]) -> list:
 
 
 def _digest(containers: list) -> str:
-    from omegaconf import OmegaConf
-
     texts = [OmegaConf.to_yaml(OmegaConf.create(c)) for c in containers]
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
 def _containers(recipes: list) -> list:
-    from omegaconf import OmegaConf
-
     return [OmegaConf.to_container(OmegaConf.structured(r)) for r in recipes]
 
 
@@ -102,8 +103,6 @@ def _without_added_keys(now: dict, saved: dict, default: dict) -> dict | None:
 def _saved_recipes(out: Path, n: int) -> list | None:
     """The run's own recipe.yaml files as dicts: the last stage's, then the pretraining
     stage's (the first n); None when one is missing."""
-    from omegaconf import OmegaConf
-
     paths = [final_stage(out) / "recipe.yaml", out / "pretrain" / "recipe.yaml"][:n]
     if not all(p.is_file() for p in paths):
         return None
@@ -113,8 +112,6 @@ def _saved_recipes(out: Path, n: int) -> list | None:
 def digest_as_recorded(recipes: list, saved: list) -> str | None:
     """The digest `recipes` had when a run saved `saved` (_saved_recipes): schema keys added
     since (at their defaults) left out. None when an added key is not at its default."""
-    from omegaconf import OmegaConf
-
     restricted = []
     for recipe, now, old in zip(recipes, _containers(recipes), saved):
         default = OmegaConf.to_container(OmegaConf.structured(type(recipe)))
@@ -213,8 +210,6 @@ def start_model_dev(ns, seed: int, out: Path) -> dict:
     (the Trainer's evaluator, seeded as a training run of that seed is), with its run file: a
     row the dev runs of the same seed can be compared with query by query. --reuse: the saved
     run of an earlier call."""
-    from benchmarks.quality_choices import MODEL
-
     if ns.dry_run:
         print(f"$ (in process) {MODEL} on the dev split, corpus slice of seed {seed}")
         return {}
@@ -224,16 +219,11 @@ def start_model_dev(ns, seed: int, out: Path) -> dict:
         if earlier.get("slice_seed") == seed:
             return {**{m: earlier["metrics"][m] for m in MEASURES}, **earlier["quality_timing"],
                     "run_file": str(out / "run.trec")}
-    from common.config import load_recipe
-    from common.encoder import Encoder
-    from common.evaluate import evaluator_from_args
-    from common.report import write_outputs
-    from finetune.args import FinetuneRecipe
 
     recipe = load_recipe(FinetuneRecipe, "fewshot", [f"data.path={ns.data}",
                                                      f"eval.data={ns.data}", *DEV_EVAL])
     start, cpu = time.perf_counter(), time.process_time()
-    evaluate = evaluator_from_args(recipe.eval, seed=seed)
+    evaluate = DenseEvaluator(recipe.eval, seed=seed)
     evaluate(Encoder.load(MODEL))
     timing = {"wall_s": round(time.perf_counter() - start, 1),
               "cpu_s": round(time.process_time() - cpu, 1)}

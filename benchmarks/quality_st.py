@@ -2,7 +2,7 @@
 MultipleNegativesRankingLoss on exactly the (query, positive, hard negatives) triples a twotower
 fine-tuning recipe trains on, epoch by epoch, with the recipe's batch, steps, learning rate,
 warmup, scheduler, weight decay, clipping, precision and maximum length; then the same
-evaluation code (common.evaluate) on the test split.
+evaluation code (twotower.common.eval.evaluate) on the test split.
 
     TWOTOWER_DATA=../shared/data python benchmarks/quality_st.py --recipe fewshot \
         --output-dir runs/quality/st_mnrl --seed 0 [--data scifact]
@@ -22,14 +22,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from datasets import Dataset
+
+from twotower.common.eval.evaluate import evaluate_dense, load_eval_data
+from twotower.common.eval.outputs import write_outputs
+from twotower.common.model.encoder import Encoder, resolve_model_path
+from twotower.common.recipe.config import load_recipe
+from twotower.common.train.epochs import steps_for_epochs
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.run import \
+    build_stage  # leaves an eval.holdout dev split out, as in training
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def recipe_triples(recipe) -> tuple[list[dict], int]:
     """The groups the Trainer would draw (one process), and its number of steps."""
-    from common.epochs import steps_for_epochs
-    from finetune.run import build_stage  # leaves an eval.holdout dev split out, as in training
-
     (_, stage), = recipe.stage_list()
     _, dataset, _ = build_stage(recipe, stage, recipe.model.name_or_path, 1)
     steps = recipe.train.max_steps  # a cap when train.epochs is set, as in the Trainer
@@ -56,15 +64,8 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
-
-    from common.config import load_recipe
-    from common.encoder import Encoder, resolve_model_path
-    from common.evaluate import evaluate_dense, load_eval_data
-    from common.report import write_outputs
-    from finetune.args import FinetuneRecipe
 
     recipe = load_recipe(FinetuneRecipe, ns.recipe, [
         f"data.path={ns.data}", f"train.seed={ns.seed}", *ns.overrides])

@@ -16,6 +16,7 @@ The table is printed and written to benchmarks/results/rehearsal.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -27,6 +28,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from twotower.common.model.encoder import DOC_TOWER_DIR, Encoder
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.common.train.rundir import checkpoint_dir
+from twotower.finetune.args import FinetuneRecipe
+from twotower.pretrain.args import PretrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
@@ -73,10 +84,6 @@ def committed_recipes() -> list[str]:
 
 def load(name: str, overrides=()):
     """(script, recipe object) of a recipe name: pretrain or finetune by its schema."""
-    from common.config import RecipeError, load_recipe
-    from finetune.args import FinetuneRecipe
-    from pretrain.args import PretrainRecipe
-
     try:
         return "finetune/run.py", load_recipe(FinetuneRecipe, name, list(overrides))
     except RecipeError as first:
@@ -216,9 +223,6 @@ def losses(part: Path) -> dict[int, float]:
 
 def tensors_equal(a: Path, b: Path) -> str:
     """'' when every *.safetensors under folder a equals b's bit for bit, else the first difference."""
-    import torch
-    from safetensors.torch import load_file
-
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
     if not files:
         return f"no safetensors in {a}"
@@ -237,10 +241,7 @@ def tensors_equal(a: Path, b: Path) -> str:
 
 def export_check(path: Path, texts: list[str]) -> str:
     """'' when SentenceTransformer(path) gives Encoder.load(path).encode's embeddings (1e-5)."""
-    import numpy as np
     from sentence_transformers import SentenceTransformer
-
-    from common.encoder import DOC_TOWER_DIR, Encoder
 
     enc = Encoder.load(str(path))
     for tower, folder in (("query", path), ("doc", path / DOC_TOWER_DIR)):
@@ -260,8 +261,6 @@ def export_check(path: Path, texts: list[str]) -> str:
 def sample_texts(data: Path, n: int = 8) -> list[str]:
     """Short real texts (16 words: within every recipe's max_query_length, so both sides see
     the same tokens; the ST folder truncates at max_doc_length, the query tower earlier)."""
-    import json
-
     rows = (data / "scifact" / "corpus.jsonl").read_text().splitlines()[:n]
     return [synthetic_data._words(json.loads(r)["text"], 16) for r in rows]
 
@@ -310,8 +309,6 @@ def rehearse_recipe(name: str, work: Path, data: Path, models: Path, sizes: Size
 
 
 def resume_check(script, name, overrides, parts, straight, killed, env, sizes, row) -> str:
-    from common.rundir import checkpoint_dir
-
     last = killed / parts[-1]
     marker = checkpoint_dir(last, sizes.kill_after) / "COMPLETE"
     proc, log = start(script, name, overrides, killed, env)

@@ -36,6 +36,9 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+import transformers as T
+
 REAL = Path(os.environ.get("TWOTOWER_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 HIDDEN, LAYERS, HEADS = 32, 2, 2
 
@@ -82,9 +85,6 @@ def _minilm_path() -> str:
 
 def write_model(kind: str, dest: Path) -> Path:
     """Save a tiny random model of `kind` (MODEL_KINDS) to `dest` once; returns `dest`."""
-    import torch
-    import transformers as T
-
     if (dest / "config.json").is_file():
         return dest
     tmp = dest.with_name(dest.name + ".partial")
@@ -118,8 +118,6 @@ def write_model(kind: str, dest: Path) -> Path:
 
 def _spread_logits(model, tok) -> None:
     """A random classifier gives logits ~0 (sigmoid 0.5): no pseudo label would pass 0.9/0.1."""
-    import torch
-
     rows = [line.split("\t") for line in _lines(REAL / "msmarco_sample" / "triples.tsv", 64)]
     enc = tok([r[0] for r in rows] + [r[0] for r in rows], [r[1] for r in rows] + [r[2] for r in rows],
               truncation=True, max_length=128, padding=True, return_tensors="pt")

@@ -1,5 +1,5 @@
 """Fine-tuning stage: labelled / teacher-labelled pairs -> a dense dual encoder.
 
-`python -m finetune.run --recipe NAME` (or `accelerate launch finetune/run.py --recipe NAME`);
-`python -m finetune.mine` writes hard negatives. See finetune/args.py for the recipe schema.
+`python -m twotower.finetune.run --recipe NAME` (or `accelerate launch finetune/run.py --recipe NAME`);
+`python -m twotower.finetune.mine` writes hard negatives. See finetune/args.py for the recipe schema.
 """

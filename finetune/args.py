@@ -9,8 +9,8 @@ Loss weights live only here; a term with weight 0 is not computed.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from common.args import EvalArgs, ModelArgs, TrainArgs, _choice
-from common.config import RecipeError
+from twotower.common.recipe.args import EvalArgs, ModelArgs, TrainArgs, _choice
+from twotower.common.recipe.config import RecipeError
 
 DATA_KINDS = ("beir", "msmarco", "triples", "jsonl", "pseudo", "sentences")
 
@@ -87,7 +87,7 @@ class LossArgs:
 class PseudoArgs:
     """RocketQA-style denoised pseudo labels (data.kind=pseudo): the teacher scores the top-k
     candidates of unlabelled queries; >= pos_threshold -> positive, <= neg_threshold -> negative."""
-    candidates: str = "bm25"  # "bm25" (common.bm25 over the corpus) or a TREC run file
+    candidates: str = "bm25"  # "bm25" (twotower.common.eval.bm25 over the corpus) or a TREC run file
     top_k: int = 20
     pos_threshold: float = 0.9
     neg_threshold: float = 0.1
@@ -101,11 +101,11 @@ class PseudoArgs:
 
 @dataclass
 class SentenceQueryArgs:
-    """data.kind=sentences (finetune.sentence_queries): one sentence of each sampled document is
+    """data.kind=sentences (twotower.finetune.sentence_queries): one sentence of each sampled document is
     its query; data.max_queries documents (0 = all), sampled with data.sample_seed."""
     min_words: int = 5  # shorter sentences (headings, numbers) are not queries
     max_words: int = 64
-    punkt: str = "auto"  # pretrain.sentences: nltk's Punkt model, trained on the corpus if absent
+    punkt: str = "auto"  # twotower.pretrain.sentences: nltk's Punkt model, trained on the corpus if absent
 
     def validate(self) -> None:
         if not 1 <= self.min_words <= self.max_words:
@@ -115,14 +115,14 @@ class SentenceQueryArgs:
 
 @dataclass
 class MiningArgs:
-    """Hard negatives mined before training (finetune.mine) when no hard_negatives file is given."""
+    """Hard negatives mined before training (twotower.finetune.mine) when no hard_negatives file is given."""
     retriever: str = ""  # "" = no mining; bm25 | dense
     model: str = ""  # dense: the retriever model
     depth: int = 100
     skip_top: int = 0  # ranks (after removing judged positives) skipped at the top
     window: int = 0  # sample from the next `window` ranks (0 = all remaining)
     n: int = 20  # negatives kept per query (the pool the sampler draws k from)
-    # false-negative filters on the mining retriever's own scores (finetune.mine): drop d- with
+    # false-negative filters on the mining retriever's own scores (twotower.finetune.mine): drop d- with
     # s(q, d-) >= max_pos_ratio * min_pos s(q, d+) (NV-Retriever's TopK-PercPos: 0.95) or
     # s(q, d-) >= max_score; null = off
     max_pos_ratio: Optional[float] = None
@@ -151,7 +151,7 @@ class DataArgs:
     collection: str = "collection.tsv"
     queries: str = "queries.tsv"
     qrels: str = "qrels.tsv"
-    hard_negatives: str = ""  # hard-negatives jsonl (MS MARCO layout; finetune.mine writes it)
+    hard_negatives: str = ""  # hard-negatives jsonl (MS MARCO layout; twotower.finetune.mine writes it)
     negative_systems: List[str] = field(default_factory=list)  # [] = every system in the file
     negatives_per_system: int = 0  # keep the first n of each system's list (0 = all)
     # false-negative filter on the hard-negative pool (needs teacher_scores): drop d- with
@@ -169,7 +169,7 @@ class DataArgs:
     # a group whose negative pool is smaller than k is filled with random corpus documents
     # (never one of its positives); "error" refuses instead
     short_pool: str = "random"
-    # tokenise every text the groups can draw once, before the first step (finetune.tokens);
+    # tokenise every text the groups can draw once, before the first step (twotower.finetune.tokens);
     # false: tokenise each batch in the collator and keep nothing (less memory, slower steps)
     pretokenize: bool = True
     # batches of groups of similar length (transformers' LengthGroupedSampler: less padding);

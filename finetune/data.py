@@ -2,7 +2,7 @@
 sampled as a pure function of (seed, epoch, group index), in an epoch order that keeps the same
 text out of one global batch (no false in-batch negatives), and collated into token tensors.
 
-How the batch order survives sharding: common.epochs' EpochSampler asks the dataset for
+How the batch order survives sharding: twotower.common.train.epochs' EpochSampler asks the dataset for
 `epoch_order(epoch, seed)`; that order is cut sequentially into per-process batches and
 Accelerate gives rank r the r-th batch of every run of `world` batches. So one *global batch*
 is `global_batch_size` consecutive positions of the order; `epoch_order` packs groups so that no
@@ -20,6 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from twotower.common.data import check_teacher_scores, column
+from twotower.common.model.encoder import doc_text
 
 log = logging.getLogger("twotower.finetune")
 
@@ -49,9 +52,6 @@ class TextStore:
     @classmethod
     def from_table(cls, table, with_title: bool) -> "TextStore":
         """A datasets.Dataset with id, text (and title): texts are read on demand."""
-        from common.data import column
-        from common.encoder import doc_text
-
         ids = column(table, "id")
         if with_title:
             return cls(ids, lambda r: doc_text(table[int(r)]))
@@ -72,7 +72,7 @@ class TextStore:
 
 @dataclass
 class TrainingPool:
-    """Everything the sampler draws from, built by finetune.sources from a recipe's data section."""
+    """Everything the sampler draws from, built by twotower.finetune.sources from a recipe's data section."""
     groups: List[TrainGroup]
     queries: TextStore
     docs: TextStore
@@ -80,7 +80,7 @@ class TrainingPool:
     neg_queries: Dict[str, List[str]] = field(default_factory=dict)  # pid -> qids (q- of d)
     source: str = "training data"  # for error messages
     # data.mine: what the miner ranks (a RetrievalData: corpus, every judged query, qrels), read
-    # when finetune.sources.finish_pool mines, which every process must call together
+    # when twotower.finetune.sources.finish_pool mines, which every process must call together
     mining_data: Optional[Callable[[], Any]] = None
 
 
@@ -235,8 +235,6 @@ class GroupDataset(Dataset):
 
     def _check_teacher(self) -> None:
         """Every group needs a teacher score for at least one positive (Margin-MSE anchors)."""
-        from common.data import check_teacher_scores
-
         unscored = [g for g in self.pool.groups if not self._scored(g.qid, g.positives)]
         check_teacher_scores(self.pool.teacher, [(g.qid, p) for g in unscored for p in g.positives],
                              source=f"{self.pool.source} (teacher scores)")
@@ -329,11 +327,11 @@ class GroupCollator:
     """Items -> token tensors (query tower for queries and negative queries, document tower for
     documents: positives first, then each group's k negatives) + teacher scores + ids.
 
-    With `tokens` (finetune.tokens.TokenCache, pretokenised) a step only pads kept ids; without,
+    With `tokens` (twotower.finetune.tokens.TokenCache, pretokenised) a step only pads kept ids; without,
     each batch's texts are tokenised here."""
 
     def __init__(self, tokenize: Callable[..., dict], tokens=None):
-        self.tokenize = tokenize  # common.encoder.Encoder.tokenize (applies the tower prefixes)
+        self.tokenize = tokenize  # twotower.common.model.encoder.Encoder.tokenize (applies the tower prefixes)
         self.tokens = tokens
 
     @staticmethod

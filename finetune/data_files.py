@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from common import data as D
-from common.data.resolve import resolve_data_folder
-from finetune.args import DataArgs
+from twotower.common import data as D
+from twotower.common.data.resolve import resolve_data_folder
+from twotower.finetune.args import DataArgs
 
 
 def _file(root: Path, name: str) -> Path:
@@ -38,7 +38,7 @@ def required_files(data: DataArgs) -> Dict[str, str]:
 def data_root(data: DataArgs) -> Path:
     """The folder data.path names, holding every file the recipe names (required_files), or a
     DataNotFoundError naming the key, the file and the data root searched; BEIR's zip is
-    downloaded only when it can hold them (common.data.resolve_data_folder)."""
+    downloaded only when it can hold them (twotower.common.data.resolve_data_folder)."""
     return resolve_data_folder(data.path, required_files(data))
 
 
@@ -66,7 +66,7 @@ def load_target_corpus(data: DataArgs, read: Dict):
 
 def data_file(data: DataArgs, name: str) -> Path:
     """A file named in the data section: absolute, inside data.path (msmarco folders), or
-    anything common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
+    anything twotower.common.data.resolve_data finds (a path or a name under $TWOTOWER_DATA)."""
     if data.kind in ("msmarco", "pseudo", "sentences") and data.path and not Path(name).is_absolute():
         try:  # the folder if it is here (or already downloaded); never a download for this look
             inside = D.resolve_data(data.path, download=False) / name

@@ -1,7 +1,7 @@
-"""The fine-tuning method handed to common.training.Trainer: encode a batch of groups, then a
+"""The fine-tuning method handed to twotower.common.train.trainer.Trainer: encode a batch of groups, then a
 weighted sum of the recipe's loss terms (finetune/losses), each computed from the embeddings.
 
-Encoding and loss are separate (common.grad_cache.EmbeddingMethod), so `train.grad_cache_chunk`
+Encoding and loss are separate (twotower.common.model.grad_cache.EmbeddingMethod), so `train.grad_cache_chunk`
 can embed in chunks and reuse every loss term unchanged."""
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
-from common.encoder import Encoder
-from common.grad_cache import EmbeddingMethod
-from finetune.args import LossArgs
-from finetune.losses import LOSSES, GroupEmbeddings
+from twotower.common.model.encoder import Encoder
+from twotower.common.model.grad_cache import EmbeddingMethod
+from twotower.finetune.args import LossArgs
+from twotower.finetune.losses import LOSSES, GroupEmbeddings
 
 
 class FinetuneMethod(EmbeddingMethod):
-    """forward(batch) -> (sum_t weight_t * L_t, stats). Batch layout: see finetune.data.GroupCollator."""
+    """forward(batch) -> (sum_t weight_t * L_t, stats). Batch layout: see twotower.finetune.data.GroupCollator."""
 
     def __init__(self, encoder: Encoder, loss: LossArgs):
         super().__init__()

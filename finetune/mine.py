@@ -1,10 +1,10 @@
-"""Hard negatives from BM25 (common.bm25) or a dense model (common.search, faiss), written in the
+"""Hard negatives from BM25 (twotower.common.eval.bm25) or a dense model (twotower.common.eval.search, faiss), written in the
 hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
 
-    python -m finetune.mine --data scifact --split train --retriever bm25 --output negs.jsonl
-    python -m finetune.mine --data msmarco_sample --retriever dense \
+    python -m twotower.finetune.mine --data scifact --split train --retriever bm25 --output negs.jsonl
+    python -m twotower.finetune.mine --data msmarco_sample --retriever dense \
         --model bundled:all-MiniLM-L6-v2 --skip-top 3 --window 30 --n 10 --output negs.jsonl
-    accelerate launch --multi_gpu --num_processes 2 -m finetune.mine ... --retriever dense
+    accelerate launch --multi_gpu --num_processes 2 -m twotower.finetune.mine ... --retriever dense
         (each process encodes a slice of the corpus and queries; BM25 ranks on one process;
         one process writes the file)
 
@@ -30,12 +30,21 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from common.data.io import write_text_atomic
-from finetune.data import stable_hash
+from twotower.common.data.io import write_text_atomic
+from twotower.common.eval.bm25 import BM25Index
+from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
+from twotower.common.eval.search import dense_search
+from twotower.common.eval.sharded import encode_sharded, join_processes, process_device
+from twotower.common.model.distributed import broadcast_object, is_distributed, is_main, world_size
+from twotower.common.model.encoder import Encoder
+from twotower.finetune.args import TeacherArgs
+from twotower.finetune.data import TextStore, stable_hash
+from twotower.finetune.teacher import Teacher
 
 log = logging.getLogger("twotower.mine")
 
@@ -65,8 +74,6 @@ class MineArgs:
 def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
     """(run {qid: {pid: score}} of depth `args.depth`, {qid: {pid: score}} of the positives)."""
     if args.retriever == "bm25":
-        from common.bm25 import BM25Index
-
         index = BM25Index(data.corpus)
         return (index.search(qids, qtexts, args.depth),
                 index.score_candidates(qids, qtexts, positives))
@@ -74,10 +81,6 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
         raise ValueError(f"--retriever must be bm25 or dense, got {args.retriever!r}")
     if not args.model:
         raise ValueError("--retriever dense needs --model")
-    from common.encoder import Encoder
-    from common.evaluate import _corpus_rows
-    from common.search import dense_search
-    from common.sharded import encode_sharded, process_device
 
     encoder = Encoder.load(args.model).to(process_device())
     encoder.encode_bf16, encoder.encode_compile = args.bf16, args.compile
@@ -98,8 +101,6 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
 
 def mine(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
     """{qid: {"pos": [...], "neg": [...]}} for every query with a judged-relevant document."""
-    from common.evaluate import judged_queries
-
     qids_all, texts_all = judged_queries(data)
     relevant = {q: [d for d, r in data.qrels[q].items() if r > 0] for q in qids_all}
     qids = [q for q in qids_all if relevant[q]]
@@ -133,8 +134,6 @@ def mine_together(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
     """mine() when several processes run (every one must call it): dense mining encodes one slice
     of the corpus and queries per process (encode_sharded); BM25 ranks on the main process only
     and sends the result to the others, so a run holds one BM25 index, not one per process."""
-    from common.distributed import broadcast_object, is_distributed, is_main
-
     if args.retriever != "bm25" or not is_distributed():
         return mine(data, args, teacher)
     mined = mine(data, args, teacher) if is_main() else None
@@ -166,8 +165,6 @@ def _filter(qid, text, window, scores, pos_scores, positives, args, teacher, doc
 
 def _doc_texts(data):
     """pid -> title + " " + text, read on demand from the corpus table and memoised."""
-    from finetune.data import TextStore
-
     store = TextStore.from_table(data.corpus, with_title=True)
     cache: Dict[str, str] = {}
 
@@ -208,12 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pathlib import Path
-
-    from common.distributed import is_main, world_size
-    from common.evaluate import load_eval_data
-    from common.sharded import join_processes
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
     several = join_processes()
@@ -225,9 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = MineArgs(**fields)
     teacher = None
     if args.teacher:
-        from finetune.args import TeacherArgs
-        from finetune.teacher import Teacher
-
         teacher = Teacher(TeacherArgs(model=args.teacher, kind=args.teacher_kind),
                           cache_path=args.teacher_cache or None, key="--teacher")
     data = load_eval_data(ns.data, ns.split)

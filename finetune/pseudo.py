@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import data as D
-from common.distributed import broadcast_object, is_distributed, is_main
-from finetune.args import DataArgs
-from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.data_files import load_target_corpus, named
+from twotower.common import data as D
+from twotower.common.eval.bm25 import BM25Index
+from twotower.common.model.distributed import broadcast_object, is_distributed, is_main
+from twotower.finetune.args import DataArgs
+from twotower.finetune.data import TextStore, TrainGroup, TrainingPool
+from twotower.finetune.data_files import load_target_corpus, named
 
 log = logging.getLogger("twotower.finetune")
 
@@ -54,8 +55,6 @@ def load_unlabelled(data: DataArgs):
 def candidate_run(data: DataArgs, corpus, qids, qtexts, root: Path) -> dict:
     k = data.pseudo.top_k
     if data.pseudo.candidates == "bm25":
-        from common.bm25 import BM25Index
-
         return BM25Index(corpus).search(qids, qtexts, k)
     path = Path(data.pseudo.candidates)
     run = D.load_run(path if path.is_absolute() or path.exists() else root / path)

@@ -14,17 +14,28 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
-from common.cli import parse_run_args, print_result, setup_process  # noqa: E402
-from common.config import load_recipe  # noqa: E402
-from common.encoder import check_model  # noqa: E402
-from common.epochs import resolve_batch  # noqa: E402
-from finetune.args import FinetuneRecipe, StageArgs  # noqa: E402
+from twotower.common.data import DataNotFoundError, SkipReport, resolve_data
+from twotower.common.eval.evaluate import eval_args_data
+from twotower.common.model.encoder import Encoder, check_model
+from twotower.common.recipe.config import RecipeError, load_recipe, recipe_to_yaml
+from twotower.common.report.callbacks import callbacks_from_recipe
+from twotower.common.train.cli import parse_run_args, print_result, setup_process
+from twotower.common.train.epochs import resolve_batch
+from twotower.common.train.trainer import Trainer, use_cpu
+from twotower.finetune.args import FinetuneRecipe, StageArgs
+from twotower.finetune.data import GroupCollator, GroupDataset
+from twotower.finetune.data_files import data_file, msmarco_collection
+from twotower.finetune.method import FinetuneMethod
+from twotower.finetune.pseudo import pseudo_candidates
+from twotower.finetune.sources import build_pool, finish_pool, required_pairs
+from twotower.finetune.teacher import Teacher
+from twotower.finetune.tokens import LongestDocument, TokenCache
+from twotower.pretrain.run import main as pretrain_main
 
 log = logging.getLogger("twotower.finetune")
 
@@ -32,7 +43,6 @@ log = logging.getLogger("twotower.finetune")
 def _teacher(recipe: FinetuneRecipe, device):
     if not recipe.teacher.model:
         return None
-    from finetune.teacher import Teacher
 
     cache = recipe.teacher.cache or str(Path(recipe.train.output_dir).resolve().parent
                                         / "teacher_cache.sqlite")
@@ -59,8 +69,6 @@ def dev_queries(recipe: FinetuneRecipe, stage: StageArgs) -> list[str]:
     folder): they are left out of training. [] otherwise."""
     if not (recipe.eval.holdout and recipe.eval.data and stage.data.path):
         return []
-    from common.data import DataNotFoundError, resolve_data
-    from common.evaluate import eval_args_data
 
     eval_path = resolve_data(recipe.eval.data)
     try:  # never a download for the training data here: build_pool resolves it, or says why not
@@ -75,16 +83,8 @@ def dev_queries(recipe: FinetuneRecipe, stage: StageArgs) -> list[str]:
 def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_processes: int,
                 device="cpu", report=None):
     """(method, dataset, collate) of one stage, starting from `model_path`; `report`
-    (common.data.SkipReport) counts the records skipped with data.on_error=skip."""
-    from accelerate import PartialState
-    from accelerate.utils import set_seed
+    (twotower.common.data.SkipReport) counts the records skipped with data.on_error=skip."""
 
-    from common.encoder import Encoder
-    from finetune.data import GroupCollator, GroupDataset
-    from finetune.method import FinetuneMethod
-    from finetune.pseudo import pseudo_candidates
-    from finetune.sources import build_pool, finish_pool, required_pairs
-    from finetune.tokens import LongestDocument, TokenCache
 
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(dataclasses.replace(recipe.model, name_or_path=model_path))
@@ -122,15 +122,13 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
 def target_corpus(recipe: FinetuneRecipe) -> str:
     """The corpus of the last stage's training data (BEIR folder, or the MS MARCO collection
     file); "" for data without one (triples, jsonl)."""
-    from finetune.data_files import data_file
 
     data = recipe.stage_list()[-1][1].data
     if not data.path:
         return ""
     if data.kind in ("beir", "pseudo"):
         return data.path
-    if data.kind == "sentences":  # either layout (finetune.sentence_queries)
-        from finetune.data_files import msmarco_collection
+    if data.kind == "sentences":  # either layout (twotower.finetune.sentence_queries)
         collection = msmarco_collection(data)
         return str(collection) if collection is not None else data.path
     if data.kind == "msmarco":
@@ -140,8 +138,6 @@ def target_corpus(recipe: FinetuneRecipe) -> str:
 
 def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     """domain_adapt: the pretraining stage's driver on its own recipe; returns its model path."""
-    from pretrain.run import main as pretrain_main
-
     out = Path(recipe.train.output_dir) / "pretrain"
     model = out / "model"
     if resume and (model / "config.json").is_file():
@@ -156,8 +152,6 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     if corpus:
         defaults.append(f"data.corpora=[{corpus}]")
     elif not named:  # the pretraining recipe's own corpus would be a silent wrong default
-        from common.config import RecipeError
-
         raise RecipeError("pretrain: the fine-tuning data has no corpus to pretrain on "
                           f"(data.kind={recipe.stage_list()[-1][1].data.kind}); name one in "
                           "'pretrain.overrides: [data.corpora=[...]]'")
@@ -170,11 +164,6 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
 
 
 def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
-    from accelerate import PartialState
-
-    from common.data import SkipReport
-    from common.training import Trainer, use_cpu
-
     # join the process group before anything else touches Accelerate's state: a bare
     # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
     state = PartialState(cpu=use_cpu(recipe.train.device))
@@ -187,6 +176,9 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     stages = recipe.stage_list()
     single = len(stages) == 1 and not recipe.pretrain.recipe
     result: dict = {}
+    recipe_yaml = recipe_to_yaml(recipe)
+    # evaluation (and diagnostics) on recipe.eval.data, loaded once for all the stages
+    callbacks = callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml)
     for name, stage in stages:
         out = root if single else root / "stages" / name
         if not single and resume and (out / "model" / "config.json").is_file():
@@ -203,9 +195,8 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
         log.info("stage %s: %d groups, %d negatives and %d negative queries each, losses %s",
                  name, len(dataset), stage.data.n_negatives, stage.data.n_neg_queries,
                  stage.loss.active())
-        # evaluation (and diagnostics) on recipe.eval.data: built by the Trainer
         trainer = Trainer(args=train, method=method, train_dataset=dataset, collate_fn=collate,
-                          recipe=recipe)
+                          recipe_yaml=recipe_yaml, callbacks=callbacks)
         result = {**trainer.train(resume=resume and out.exists()), "stage": name}
         if collate.tokens is not None and collate.tokens.computed_in_steps:
             log.info("stage %s: %d texts outside the pretokenised pools were tokenised during "

@@ -20,12 +20,15 @@ from __future__ import annotations
 import logging
 from typing import Dict
 
+import datasets
 import numpy as np
 
-from common import data as D
-from finetune.args import DataArgs
-from finetune.data import TextStore, TrainGroup, TrainingPool
-from finetune.data_files import load_target_corpus
+from twotower.common import data as D
+from twotower.common.data import column
+from twotower.finetune.args import DataArgs
+from twotower.finetune.data import TextStore, TrainGroup, TrainingPool
+from twotower.finetune.data_files import load_target_corpus
+from twotower.pretrain.sentences import load_splitter
 
 log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
@@ -58,9 +61,6 @@ def sentence_groups(ids, texts, data: DataArgs, split) -> tuple[list, Dict[str, 
 
 
 def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
-    from common.data import column
-    from pretrain.sentences import load_splitter
-
     corpus, root = load_target_corpus(data, read)
     ids = column(corpus, "id")
 
@@ -81,8 +81,6 @@ def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     queries = TextStore.from_dict(query_texts)
 
     def mining_data():
-        import datasets
-
         table = datasets.Dataset.from_dict({"id": list(query_texts),
                                             "text": list(query_texts.values())})
         return D.RetrievalData(corpus=corpus, queries=table,

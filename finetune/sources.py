@@ -1,8 +1,8 @@
 """Build a TrainingPool from a recipe's `data` section, reading the raw formats through
-common.data (BEIR, MS MARCO collection/queries/qrels/triples/hard negatives/teacher scores) plus
+twotower.common.data (BEIR, MS MARCO collection/queries/qrels/triples/hard negatives/teacher scores) plus
 the generic jsonl `{"query", "positives", "negatives", "scores"}` read here.
 
-Pseudo-labelled pools (data.kind=pseudo) are built by finetune.pseudo, which needs a teacher.
+Pseudo-labelled pools (data.kind=pseudo) are built by twotower.finetune.pseudo, which needs a teacher.
 """
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from common import data as D
-from common.config import RecipeError
-from finetune.args import DataArgs
-from finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
-from finetune.data_files import _file, data_file, data_root
-from finetune.pseudo import pseudo_label_pool
-from finetune.sentence_queries import sentences_pool
+from twotower.common import data as D
+from twotower.common.data.io import get_field, iter_lines, parse_json_object, parse_score
+from twotower.common.model.encoder import doc_text
+from twotower.common.recipe.config import RecipeError
+from twotower.finetune.args import DataArgs
+from twotower.finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
+from twotower.finetune.data_files import _file, data_file, data_root
+from twotower.finetune.mine import MineArgs, mine_together
+from twotower.finetune.pseudo import pseudo_label_pool
+from twotower.finetune.sentence_queries import sentences_pool
 
 log = logging.getLogger("twotower.finetune")
 
@@ -133,11 +136,10 @@ def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
 
 def _mine_negatives(pool: TrainingPool, data: DataArgs) -> None:
-    """data.mine: negatives from BM25 / a dense model, with the rank window of finetune.mine.
+    """data.mine: negatives from BM25 / a dense model, with the rank window of twotower.finetune.mine.
     Every process calls it (dense mining encodes one slice of the corpus per process)."""
     if not data.mine.retriever:
         return
-    from finetune.mine import MineArgs, mine_together
 
     m = data.mine
     args = MineArgs(retriever=m.retriever, model=m.model, depth=m.depth, skip_top=m.skip_top,
@@ -170,7 +172,6 @@ def _triples_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
 def _jsonl_text(value, path: Path, line_no: int, name: str) -> str:
     if isinstance(value, dict):  # {"title", "text"} documents
-        from common.encoder import doc_text
         value = doc_text(value)
     if not isinstance(value, str) or not value.strip():
         raise D.DataError(f"'{name}' entries must be non-empty strings or {{title, text}} objects",
@@ -181,8 +182,6 @@ def _jsonl_text(value, path: Path, line_no: int, name: str) -> str:
 def _jsonl_group(path: Path, line_no: int, line: str, seen_queries: Dict[str, str]):
     """One line of the generic jsonl: (group, {id: text} of its query and documents, teacher
     scores or None); a bad line raises DataError naming file and line."""
-    from common.data.io import get_field, parse_json_object
-
     obj = parse_json_object(path, line_no, line)
     query = _jsonl_text(get_field(obj, "query", path, line_no), path, line_no, "query")
     lists = {}
@@ -215,8 +214,6 @@ def _jsonl_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     """Generic jsonl: {"query", "positives": [..], "negatives": [..], "scores": [..]} per line;
     texts are strings or {title, text}; `scores` (optional) are teacher scores of the positives
     followed by the negatives, in order."""
-    from common.data.io import iter_lines
-
     path = D.resolve_data(data.path)
     query_texts: Dict[str, str] = {}
     doc_texts: Dict[str, str] = {}
@@ -237,7 +234,6 @@ def _jsonl_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
 
 def _score(value, path: Path, line_no: int) -> float:
-    from common.data.io import parse_score
     return parse_score(value, "score", path, line_no)
 
 
@@ -256,7 +252,7 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
     Queries in `exclude` (a dev split, EvalArgs.holdout) are removed before the few-shot
     sampling. finish=False leaves the mining to finish_pool, which every process of a
     distributed run must call at the same point (the reading may be done one process at a time).
-    `candidates`: data.kind=pseudo's candidate run from finetune.pseudo.pseudo_candidates."""
+    `candidates`: data.kind=pseudo's candidate run from twotower.finetune.pseudo.pseudo_candidates."""
     if not data.path:  # a recipe that leaves the data to the command line (gpl)
         raise RecipeError(f"'data.path' is empty: name the {data.kind} training data (a path, or "
                           "a name under $TWOTOWER_DATA), e.g. data.path=<folder>")

@@ -1,6 +1,6 @@
 """A teacher that scores (query, passage) pairs in batches — a cross-encoder
 (`AutoModelForSequenceClassification`, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2) or a
-bi-encoder (common.encoder.Encoder, inner product) — with an on-disk sqlite cache keyed by
+bi-encoder (twotower.common.model.encoder.Encoder, inner product) — with an on-disk sqlite cache keyed by
 (teacher id, sha1(query), sha1(passage)), so a rerun scores nothing twice.
 
 The teacher id is kind + model name + max_length + a fingerprint of a local model folder
@@ -19,9 +19,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.encoder import check_model
-from finetune.args import TeacherArgs
+from twotower.common.model.encoder import Encoder, check_model
+from twotower.finetune.args import TeacherArgs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -108,13 +109,9 @@ class Teacher:
         if self._model is not None:
             return self._model
         if self.args.kind == "cross_encoder":
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
             self._model = AutoModelForSequenceClassification.from_pretrained(self.path)
         else:
-            from common.encoder import Encoder
-
             self._model = Encoder.load(self.path)
         self._model.to(self.device).eval()
         return self._model

@@ -1,4 +1,4 @@
-"""The pretraining recipe schema: `model`, `train`, `eval` (common.args) + `data`, `pairs`,
+"""The pretraining recipe schema: `model`, `train`, `eval` (twotower.common.recipe.args) + `data`, `pairs`,
 `method`.
 
 No `from __future__ import annotations` here: OmegaConf reads these annotations at runtime.
@@ -8,8 +8,8 @@ src/options.py); the recipes in recipes/ cite their numbers.
 from dataclasses import dataclass, field
 from typing import List
 
-from common.args import EvalArgs, ModelArgs, TrainArgs, _choice
-from common.config import RecipeError
+from twotower.common.recipe.args import EvalArgs, ModelArgs, TrainArgs, _choice
+from twotower.common.recipe.config import RecipeError
 
 AUGMENTATIONS = ("none", "delete", "replace", "mask", "shuffle")
 MOCO_SEPARATE_TOWERS = (

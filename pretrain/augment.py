@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pretrain.args import AUGMENTATIONS
+from twotower.pretrain.args import AUGMENTATIONS
 
 
 def delete_tokens(ids: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:

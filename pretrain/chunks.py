@@ -19,7 +19,8 @@ from typing import Sequence
 import datasets
 import numpy as np
 
-from common.encoder import doc_text
+from twotower.common.data import load_corpus, load_msmarco_collection, resolve_data
+from twotower.common.model.encoder import doc_text
 
 log = logging.getLogger("twotower.pretrain")
 CACHE_VERSION = "1"  # bump when what the cached map computes changes
@@ -40,9 +41,7 @@ def corpus_file(path: Path) -> Path:
 def load_corpora(names: Sequence[str], max_docs: int = 0, on_error: str = "raise",
                  report=None) -> list[datasets.Dataset]:
     """Each name (under $TWOTOWER_DATA, or a path) as a Dataset with id, title, text; bad lines
-    raise, or with on_error="skip" are counted in `report` (common.data.SkipReport)."""
-    from common.data import load_corpus, load_msmarco_collection, resolve_data
-
+    raise, or with on_error="skip" are counted in `report` (twotower.common.data.SkipReport)."""
     out = []
     for name in names:
         path = corpus_file(resolve_data(name))

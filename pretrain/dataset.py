@@ -7,12 +7,12 @@ from typing import Sequence
 import datasets
 import torch.distributed as dist
 
-from common.distributed import is_distributed, is_main
-from pretrain.args import PretrainRecipe
-from pretrain.chunks import Chunker, DocumentChunker, load_corpora, token_documents
-from pretrain.ict import ict_passages
-from pretrain.pairs import CropPairs, ICTPairs, PairCollator
-from pretrain.titles import TitlePairs, title_pairs
+from twotower.common.model.distributed import is_distributed, is_main
+from twotower.pretrain.args import PretrainRecipe
+from twotower.pretrain.chunks import Chunker, DocumentChunker, load_corpora, token_documents
+from twotower.pretrain.ict import ict_passages
+from twotower.pretrain.pairs import CropPairs, ICTPairs, PairCollator
+from twotower.pretrain.titles import TitlePairs, title_pairs
 
 
 def model_positions(encoder) -> int:
@@ -63,7 +63,7 @@ def main_process_first():
 
 
 def build_pair_dataset(recipe: PretrainRecipe, encoder, report=None):
-    """`report` (common.data.SkipReport) counts the corpus lines skipped with data.on_error=skip.
+    """`report` (twotower.common.data.SkipReport) counts the corpus lines skipped with data.on_error=skip.
     With several processes the main one reads and tokenises first (main_process_first)."""
     with main_process_first():
         corpora = load_corpora(recipe.data.corpora, recipe.data.max_docs_per_corpus,

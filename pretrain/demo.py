@@ -9,16 +9,16 @@ Prints the before/after retrieval figures on the recipe's evaluation slice and t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import setup_process  # noqa: E402
-from common.config import load_recipe  # noqa: E402
-from pretrain.args import PretrainRecipe  # noqa: E402
+from twotower.common.eval.evaluate import DenseEvaluator
+from twotower.common.recipe.config import load_recipe, recipe_to_yaml
+from twotower.common.report.callbacks import RetrievalEvaluation
+from twotower.common.train.cli import setup_process
+from twotower.common.train.trainer import Trainer
+from twotower.pretrain.args import PretrainRecipe
+from twotower.pretrain.run import build
 
 DEFAULTS = ["train.output_dir=runs/demo_pretrain", "train.overwrite_output_dir=true"]
 
@@ -54,13 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not recipe.eval.data:
         parser.error("the demo needs eval.data (a BEIR dataset) to show before/after figures")
     setup_process()
-    from common.evaluate import evaluator_from_args
-    from common.training import Trainer
-    from pretrain.run import build
 
     started = time.perf_counter()
     method, dataset, collate = build(recipe)
-    evaluate = evaluator_from_args(recipe.eval, seed=recipe.train.seed)
+    evaluate = DenseEvaluator(recipe.eval, seed=recipe.train.seed)
     data = evaluate.data
     print(f"[demo] {ns.recipe}: {recipe.model.name_or_path}, corpora {recipe.data.corpora} "
           f"(text only), {recipe.train.max_steps} steps of {recipe.method.name}"
@@ -70,8 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     before = evaluate(method.encoder)
     print(f"[demo] before: nDCG@10 {before.get('nDCG@10', float('nan')):.4f} "
           f"({time.perf_counter() - started:.0f}s)", flush=True)
+    recipe_yaml = recipe_to_yaml(recipe)
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe, evaluate_fn=evaluate)
+                      recipe_yaml=recipe_yaml,
+                      callbacks=[RetrievalEvaluation(evaluate, recipe_yaml)])
     result = trainer.train()
     after = {k: v for k, v in result.items() if k in before}
     curve = loss_curve(Path(recipe.train.output_dir))

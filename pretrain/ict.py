@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import datasets
 import numpy as np
 
-from common.encoder import doc_text
-from pretrain.chunks import cached_map, tokenizer_key
-from pretrain.sentences import load_splitter, resolved_mode
+from twotower.common.model.encoder import doc_text
+from twotower.pretrain.chunks import cached_map, tokenizer_key
+from twotower.pretrain.sentences import load_splitter, resolved_mode
 
 log = logging.getLogger("twotower.pretrain")
 

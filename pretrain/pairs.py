@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.args import PairArgs
-from pretrain.augment import TokenAugmenter
-from pretrain.chunks import Chunker, DocumentChunker
+from twotower.pretrain.args import PairArgs
+from twotower.pretrain.augment import TokenAugmenter
+from twotower.pretrain.chunks import Chunker, DocumentChunker
 
 
 def random_crop(n: int, ratio_min: float, ratio_max: float,

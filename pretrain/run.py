@@ -7,28 +7,27 @@
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
-from common.cli import parse_run_args, print_result, setup_process  # noqa: E402
-from common.config import load_recipe  # noqa: E402
-from pretrain.args import PretrainRecipe  # noqa: E402
+from twotower.common.data import SkipReport
+from twotower.common.model.distributed import use_cpu
+from twotower.common.model.encoder import Encoder
+from twotower.common.recipe.config import load_recipe, recipe_to_yaml
+from twotower.common.report.callbacks import callbacks_from_recipe
+from twotower.common.train.cli import parse_run_args, print_result, setup_process
+from twotower.common.train.trainer import Trainer
+from twotower.pretrain.args import PretrainRecipe
+from twotower.pretrain.dataset import build_pair_dataset
+from twotower.pretrain.losses import build_method
 
 log = logging.getLogger("twotower.pretrain")
 
 
 def build(recipe: PretrainRecipe, report=None):
-    """(method, dataset, collate_fn) of a recipe; `report` (common.data.SkipReport) counts the
+    """(method, dataset, collate_fn) of a recipe; `report` (twotower.common.data.SkipReport) counts the
     corpus lines skipped with data.on_error=skip."""
-    from accelerate.utils import set_seed
-
-    from common.encoder import Encoder
-    from pretrain.dataset import build_pair_dataset
-    from pretrain.methods import build_method
-
     set_seed(recipe.train.seed)  # a random_init model must be the same on every process and run
     encoder = Encoder.load(recipe.model)
     dataset, collate = build_pair_dataset(recipe, encoder, report)
@@ -40,22 +39,18 @@ def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Unsupervised contrastive pretraining (pretrain/)", argv)
     recipe = load_recipe(PretrainRecipe, run.recipe, run.overrides)
     setup_process()
-    from accelerate import PartialState
-
-    from common.data import SkipReport
-    from common.training import Trainer, use_cpu
-
     # join the process group before building the data: the main process tokenises the corpora
-    # first and the others read its cache (pretrain.dataset.main_process_first); a bare
+    # first and the others read its cache (twotower.pretrain.dataset.main_process_first); a bare
     # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
     PartialState(cpu=use_cpu(recipe.train.device))
     skipped = SkipReport()
     method, dataset, collate = build(recipe, skipped)
     log.info("%s: %d training items per epoch, method %s, %d key(s) per query", run.recipe,
              len(dataset), recipe.method.name, recipe.pairs.n_pairs)
-    # evaluation (and diagnostics) on recipe.eval.data: built by the Trainer
+    recipe_yaml = recipe_to_yaml(recipe)
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe=recipe)
+                      recipe_yaml=recipe_yaml,
+                      callbacks=callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml))
     result = trainer.train(resume=run.resume)
     if recipe.data.on_error == "skip":  # the opted-in count, at the end where it is seen
         result["skipped_bad_lines"] = skipped.total

@@ -16,8 +16,8 @@ from typing import Sequence
 import datasets
 import numpy as np
 
-from pretrain.chunks import cached_map, tokenizer_key
-from pretrain.pairs import _QueryKeyPairs, random_crop
+from twotower.pretrain.chunks import cached_map, tokenizer_key
+from twotower.pretrain.pairs import _QueryKeyPairs, random_crop
 
 log = logging.getLogger("twotower.pretrain")
 

@@ -29,7 +29,7 @@ def shared_data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder_factory():
-    from common.encoder import tiny_bert
+    from twotower.common.model.encoder import tiny_bert
 
     return tiny_bert
 
@@ -38,7 +38,7 @@ def tiny_encoder_factory():
 def encode_options_seen(monkeypatch) -> list:
     """The (bf16, compile) defaults each Encoder.encode call ran with (compiling itself is
     skipped: it takes tens of seconds)."""
-    from common.encoder import Encoder
+    from twotower.common.model.encoder import Encoder
 
     seen = []
     original = Encoder.encode

@@ -1,4 +1,4 @@
-"""Paired significance (common/significance.py) and run comparison (common/compare.py)."""
+"""Paired significance (common/eval/significance.py) and run comparison (common/report/compare.py)."""
 import itertools
 import json
 import math
@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.compare import (QrelsSource, build_comparison, discover, main, parse_run_spec,
-                            render_markdown)
-from common.data import write_run
-from common.evaluate import evaluate_bm25, load_eval_data, write_outputs
-from common.metrics import per_query
-from common.significance import (SignificanceArgs, compare_paired, paired_t_test,
-                                 randomization_test)
 from tests.fixtures_data import write_jsonl, write_text
+from twotower.common.data import write_run
+from twotower.common.eval.evaluate import evaluate_bm25, load_eval_data
+from twotower.common.eval.metrics import per_query
+from twotower.common.eval.outputs import write_outputs
+from twotower.common.eval.significance import (SignificanceArgs, compare_paired, paired_t_test,
+                                               randomization_test)
+from twotower.common.report.compare import (QrelsSource, build_comparison, discover, main,
+                                            parse_run_spec, render_markdown)
 
 
 # ------------------------------------------------------------------------- significance
@@ -106,7 +107,7 @@ def test_compare_trec_runs_marks_significant_gains(tmp_path):
                for e in discover(*parse_run_spec(spec))]
     comp = build_comparison(entries, ["nDCG@10", "MRR@10"], QrelsSource(qrels_file=str(qrels)),
                             significance=SignificanceArgs(n_permutations=2000))
-    from common.data import load_qrels, load_run
+    from twotower.common.data import load_qrels, load_run
 
     expected = per_query(load_qrels(qrels), load_run(base), ["nDCG@10"])["nDCG@10"]
     dataset = comp.datasets[0]

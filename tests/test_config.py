@@ -3,9 +3,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common.args import EvalArgs, ModelArgs, TrainArgs
-from common.cli import parse_run_args
-from common.config import RecipeError, load_recipe, save_recipe
+from twotower.common.recipe.args import EvalArgs, ModelArgs, TrainArgs
+from twotower.common.recipe.config import RecipeError, load_recipe, save_recipe
+from twotower.common.train.cli import parse_run_args
 
 
 @dataclass

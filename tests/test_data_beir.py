@@ -2,9 +2,9 @@
 
 import pytest
 
-from common.data import (DataError, RetrievalData, SkipReport, beir_splits, column, load_beir,
-                         load_corpus, load_qrels)
 from tests.fixtures_data import at, gzip_file, make_beir, write_text
+from twotower.common.data import (DataError, RetrievalData, SkipReport, beir_splits, column,
+                                  load_beir, load_corpus, load_qrels)
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import random
 import datasets
 import pytest
 
-from common.data import DataError, SkipReport, load_corpus, load_queries
 from tests.fixtures_data import (DOCS, QUERIES, at, gzip_file, rows, write_bytes, write_jsonl,
                                  write_text, write_tsv)
+from twotower.common.data import DataError, SkipReport, load_corpus, load_queries
 
 EXPECTED_DOCS = [{"id": d["_id"], "title": d["title"], "text": d["text"]} for d in DOCS]
 EXPECTED_QUERIES = [{"id": q["_id"], "text": q["text"]} for q in QUERIES]
@@ -187,7 +187,7 @@ def _messy_corpus(tmp_path):
 def test_skip_counts_and_reports_bad_lines(tmp_path, cache, caplog):
     path = _messy_corpus(tmp_path)
     report = SkipReport()
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="twotower.common.data"):
         ds = load_corpus(path, on_error="skip", report=report, cache_dir=cache)
     assert [r["id"] for r in ds] == ["a", "c", "e"]  # first "a" wins over line 5
     assert report.total == 4
@@ -204,7 +204,7 @@ def test_skip_report_survives_a_cache_hit(tmp_path, cache, caplog):
     path = _messy_corpus(tmp_path)
     first, second, third = SkipReport(), SkipReport(), SkipReport()
     load_corpus(path, on_error="skip", report=first, cache_dir=cache)
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="twotower.common.data"):
         ds = load_corpus(path, on_error="skip", report=second, cache_dir=cache)
     assert len(ds) == 3 and second.counts == first.counts
     assert "from the cached build" in caplog.text

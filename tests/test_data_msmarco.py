@@ -8,11 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
-from common.data import (DataError, SkipReport, check_teacher_scores, column,
-                         hard_negative_pairs, load_hard_negatives, load_msmarco_collection,
-                         load_msmarco_queries, load_qrels, load_run, load_teacher_scores,
-                         load_triples, write_run)
 from tests.fixtures_data import at, rows, write_bytes, write_jsonl, write_text, write_tsv
+from twotower.common.data import (DataError, SkipReport, check_teacher_scores, column,
+                                  hard_negative_pairs, load_hard_negatives, load_msmarco_collection,
+                                  load_msmarco_queries, load_qrels, load_run, load_teacher_scores,
+                                  load_triples, write_run)
 
 
 @pytest.fixture

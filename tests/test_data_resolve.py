@@ -7,9 +7,10 @@ import zipfile
 
 import pytest
 
-from common.data import DataNotFoundError, load_beir, resolve_data
-from common.data import resolve as resolve_module
 from tests.fixtures_data import make_beir, write_text
+from twotower.common.data import DataNotFoundError, load_beir
+from twotower.common.data import resolve as resolve_module
+from twotower.common.data import resolve_data
 
 
 @pytest.fixture(autouse=True)

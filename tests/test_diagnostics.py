@@ -1,4 +1,4 @@
-"""Embedding-space diagnostics (common/diagnostics.py) on synthetic embeddings with known answers."""
+"""Embedding-space diagnostics (common/report/diagnostics.py) on synthetic embeddings with known answers."""
 import itertools
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from common.diagnostics import (alignment, compute_diagnostics, mean_pairwise_cosine,
-                                same_tower_neighbour_rate, top1_documents, uniformity,
-                                uniformity_on_sphere)
+from twotower.common.report.diagnostics import (alignment, compute_diagnostics,
+                                                mean_pairwise_cosine, same_tower_neighbour_rate,
+                                                top1_documents, uniformity, uniformity_on_sphere)
 
 
 def unit(x):

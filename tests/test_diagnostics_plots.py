@@ -4,13 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from common.analyze import (AnalyzeArgs, analyze_embeddings, diagnostics_evaluator,
-                            log_diagnostics, main)
-from common.args import EvalArgs
-from common.diagnostics import compute_diagnostics
-from common.plots import (plot_compare_bars, plot_distance_histograms, plot_per_query,
-                          plot_towers, png_to_array, project_2d)
 from tests.fixtures_data import write_jsonl, write_text
+from twotower.common.eval.figures import plot_per_query
+from twotower.common.recipe.args import EvalArgs
+from twotower.common.report.analyze import (AnalyzeArgs, analyze_embeddings, diagnostics_evaluator,
+                                            log_diagnostics, main)
+from twotower.common.report.diagnostics import compute_diagnostics
+from twotower.common.report.plots import (plot_compare_bars, plot_distance_histograms, plot_towers,
+                                          png_to_array, project_2d)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from common import distributed as D
 from tests.dist_utils import run_distributed
+from twotower.common.model import distributed as D
 
 TAU = 0.1
 

@@ -1,14 +1,14 @@
-"""Corpus embedding cache (common/embed_cache.py) and evaluate_dense(cache_dir=...)."""
+"""Corpus embedding cache (common/eval/embed_cache.py) and evaluate_dense(cache_dir=...)."""
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from common.embed_cache import EmbeddingCache, data_fingerprint, model_fingerprint
-from common.encoder import tiny_bert
-from common.evaluate import evaluate_dense, load_eval_data
 from tests.fixtures_data import make_beir
+from twotower.common.eval.embed_cache import EmbeddingCache, data_fingerprint, model_fingerprint
+from twotower.common.eval.evaluate import evaluate_dense, load_eval_data
+from twotower.common.model.encoder import tiny_bert
 
 
 class CountingEncoder:

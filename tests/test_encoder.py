@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.args import ModelArgs
-from common.encoder import Encoder, ModelLoadError, tiny_bert
+from twotower.common.model.encoder import Encoder, ModelLoadError, tiny_bert
+from twotower.common.recipe.args import ModelArgs
 
 TEXTS = ["short", "a somewhat longer sentence about proteins and cells",
          "cats", "Dense retrieval with two towers " * 5]

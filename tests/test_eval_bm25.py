@@ -1,9 +1,9 @@
-"""common.bm25: ranking on a toy corpus and the Lucene BM25 formula recomputed by hand."""
+"""twotower.common.eval.bm25: ranking on a toy corpus and the Lucene BM25 formula recomputed by hand."""
 import math
 
 import pytest
 
-from common.bm25 import BM25Args, BM25Index, bm25_search
+from twotower.common.eval.bm25 import BM25Args, BM25Index, bm25_search
 
 CORPUS = [
     {"id": "d0", "title": "Mangroves", "text": "Florida mangroves are protected by state law."},

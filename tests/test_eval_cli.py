@@ -1,11 +1,11 @@
-"""common.evaluate end to end on tiny folders written here (BEIR and MS MARCO layouts)."""
+"""twotower.common.eval.evaluate end to end on tiny folders written here (BEIR and MS MARCO layouts)."""
 import json
 
 import pytest
 
-from common.evaluate import evaluate_bm25, load_eval_data, subsample
-from common.evaluate_cli import main
-from common.metrics import compute_metrics
+from twotower.common.eval.cli import main
+from twotower.common.eval.evaluate import evaluate_bm25, load_eval_data, subsample
+from twotower.common.eval.metrics import compute_metrics
 
 TOPICS = ["mangrove swamp", "volcano lava", "glacier ice", "desert dune", "coral reef",
           "tundra permafrost", "rainforest canopy", "savanna grassland", "estuary tide",
@@ -165,15 +165,15 @@ def test_bm25_reproduces_scifact_reference(shared_data_root):
     assert result.metrics["R@100"] == pytest.approx(0.913, abs=0.01)
 
 
-def test_evaluator_from_args_uses_the_sliced_data(beir_dir, tiny_model_dir):
-    from common.args import EvalArgs
-    from common.encoder import Encoder
-    from common.evaluate import evaluate_dense, evaluator_from_args
+def test_DenseEvaluator_uses_the_sliced_data(beir_dir, tiny_model_dir):
+    from twotower.common.eval.evaluate import DenseEvaluator, evaluate_dense
+    from twotower.common.model.encoder import Encoder
+    from twotower.common.recipe.args import EvalArgs
 
     args = EvalArgs(data=str(beir_dir), split="test", max_queries=3, max_docs=2,
                     metrics=["nDCG@10", "RR@10"])
     encoder = Encoder.load(str(tiny_model_dir))
-    got = evaluator_from_args(args)(encoder)
+    got = DenseEvaluator(args)(encoder)
     data = subsample(load_eval_data(str(beir_dir), "test"), 3, 2, seed=0)
     want = evaluate_dense(encoder, data, measures=["nDCG@10", "RR@10"], progress=False)
     assert want.info["n_queries"] == 3 and want.info["n_docs"] == 5
@@ -184,16 +184,16 @@ def test_eval_bf16_and_compile_reach_the_encoder(beir_dir, tiny_model_dir, tmp_p
                                                 encode_options_seen):
     """--bf16/--compile (CLI) and eval.bf16/eval.compile (training evaluations) set what every
     encode call of the evaluation uses."""
-    from common.args import EvalArgs
-    from common.encoder import Encoder
-    from common.evaluate import evaluator_from_args
+    from twotower.common.eval.evaluate import DenseEvaluator
+    from twotower.common.model.encoder import Encoder
+    from twotower.common.recipe.args import EvalArgs
 
     seen = encode_options_seen
     assert main(["--model", str(tiny_model_dir), "--data", str(beir_dir), "--split", "test",
                  "--output-dir", str(tmp_path / "a"), "--no-progress", "--bf16", "--compile"]) == 0
     assert seen and set(seen) == {(True, True)}
     seen.clear()
-    evaluate = evaluator_from_args(EvalArgs(data=str(beir_dir), bf16=True))
+    evaluate = DenseEvaluator(EvalArgs(data=str(beir_dir), bf16=True))
     encoder = Encoder.load(str(tiny_model_dir))
     evaluate(encoder)
     assert set(seen) == {(True, False)}

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from common.args import EvalArgs
-from common.config import load_recipe
-from common.encoder import tiny_bert
-from common.evaluate import eval_args_data, holdout_queries
-from finetune.args import FinetuneRecipe
-from finetune.run import build_stage, dev_queries
 from tests.test_finetune_mine import TOPICS, write_beir
+from twotower.common.eval.evaluate import eval_args_data, holdout_queries
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.recipe.args import EvalArgs
+from twotower.common.recipe.config import load_recipe
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.run import build_stage, dev_queries
 
 QIDS = [f"q{i}" for i in range(50)]
 

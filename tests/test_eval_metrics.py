@@ -1,9 +1,9 @@
-"""common.metrics against values computed by hand from the metric formulas."""
+"""twotower.common.eval.metrics against values computed by hand from the metric formulas."""
 import math
 
 import pytest
 
-from common.metrics import DEFAULT_MEASURES, compute_metrics, per_query
+from twotower.common.eval.metrics import DEFAULT_MEASURES, compute_metrics, per_query
 
 QRELS = {
     "q1": {"d1": 2, "d2": 1, "d3": 0},  # graded

@@ -1,4 +1,4 @@
-"""Open-domain QA evaluation (common/qa.py, common/data/qa.py): DPR answer matching, top-k
+"""Open-domain QA evaluation (common/eval/qa.py, common/data/qa.py): DPR answer matching, top-k
 answer accuracy with BM25 and a dense encoder, the CLI, and bad-input errors."""
 import csv
 import gzip
@@ -8,12 +8,12 @@ import unicodedata
 import numpy as np
 import pytest
 
-from common.data import DataError
-from common.data.qa import QAQuestion, load_dpr_passages, load_qa_questions
-from common.evaluate_cli import main
-from common.qa import (QAArgs, dpr_tokens, evaluate_qa_bm25, evaluate_qa_dense, has_answer,
-                       top_k_accuracy)
 from tests.dist_utils import run_distributed
+from twotower.common.data import DataError
+from twotower.common.data.qa import QAQuestion, load_dpr_passages, load_qa_questions
+from twotower.common.eval.cli import main
+from twotower.common.eval.qa import (QAArgs, dpr_tokens, evaluate_qa_bm25, evaluate_qa_dense,
+                                     has_answer, top_k_accuracy)
 
 
 # ------------------------------------------------------------------------ DPR matching
@@ -189,7 +189,7 @@ def test_dense_accuracy_equals_a_direct_recomputation(collection, tiny_encoder_f
 
 
 def _dense_in_two(rank, world, model_dir, psgs, qas):
-    from common.encoder import Encoder
+    from twotower.common.model.encoder import Encoder
 
     result = evaluate_qa_dense(Encoder.load(str(model_dir)), load_dpr_passages(psgs),
                                load_qa_questions(qas), QAArgs(ks=(1, 5)), progress=False,
@@ -198,7 +198,7 @@ def _dense_in_two(rank, world, model_dir, psgs, qas):
 
 
 def test_two_processes_shard_the_passages_and_agree(collection, tiny_model_dir):
-    from common.encoder import Encoder
+    from twotower.common.model.encoder import Encoder
 
     single = evaluate_qa_dense(Encoder.load(str(tiny_model_dir)), collection["passages"],
                                collection["questions"], QAArgs(ks=(1, 5)), progress=False)

@@ -1,8 +1,8 @@
-"""common.search: faiss search against numpy brute force; rerank scores only the candidates."""
+"""twotower.common.eval.search: faiss search against numpy brute force; rerank scores only the candidates."""
 import numpy as np
 import pytest
 
-from common.search import dense_search, rerank
+from twotower.common.eval.search import dense_search, rerank
 
 
 @pytest.fixture

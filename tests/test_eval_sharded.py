@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.sharded import encode_sharded, shard_bounds
 from tests.dist_utils import launch_prefix, run_distributed, run_to_end
 from tests.test_eval_cli import write_beir
+from twotower.common.eval.sharded import encode_sharded, shard_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_encode_sharded_gathers_on_the_process_device(monkeypatch):
     gather, and the result comes back to the host. ("meta" stands in for a GPU here.)"""
     import torch
 
-    import common.sharded as sharded
+    import twotower.common.eval.sharded as sharded
 
     seen = []
 
@@ -78,11 +78,11 @@ def test_process_device_inside_a_recipe_run_is_the_recipes_device(tmp_path):
     code = "\n".join([
         "import sys, torch",
         "torch.cuda.is_available = lambda: True  # a machine with a GPU",
-        "import finetune.run as run",
-        "from common.config import load_recipe",
-        "from common.sharded import process_device",
-        "from common.training import use_cpu",
-        "from finetune.args import FinetuneRecipe",
+        "import twotower.finetune.run as run",
+        "from twotower.common.recipe.config import load_recipe",
+        "from twotower.common.eval.sharded import process_device",
+        "from twotower.common.train.trainer import use_cpu",
+        "from twotower.finetune.args import FinetuneRecipe",
         "assert use_cpu('auto') is False  # left alone, a tool would take the GPU",
         "def build_stage(*args, **kwargs):  # where the miner would ask for its device",
         "    print('miner device', process_device()); sys.exit(0)",
@@ -102,10 +102,10 @@ def test_two_process_cli_equals_one_process(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     args = ["--model", str(tiny_model_dir), "--data", str(beir), "--split", "test", "--k", "10",
             "--no-progress"]
-    one = run_to_end([*launch_prefix(1), "-m", "common.evaluate", *args, "--output-dir",
+    one = run_to_end([*launch_prefix(1), "-m", "twotower.common.eval.evaluate", *args, "--output-dir",
                       str(tmp_path / "one")], env=env, cwd=REPO)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_to_end([*launch_prefix(2), "-m", "common.evaluate", *args, "--output-dir",
+    two = run_to_end([*launch_prefix(2), "-m", "twotower.common.eval.evaluate", *args, "--output-dir",
                       str(tmp_path / "two")], env=env, cwd=REPO)
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler
 
-from common.data import DataError
-from finetune.args import DataArgs
-from finetune.data import GroupCollator, GroupDataset, TextStore, TrainGroup, TrainingPool
-from finetune.sources import build_pool, mine_negative_queries
+from twotower.common.data import DataError
+from twotower.finetune.args import DataArgs
+from twotower.finetune.data import GroupCollator, GroupDataset, TextStore, TrainGroup, TrainingPool
+from twotower.finetune.sources import build_pool, mine_negative_queries
 
 
 def make_pool(n=12, n_neg=6, shared_every=0, teacher=False):
@@ -162,7 +162,7 @@ def test_pretokenized_batches_equal_tokenizing_each_batch(tiny_encoder_factory, 
     """data.pretokenize: the collator pads ids kept from before training, and makes exactly the
     tensors of tokenising the batch's texts (tower prefixes, truncation, either padding side);
     after pretokenising, steps tokenise nothing but random fillers of short pools."""
-    from finetune.tokens import TokenCache
+    from twotower.finetune.tokens import TokenCache
 
     enc = tiny_encoder_factory(query_prefix="query: ", doc_prefix="passage: ",
                                max_query_length=12, max_doc_length=40)
@@ -192,9 +192,9 @@ def test_pretokenized_batches_equal_tokenizing_each_batch(tiny_encoder_factory, 
 
 
 def test_recipe_pretokenize_switch_reaches_the_collator(tiny_encoder_factory, tmp_path):
-    from common.config import load_recipe
-    from finetune.args import FinetuneRecipe
-    from finetune.run import build_stage
+    from twotower.common.recipe.config import load_recipe
+    from twotower.finetune.args import FinetuneRecipe
+    from twotower.finetune.run import build_stage
 
     tiny_model_dir = tmp_path / "model"
     tiny_encoder_factory().save(tiny_model_dir)
@@ -218,7 +218,7 @@ def test_length_grouped_order_pads_less_and_keeps_every_group_once(tiny_encoder_
     """data.length_grouped (transformers' LengthGroupedSampler over global batches): every usable
     group once per epoch, a pure function of (seed, epoch), mega-batches sorted longest first with
     the longest batch in front, and far fewer padded document tokens than the random order."""
-    from finetune.tokens import LongestDocument, TokenCache
+    from twotower.finetune.tokens import LongestDocument, TokenCache
 
     enc = tiny_encoder_factory(max_doc_length=128)
     n, size = 402, 4  # mega-batches of 25 batches (100 groups)
@@ -262,8 +262,8 @@ def test_length_grouped_order_pads_less_and_keeps_every_group_once(tiny_encoder_
 
 
 def test_length_grouped_is_refused_for_losses_with_in_batch_terms():
-    from common.config import RecipeError, load_recipe
-    from finetune.args import FinetuneRecipe
+    from twotower.common.recipe.config import RecipeError, load_recipe
+    from twotower.finetune.args import FinetuneRecipe
 
     with pytest.raises(RecipeError, match=r"data.length_grouped.*\['infonce'\]"):
         load_recipe(FinetuneRecipe, "fewshot", ["data.length_grouped=true"])

@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from finetune.args import LossArgs
-from finetune.data import GroupCollator, GroupDataset, TextStore, TrainGroup, TrainingPool, stable_hash
-from finetune.method import FinetuneMethod
-from finetune.sources import mine_negative_queries
 from tests.dist_utils import run_distributed
+from twotower.finetune.args import LossArgs
+from twotower.finetune.data import (GroupCollator, GroupDataset, TextStore, TrainGroup,
+                                    TrainingPool, stable_hash)
+from twotower.finetune.method import FinetuneMethod
+from twotower.finetune.sources import mine_negative_queries
 
 N_GROUPS = 4  # 2 per process
 WORDS = "protein cell gene brain heart virus drug trial mouse human cancer blood".split()
@@ -47,7 +48,7 @@ def make_batch(tokenize, groups=range(N_GROUPS)):
 
 
 def _method(seed=0):
-    from common.encoder import tiny_bert
+    from twotower.common.model.encoder import tiny_bert
 
     encoder = tiny_bert(dropout=0.0, seed=seed, normalize=True)
     return FinetuneMethod(encoder, all_losses()).eval()

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from finetune.args import (DanceDualArgs, InfoNCEArgs, MarginMSEArgs, PairArgs, SamToNeArgs)
-from finetune.losses import (DanceDual, GroupEmbeddings, InfoNCE, MarginMSE, MarginMSEDual, Pair,
-                             SamToNe)
-from finetune.losses.samtone import document_anchored_logits, query_anchored_logits
+from twotower.finetune.args import DanceDualArgs, InfoNCEArgs, MarginMSEArgs, PairArgs, SamToNeArgs
+from twotower.finetune.losses import (DanceDual, GroupEmbeddings, InfoNCE, MarginMSE, MarginMSEDual,
+                                      Pair, SamToNe)
+from twotower.finetune.losses.samtone import document_anchored_logits, query_anchored_logits
 
 B, K, M, H = 3, 2, 2, 5
 TAU = 0.7

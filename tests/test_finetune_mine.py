@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from common.bm25 import BM25Index
-from common.data import load_beir, load_hard_negatives
-from common.encoder import tiny_bert
-from finetune.mine import MineArgs, main, mine
+from twotower.common.data import load_beir, load_hard_negatives
+from twotower.common.eval.bm25 import BM25Index
+from twotower.common.model.encoder import tiny_bert
+from twotower.finetune.mine import MineArgs, main, mine
 
 TOPICS = ["mangrove", "herpes", "volcano", "protein", "glacier"]
 
@@ -91,8 +91,8 @@ def test_false_negative_filters(tmp_path):
 def test_recipe_mining_applies_the_false_negative_filter(tmp_path):
     """data.mine.max_pos_ratio in a recipe reaches the miner: the training pool keeps only
     negatives scoring below the ratio times the query's weakest positive."""
-    from finetune.args import DataArgs, MiningArgs
-    from finetune.sources import build_pool
+    from twotower.finetune.args import DataArgs, MiningArgs
+    from twotower.finetune.sources import build_pool
 
     data = write_beir(tmp_path / "beir")
     queries = dict(zip(data.queries["id"], data.queries["text"]))
@@ -131,8 +131,8 @@ def test_dense_mining_and_the_cli_output(tmp_path):
 def test_mining_bf16_and_compile_reach_the_encoder(tmp_path, encode_options_seen):
     """--bf16/--compile (CLI) and data.mine.bf16/compile (recipes) set what dense mining's encode
     calls use."""
-    from finetune.args import DataArgs, MiningArgs
-    from finetune.sources import build_pool
+    from twotower.finetune.args import DataArgs, MiningArgs
+    from twotower.finetune.sources import build_pool
 
     write_beir(tmp_path / "beir")
     tiny_bert(dropout=0.0).save(tmp_path / "model")
@@ -159,7 +159,7 @@ def test_two_process_dense_mining_equals_one_process(tmp_path):
     write_beir(tmp_path / "beir")
     tiny_bert(dropout=0.0).save(tmp_path / "model")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    args = ["-m", "finetune.mine", "--data", str(tmp_path / "beir"), "--split", "train",
+    args = ["-m", "twotower.finetune.mine", "--data", str(tmp_path / "beir"), "--split", "train",
             "--retriever", "dense", "--model", str(tmp_path / "model"), "--skip-top", "1",
             "--n", "4", "--batch-size", "3"]
     one = run_to_end([*launch_prefix(1), *args, "--output", str(tmp_path / "one.jsonl")],
@@ -196,7 +196,7 @@ def test_two_process_recipe_with_dense_mining_equals_one_process_with_doubled_ba
 
 
 def _bm25_mining_in_two(rank, world, folder):
-    import finetune.mine as M
+    import twotower.finetune.mine as M
 
     calls = []
     real = M.mine

@@ -4,16 +4,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from common.config import RecipeError, load_recipe
-from common.encoder import tiny_bert
-from finetune.args import FinetuneRecipe, TeacherArgs
-from finetune.run import main
-from finetune.teacher import Teacher
 from tests.test_finetune_mine import write_beir
 from tests.test_finetune_teacher import save_tiny_cross_encoder
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.finetune.args import FinetuneRecipe, TeacherArgs
+from twotower.finetune.run import main
+from twotower.finetune.teacher import Teacher
 
 RECIPES = ["msmarco_mnrl", "msmarco_dance_dual", "msmarco_samtone", "msmarco_margin_mse",
            "msmarco_margin_mse_dual", "pair_two_stage", "fewshot", "domain_adapt"]
@@ -203,7 +203,7 @@ def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):
     """The pretraining corpus of domain_adapt is the target data's: a BEIR folder, an MS MARCO
     collection file; data without a corpus (triples) must name one instead of silently
     pretraining on the pretraining recipe's own default corpus."""
-    from finetune.run import run_domain_pretraining, target_corpus
+    from twotower.finetune.run import run_domain_pretraining, target_corpus
 
     (tmp_path / "ms").mkdir()
     (tmp_path / "ms" / "passages.tsv").write_text("p1\tsome text\n")

@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from common.config import RecipeError, load_recipe
-from common.data import DataError
-from finetune.args import FinetuneRecipe
-from finetune.sentence_queries import QUERY_PREFIX
-from finetune.sources import build_pool
+from twotower.common.data import DataError
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.sentence_queries import QUERY_PREFIX
+from twotower.finetune.sources import build_pool
 
 TOPICS = ["protein", "galaxy", "volcano", "glacier", "neuron", "enzyme"]
 
@@ -98,8 +98,8 @@ def test_mined_negatives_are_bm25_neighbours_never_the_source_document(tmp_path)
 
 
 def test_a_label_free_run_trains_on_sentences_of_the_corpus(tmp_path):
-    from common.encoder import tiny_bert
-    from finetune.run import main
+    from twotower.common.model.encoder import tiny_bert
+    from twotower.finetune.run import main
 
     folder, _ = write_corpus(tmp_path / "c")
     tiny_bert(dropout=0.0, normalize=True).save(tmp_path / "student")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from common.encoder import resolve_model_path, tiny_bert
-from finetune.args import DataArgs, PseudoArgs, TeacherArgs
-from finetune.pseudo import pseudo_label_pool
-from finetune.teacher import ScoreCache, Teacher
+from twotower.common.model.encoder import resolve_model_path, tiny_bert
+from twotower.finetune.args import DataArgs, PseudoArgs, TeacherArgs
+from twotower.finetune.pseudo import pseudo_label_pool
+from twotower.finetune.teacher import ScoreCache, Teacher
 
 QUERIES = ["what do cats eat", "how tall are giraffes"]
 PASSAGES = ["Cats eat meat and fish.", "Giraffes grow to about five metres tall."]

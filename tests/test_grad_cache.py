@@ -1,4 +1,4 @@
-"""GradCache (common/grad_cache.py): the parameters' gradients with train.grad_cache_chunk equal
+"""GradCache (common/model/grad_cache.py): the parameters' gradients with train.grad_cache_chunk equal
 those of the uncached loss, for every loss of both stages, with dropout (RNG replay), under
 gradient accumulation in the Trainer, and with 2 gloo processes."""
 import copy
@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from common.encoder import tiny_bert
-from common.grad_cache import GradCache
-from finetune.args import LossArgs
-from finetune.method import FinetuneMethod
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.model.grad_cache import GradCache
+from twotower.finetune.args import LossArgs
+from twotower.finetune.method import FinetuneMethod
 
 B, K, M = 5, 2, 1
 WORDS = ("protein cell gene virus climate ocean rainfall neuron vaccine enzyme receptor drug "
@@ -128,7 +128,7 @@ def test_separate_towers_both_receive_cached_gradients():
 def chunked_reference_grads(method, batch, chunk, seed):
     """The uncached loss on embeddings computed chunk by chunk *with* a graph, in GradCache's
     order, from the same RNG seed: what dropout-exact caching must reproduce."""
-    from common.grad_cache import _trim
+    from twotower.common.model.grad_cache import _trim
 
     torch.manual_seed(seed)
     method.zero_grad(set_to_none=True)
@@ -186,8 +186,8 @@ PRETRAIN_SETTINGS = {
 
 
 def make_pretrain_method(setting, dropout=0.0, seed=0):
-    from pretrain.args import MethodArgs
-    from pretrain.methods import build_method
+    from twotower.pretrain.args import MethodArgs
+    from twotower.pretrain.losses import build_method
 
     encoder = tiny_bert(dropout=dropout, seed=seed)
     args = MethodArgs(temperature=0.2, **PRETRAIN_SETTINGS[setting])
@@ -274,9 +274,9 @@ class _Groups(torch.utils.data.Dataset):
 
 
 def _train(tmp_path, chunk, name):
-    from common.args import TrainArgs
-    from common.training import Trainer
-    from finetune.data import GroupCollator
+    from twotower.common.recipe.args import TrainArgs
+    from twotower.common.train.trainer import Trainer
+    from twotower.finetune.data import GroupCollator
 
     method = make_finetune_method("mnrl_dual_mix")
     args = TrainArgs(output_dir=str(tmp_path / name), max_steps=2, per_device_batch_size=4,

@@ -1,4 +1,4 @@
-"""HTML/markdown reports (common/html_report.py), rendered in headless Chromium when present."""
+"""HTML/markdown reports (common/eval/html.py), rendered in headless Chromium when present."""
 import base64
 import re
 import shutil
@@ -7,12 +7,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from common.analyze import AnalyzeArgs, analyze_embeddings, write_analysis
-from common.evaluate import evaluate_bm25, load_eval_data, write_outputs
-from common.html_report import (examples_markdown, image_data_uri, select_examples,
-                                write_eval_html, write_html_report)
-from common.plots import png_to_array
 from tests.fixtures_data import write_jsonl, write_text
+from twotower.common.eval.evaluate import evaluate_bm25, load_eval_data
+from twotower.common.eval.html import (examples_markdown, image_data_uri, select_examples,
+                                       write_eval_html, write_html_report)
+from twotower.common.eval.outputs import write_outputs
+from twotower.common.report.analyze import AnalyzeArgs, analyze_embeddings, write_analysis
+from twotower.common.report.plots import png_to_array
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 QRELS = {"q1": {"d1": 2, "d2": 0}, "q2": {"d3": 1}, "q3": {"d9": 1}, "q4": {"d1": 1}}

@@ -14,20 +14,20 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-import common.bm25
-import finetune.run as ft_run
-import pretrain.chunks
-from common.config import RecipeError, load_recipe
-from common.data import DataNotFoundError
-from common.data import resolve as resolve_module
-from common.encoder import Encoder, tiny_bert
-from finetune.args import DataArgs, FinetuneRecipe, PseudoArgs, TeacherArgs
-from finetune.pseudo import pseudo_label_pool
-from finetune.sources import build_pool
-from pretrain.args import MethodArgs, PretrainRecipe
-from pretrain.dataset import build_pair_dataset
-from pretrain.methods import build_method
+import twotower.common.eval.bm25
+import twotower.finetune.run as ft_run
+import twotower.pretrain.chunks
 from tests.dist_utils import run_distributed
+from twotower.common.data import DataNotFoundError
+from twotower.common.data import resolve as resolve_module
+from twotower.common.model.encoder import Encoder, tiny_bert
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.finetune.args import DataArgs, FinetuneRecipe, PseudoArgs, TeacherArgs
+from twotower.finetune.pseudo import pseudo_label_pool
+from twotower.finetune.sources import build_pool
+from twotower.pretrain.args import MethodArgs, PretrainRecipe
+from twotower.pretrain.dataset import build_pair_dataset
+from twotower.pretrain.losses import build_method
 
 TOPICS = ["protein", "river", "planet", "market", "vaccine", "storm"]
 
@@ -169,7 +169,7 @@ def test_a_missing_model_fails_before_any_bm25(tmp_path, monkeypatch, key, overr
     def no_bm25(*args, **kwargs):
         raise AssertionError("a BM25 index was built before the models were checked")
 
-    monkeypatch.setattr(common.bm25.BM25Index, "__init__", no_bm25)
+    monkeypatch.setattr(twotower.common.eval.bm25.BM25Index, "__init__", no_bm25)
     argv = ["--recipe", "pair_two_stage_cpu", f"model.name_or_path={tmp_path / 'student'}",
             f"train.output_dir={tmp_path / 'out'}", "eval.data=",
             f"stages.pseudo.data.path={folder}", "stages.pseudo.data.queries=queries.jsonl",
@@ -193,7 +193,7 @@ def _prepare(rank: int, world: int, root: str) -> dict:
     if world > 1:  # Accelerate joins the process group run_distributed started
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
         PartialState(cpu=True)
-    tokenize, index = pretrain.chunks._Tokenize.__call__, common.bm25.BM25Index.__init__
+    tokenize, index = twotower.pretrain.chunks._Tokenize.__call__, twotower.common.eval.bm25.BM25Index.__init__
 
     def logged_tokenize(self, batch):
         _log_rank(root / "tokenized", rank)
@@ -204,8 +204,8 @@ def _prepare(rank: int, world: int, root: str) -> dict:
         _log_rank(root / "bm25", rank)
         return index(self, *args, **kwargs)
 
-    pretrain.chunks._Tokenize.__call__ = logged_tokenize
-    common.bm25.BM25Index.__init__ = logged_index
+    twotower.pretrain.chunks._Tokenize.__call__ = logged_tokenize
+    twotower.common.eval.bm25.BM25Index.__init__ = logged_index
     recipe = load_recipe(PretrainRecipe, None, [
         f"data.corpora=[{root / 'corpus' / 'corpus.jsonl'}]", f"data.cache_dir={root / 'tok'}",
         "pairs.chunk_length=8"])
@@ -258,10 +258,10 @@ def _prepare_single(root: Path) -> dict:
     """_prepare on this one process, undoing its patches and environment after."""
     assert not dist.is_initialized()
     saved = dict(os.environ)
-    tokenize, index = pretrain.chunks._Tokenize.__call__, common.bm25.BM25Index.__init__
+    tokenize, index = twotower.pretrain.chunks._Tokenize.__call__, twotower.common.eval.bm25.BM25Index.__init__
     try:
         return _prepare(0, 1, str(root))
     finally:
-        pretrain.chunks._Tokenize.__call__, common.bm25.BM25Index.__init__ = tokenize, index
+        twotower.pretrain.chunks._Tokenize.__call__, twotower.common.eval.bm25.BM25Index.__init__ = tokenize, index
         os.environ.clear()
         os.environ.update(saved)

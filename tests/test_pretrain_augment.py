@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from common.encoder import tiny_bert
-from pretrain.augment import (TokenAugmenter, delete_tokens, mask_tokens, replace_tokens,
-                              shuffle_tokens)
+from twotower.common.model.encoder import tiny_bert
+from twotower.pretrain.augment import (TokenAugmenter, delete_tokens, mask_tokens, replace_tokens,
+                                       shuffle_tokens)
 
 IDS = np.arange(1000, 3000, dtype=np.int64)  # 2000 distinct ordinary tokens
 
@@ -70,8 +70,8 @@ def rng_after_delete(seed):
 
 
 def test_special_tokens_are_added_after_augmenting(tokenizer):
-    from pretrain.args import PairArgs
-    from pretrain.pairs import CropPairs
+    from twotower.pretrain.args import PairArgs
+    from twotower.pretrain.pairs import CropPairs
 
     class OneChunk:
         num_chunks = 1

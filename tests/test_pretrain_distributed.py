@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from common.encoder import tiny_bert
-from pretrain.args import MethodArgs
-from pretrain.methods import build_method
+from twotower.common.model.encoder import tiny_bert
+from twotower.pretrain.args import MethodArgs
+from twotower.pretrain.losses import build_method
 
 B, WORLD, LR = 3, 2, 0.5  # per-process batch, processes, SGD step between the two steps
 SCENARIOS = {

@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.args import MethodArgs
-from pretrain.inbatch import InBatch
-from pretrain.moco import MoCo, enqueue, momentum_update
-from pretrain.relevance import normalise_scores, reduce_pair_losses, relevance_weights
+from twotower.pretrain.args import MethodArgs
+from twotower.pretrain.losses.inbatch import InBatch
+from twotower.pretrain.losses.moco import MoCo
+from twotower.pretrain.losses.moco_queue import enqueue, momentum_update
+from twotower.pretrain.losses.relevance import (normalise_scores, reduce_pair_losses,
+                                                relevance_weights)
 
 H = 5
 
@@ -194,7 +196,7 @@ def test_moco_step_skipped_for_a_nonfinite_loss_enqueues_nothing():
     method = MoCo(TableEncoder(n_docs * 3), MethodArgs(queue_size=12), n_pairs, seed=0).train()
     start = method.queue.clone()
     method(make_batch(n_docs, n_pairs))
-    method.on_step_skipped()  # common.training: train.nonfinite_loss=skip dropped the step
+    method.on_step_skipped()  # twotower.common.train.trainer: train.nonfinite_loss=skip dropped the step
     method.on_optimizer_step()  # the next step taken
     assert torch.equal(method.queue, start) and int(method.queue_ptr) == 0
     # accumulation: two micro-batches, both enqueued after the step, in order

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.encoder import tiny_bert
-from pretrain.args import MethodArgs, PairArgs
-from pretrain.chunks import Chunker, DocumentChunker, token_documents, token_stream, tokenize_corpus
-from pretrain.ict import group_passages, ict_passages
-from pretrain.pairs import CropPairs, ICTPairs, PairCollator, random_crop
-from pretrain.titles import TitlePairs, title_pairs
+from twotower.common.model.encoder import tiny_bert
+from twotower.pretrain.args import MethodArgs, PairArgs
+from twotower.pretrain.chunks import (Chunker, DocumentChunker, token_documents, token_stream,
+                                      tokenize_corpus)
+from twotower.pretrain.ict import group_passages, ict_passages
+from twotower.pretrain.pairs import CropPairs, ICTPairs, PairCollator, random_crop
+from twotower.pretrain.titles import TitlePairs, title_pairs
 
 NOUNS = ["proteins", "cells", "coasts", "rivers", "genes", "stars", "planets", "forests", "cities",
          "laws", "markets", "engines", "bridges", "islands", "vaccines", "storms", "languages",
@@ -93,9 +94,9 @@ def test_document_chunks_stay_inside_one_document():
 
 
 def test_recipe_chunking_document_builds_crops_from_one_document(encoder, corpus):
-    from common.config import load_recipe
-    from pretrain.args import PretrainRecipe
-    from pretrain.dataset import pairs_from_corpora
+    from twotower.common.recipe.config import load_recipe
+    from twotower.pretrain.args import PretrainRecipe
+    from twotower.pretrain.dataset import pairs_from_corpora
 
     docs = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     stream, lengths = token_documents([corpus], encoder.tokenizer)
@@ -120,7 +121,7 @@ def test_recipe_chunking_document_builds_crops_from_one_document(encoder, corpus
         by_mode[mode] = in_one
     assert all(by_mode["document"]) and len(by_mode["document"]) == sum(-(-lengths // 16))
     assert not all(by_mode["stream"])  # the difference the option exists for
-    from common.config import RecipeError
+    from twotower.common.recipe.config import RecipeError
     with pytest.raises(RecipeError, match="pairs.chunking=document.*pairs.task=ict"):
         load_recipe(PretrainRecipe, "recontriever_cpu",
                     [*overrides, "pairs.chunking=document", "pairs.task=ict", "pairs.n_pairs=1"])
@@ -162,8 +163,8 @@ def test_items_are_a_pure_function_of_seed_epoch_index(encoder):
 
 @pytest.mark.parametrize("n_pairs", [1, 2, 3, 4, 5, 6])
 def test_multi_pair_batches_have_document_major_keys(encoder, n_pairs):
-    from pretrain.inbatch import InBatch
-    from pretrain.moco import MoCo
+    from twotower.pretrain.losses.inbatch import InBatch
+    from twotower.pretrain.losses.moco import MoCo
 
     stream = np.arange(2000, 7000, dtype=np.int32)
     args = PairArgs(chunk_length=64, n_pairs=n_pairs, augmentation=["none"])
@@ -253,7 +254,7 @@ def test_punkt_is_trained_offline_and_logged_never_downloaded(encoder, corpus, m
                                                                caplog):
     import nltk
 
-    from pretrain import sentences
+    from twotower.pretrain import sentences
 
     def no_download(*args, **kwargs):
         raise AssertionError("nltk.download must never be called")
@@ -272,7 +273,7 @@ def test_punkt_is_trained_offline_and_logged_never_downloaded(encoder, corpus, m
 
 
 def test_tokenisation_is_cached(tmp_path, encoder, corpus, monkeypatch):
-    from pretrain import chunks
+    from twotower.pretrain import chunks
 
     calls = []
     original = chunks._Tokenize.__call__
@@ -290,7 +291,7 @@ def test_tokenisation_is_cached(tmp_path, encoder, corpus, monkeypatch):
 
 
 def test_corpora_resolve_to_their_corpus_file(tmp_path):
-    from pretrain.chunks import corpus_file, load_corpora
+    from twotower.pretrain.chunks import corpus_file, load_corpora
 
     beir = tmp_path / "beir"
     beir.mkdir()

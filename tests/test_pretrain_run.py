@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import load_recipe
-from pretrain.args import PretrainRecipe
+from twotower.common.recipe.config import load_recipe
+from twotower.pretrain.args import PretrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("protein cell gene river star planet forest city law market engine bridge island "

@@ -47,7 +47,7 @@ def test_start_model_dev_rows_are_saved_with_their_run_and_reused_only_for_the_s
 
     import benchmarks.quality_choices as choices
     from benchmarks.quality_runs import start_model_dev
-    from common.encoder import Encoder, tiny_bert
+    from twotower.common.model.encoder import Encoder, tiny_bert
 
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from benchmarks.quality_report import markdown, significance
-from common.data import write_run
-from common.significance import compare_paired
 from tests.test_finetune_mine import TOPICS, write_beir
+from twotower.common.data import write_run
+from twotower.common.eval.significance import compare_paired
 
 
 def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.rundir import complete_checkpoints
 from tests.test_reliability_resume import losses_by_file
 from tests.test_training import BASE, REPO, assert_same_weights, run_toy
+from twotower.common.train.rundir import complete_checkpoints
 
 SLOW_SAVE = str(REPO / "tests" / "scripts" / "slow_save_train.py")
 COMMON = ["train.max_steps=6", "train.per_device_batch_size=8", "train.save_every=1",

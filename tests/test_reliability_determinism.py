@@ -10,8 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import common
 from tests.test_reliability_resume import REPO, TINY_MODEL, start
+from twotower.common import __version__
 
 WORDS = "protein cell gene river star planet forest city law market".split()
 
@@ -59,5 +59,5 @@ def test_same_recipe_and_seed_give_identical_weights(tmp_path):
                             text=True).stdout.strip()
     assert info["git_commit"].split("+")[0] == commit and len(commit) == 40
     assert (info["torch"], info["transformers"], info["accelerate"], info["twotower"]) == (
-        torch.__version__, transformers.__version__, accelerate.__version__, common.__version__)
+        torch.__version__, transformers.__version__, accelerate.__version__, __version__)
     assert "pretrain/run.py" in info["command"] and info["world_size"] == 1

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import LaunchError, check_launch
-from common.guards import ShardingError, check_sharding
-from common.rundir import complete_checkpoints
 from tests.dist_utils import launch_prefix, run_to_end
 from tests.test_reliability_resume import TINY_MODEL, WORDS, assert_identical_runs, env
 from tests.test_training import assert_same_weights
+from twotower.common.train.cli import LaunchError, check_launch
+from twotower.common.train.guards import ShardingError, check_sharding
+from twotower.common.train.rundir import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 N_QUERIES = 12  # per-device batch 2 x 2 processes: 3 steps an epoch
@@ -162,9 +162,9 @@ def test_evaluation_during_training_is_sharded_over_the_processes(tmp_path):
     """Before: rank 0 encoded the whole evaluation corpus while the others waited at a barrier
     (a collective time-out on a large set). Now each process encodes a slice; the metrics equal
     a one-process evaluation of the saved model."""
-    from common.data import load_beir
-    from common.encoder import Encoder
-    from common.evaluate import evaluate_dense
+    from twotower.common.data import load_beir
+    from twotower.common.eval.evaluate import evaluate_dense
+    from twotower.common.model.encoder import Encoder
 
     data = write_folder(tmp_path / "data")
     out = tmp_path / "run"

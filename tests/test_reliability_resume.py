@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.rundir import complete_checkpoints
+from twotower.common.train.rundir import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("protein cell gene river star planet forest city law market engine bridge island "

@@ -3,8 +3,8 @@ that trains something else than the run's checkpoints is refused, naming the key
 that accepts the change; run-control keys (max_steps, logging, saving, evaluation) may change."""
 import pytest
 
-from common.rundir import RunDirError, check_resumed_recipe, recipe_differences
 from tests.test_training import run_toy, weights
+from twotower.common.train.rundir import RunDirError, check_resumed_recipe, recipe_differences
 
 STEPS = ["train.per_device_batch_size=8", "train.save_every=1"]
 
@@ -63,7 +63,7 @@ def snapshot(folder):
 def test_overwrite_never_deletes_a_live_run(tmp_path):
     """Before: the folder was removed *before* the lock was taken, so a second run with
     overwrite_output_dir=true deleted the first's checkpoints while it trained."""
-    from common.rundir import RunLock
+    from twotower.common.train.rundir import RunLock
 
     out = tmp_path / "run"
     run_toy(out, *TOY, "train.save_every=1")

@@ -4,13 +4,13 @@ embeddings as soon as its config is known; `train.global_batch_size`, the papers
 exactly on any number of processes or refused."""
 import pytest
 
-from common.args import TrainArgs
-from common.config import RecipeError, load_recipe
-from common.encoder import tiny_bert
-from common.epochs import resolve_batch
-from finetune.args import FinetuneRecipe
-from pretrain.args import PretrainRecipe
 from tests.test_training import assert_same_weights, run_toy
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.recipe.args import TrainArgs
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.common.train.epochs import resolve_batch
+from twotower.finetune.args import FinetuneRecipe
+from twotower.pretrain.args import PretrainRecipe
 
 BAD = [("train.gradient_accumulation_steps", 0), ("train.gradient_accumulation_steps", -2),
        ("train.warmup_steps", -5), ("train.save_every", -1), ("train.keep_last", 0),

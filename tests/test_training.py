@@ -68,7 +68,7 @@ def test_existing_run_dir_is_refused_then_overwritten_only_on_request(tmp_path):
 
 
 def test_second_run_on_a_locked_dir_is_refused(tmp_path):
-    from common.rundir import RunDirError, RunLock
+    from twotower.common.train.rundir import RunDirError, RunLock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -224,8 +224,8 @@ def test_periodic_evaluation_and_diagnostics_reach_tensorboard(tmp_path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    from common.args import TrainArgs
-    from common.epochs import steps_for_epochs
+    from twotower.common.recipe.args import TrainArgs
+    from twotower.common.train.epochs import steps_for_epochs
 
     args = TrainArgs(per_device_batch_size=8, epochs=2.5)
     assert steps_for_epochs(args, 48) == 15  # 6 full batches per epoch

@@ -24,8 +24,8 @@ import datasets
 
 from .build import build_dataset
 from .errors import BadLinePolicy, DataError, SkipReport
-from .io import (as_id, as_text, get_field, iter_lines, unique_records,
-                 parse_json_object, require_file, split_tsv)
+from .io import (as_id, as_text, get_field, iter_lines, parse_json_object, require_file, split_tsv,
+                 unique_records)
 from .resolve import resolve_data
 
 CORPUS_FEATURES = datasets.Features(

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-logger = logging.getLogger("common.data")
+logger = logging.getLogger("twotower.common.data")
 
 OnError = Literal["raise", "skip"]
 ON_ERROR_CHOICES = ("raise", "skip")

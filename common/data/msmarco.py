@@ -2,7 +2,7 @@
 
 * ``collection.tsv``: ``pid<TAB>passage`` → corpus Dataset ``id, title(""), text``;
 * ``queries.*.tsv``: ``qid<TAB>query`` → Dataset ``id, text``;
-* ``qrels.*.tsv`` (TREC layout) → :func:`common.data.load_qrels`;
+* ``qrels.*.tsv`` (TREC layout) → :func:`twotower.common.data.load_qrels`;
 * ``triples.train*.tsv``: ``query<TAB>positive<TAB>negative`` texts → Dataset
   ``query, positive, negative``;
 * hard negatives JSONL ``{"qid", "pos": [pids], "neg": {"<system>": [pids]}}`` → Dataset

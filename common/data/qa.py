@@ -15,7 +15,7 @@ Like DPR's CsvCtxSrc we strip ``"`` from both ends of a passage text after unquo
 ``load_passages`` does not (the references differ; it only matters for texts that start or end
 with a quote character).
 
-Every problem is a :class:`common.data.DataError` naming file and line: malformed line or
+Every problem is a :class:`twotower.common.data.DataError` naming file and line: malformed line or
 quoting, wrong column count, missing header, empty question or passage, no answers, a blank
 answer, duplicate passage or question id, an id containing whitespace (TREC runs cannot hold
 it), undecodable bytes (common/data/io.py).
@@ -34,13 +34,12 @@ import regex
 from .build import build_dataset
 from .corpus import CORPUS_FEATURES
 from .errors import BadLinePolicy, DataError, SkipReport
-from .io import (as_id, get_field, iter_lines, unique_records,
-                 parse_json_object, require_file)
+from .io import as_id, get_field, iter_lines, parse_json_object, require_file, unique_records
 from .resolve import resolve_data
 
 PASSAGE_HEADER = ("id", "text", "title")
 # a DPR token is a run of letters/numbers/marks or any one other non-separator, non-control
-# character (common/qa.py); an answer without such a character has no tokens, and DPR's string
+# character (common/eval/qa.py); an answer without such a character has no tokens, and DPR's string
 # match would find the empty token sequence in *every* passage
 _HAS_TOKEN = regex.compile(r"[^\p{Z}\p{C}]")
 
@@ -107,7 +106,7 @@ def load_dpr_passages(path: str | os.PathLike, *, on_error: str = "raise",
                       report: SkipReport | None = None,
                       cache_dir: str | os.PathLike | None = None):
     """DPR passages TSV (``id, text, title`` header) → cached Dataset ``id, title, text``.
-    ``path`` may be a name under ``$TWOTOWER_DATA`` (common.data.resolve_data)."""
+    ``path`` may be a name under ``$TWOTOWER_DATA`` (twotower.common.data.resolve_data)."""
     path = require_file(resolve_data(path))
     return build_dataset("dpr-passages", path, _passage_records, {}, CORPUS_FEATURES,
                          on_error=on_error, report=report, cache_dir=cache_dir)

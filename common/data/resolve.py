@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Mapping
 
+from huggingface_hub import snapshot_download
+
 from .errors import DataError, DataNotFoundError
 
 DATA_ENV = "TWOTOWER_DATA"
@@ -42,7 +44,7 @@ HF_PREFIX = "hf:"
 # the files and folders of a BEIR zip (cqadupstack adds one folder per forum around them)
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl")
 BEIR_QRELS = "qrels"
-log = logging.getLogger("common.data")
+log = logging.getLogger("twotower.common.data")
 
 
 def cache_root() -> Path:
@@ -79,8 +81,6 @@ def _download_beir(name: str, dest_root: Path) -> Path:
 
 def _download_hf(repo_id: str, dest_root: Path) -> Path:
     """Snapshot of a Hugging Face *dataset* repo (network timeouts from huggingface_hub)."""
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(repo_id=repo_id, repo_type="dataset",
                                   cache_dir=str(dest_root), etag_timeout=DOWNLOAD_TIMEOUT_S))
 

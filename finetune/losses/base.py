@@ -4,7 +4,7 @@ A group is (query q_i, positive d+_i, k hard negatives d-_i1..d-_ik, optionally 
 queries q-_i1..q-_im and teacher scores). The student score is the inner product of the
 encoder's outputs, s(a, b) = <e(a), e(b)> (a cosine when the encoder normalises).
 
-Losses follow the contract of common/training.py: anchors are this process's rows; candidates
+Losses follow the contract of common/train/trainer.py: anchors are this process's rows; candidates
 are gathered from every process with `gather_with_grad` (rank order), so 2 processes with B
 groups each compute exactly what 1 process with the 2B groups computes. Each loss is a mean
 over local anchors (DDP's gradient average then gives the global mean).
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from common.distributed import gather_with_grad, global_offset
+from twotower.common.model.distributed import gather_with_grad, global_offset
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.args import DanceDualArgs
-from finetune.losses.base import GroupEmbeddings
+from twotower.finetune.args import DanceDualArgs
+from twotower.finetune.losses.base import GroupEmbeddings
 
 
 class DanceDual(nn.Module):

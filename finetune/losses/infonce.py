@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.args import InfoNCEArgs
-from finetune.losses.base import GroupEmbeddings
+from twotower.finetune.args import InfoNCEArgs
+from twotower.finetune.losses.base import GroupEmbeddings
 
 
 def infonce_logits(emb: GroupEmbeddings, temperature: float) -> Tensor:

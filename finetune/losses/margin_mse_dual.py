@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.args import MarginMSEArgs
-from finetune.losses.base import GroupEmbeddings, require
+from twotower.finetune.args import MarginMSEArgs
+from twotower.finetune.losses.base import GroupEmbeddings, require
 
 
 class MarginMSEDual(nn.Module):

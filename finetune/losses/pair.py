@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.args import PairArgs
-from finetune.losses.base import GroupEmbeddings
-from finetune.losses.infonce import infonce_loss
+from twotower.finetune.args import PairArgs
+from twotower.finetune.losses.base import GroupEmbeddings
+from twotower.finetune.losses.infonce import infonce_loss
 
 
 def passage_centric_logits(emb: GroupEmbeddings, temperature: float, negatives: str) -> Tensor:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.args import SamToNeArgs
-from finetune.losses.base import GroupEmbeddings
+from twotower.finetune.args import SamToNeArgs
+from twotower.finetune.losses.base import GroupEmbeddings
 
 
 def query_anchored_logits(emb: GroupEmbeddings, temperature: float) -> Tensor:

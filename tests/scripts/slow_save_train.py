@@ -3,15 +3,12 @@
 a test can SIGKILL the process in the middle of writing a checkpoint. Test-only: the patch lives
 in this child process, production code is untouched."""
 import os
-import sys
 import time
 from pathlib import Path
 
 import accelerate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.scripts.toy_train import main  # noqa: E402
+from tests.scripts.toy_train import main
 
 STALL_STEP = int(os.environ.get("TWOTOWER_TEST_SLOW_SAVE_STEP", "0"))
 _save_state = accelerate.Accelerator.save_state

