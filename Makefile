@@ -30,17 +30,17 @@ test: install
 bench: EXTRAS = offline,test,bench
 # Full-size measurements (hours on 2 CPU cores); each script also runs alone, see README.
 bench: install
-	$(PY) benchmarks/acceptance.py
-	$(PY) benchmarks/perf.py encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
-	$(PY) benchmarks/pretrain_quality.py
-	$(PY) benchmarks/quality.py reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus label_free_sentences domain_adapt_dual --reuse
-	$(PY) benchmarks/quality.py fewshot fewshot_dual st_reference_lr curve --seeds 0 1 2 --reuse
-	$(PY) benchmarks/quality.py label_free domain_adapt --seeds 42 1 2 --reuse
-	$(PY) benchmarks/quality.py ablation --seeds 42 1 2 --reuse
+	$(PY) -m benchmarks.acceptance
+	$(PY) -m benchmarks.perf encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
+	$(PY) -m benchmarks.pretrain_quality
+	$(PY) -m benchmarks.quality reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus label_free_sentences domain_adapt_dual --reuse
+	$(PY) -m benchmarks.quality fewshot fewshot_dual st_reference_lr curve --seeds 0 1 2 --reuse
+	$(PY) -m benchmarks.quality label_free domain_adapt --seeds 42 1 2 --reuse
+	$(PY) -m benchmarks.quality ablation --seeds 42 1 2 --reuse
 
 # every committed GPU recipe on 2 CPU processes with tiny models and synthetic data (5-10 min)
 rehearse: install
-	$(PY) benchmarks/rehearse.py
+	$(PY) -m benchmarks.rehearse
 
 clean:
 	rm -rf .make runs

@@ -1,6 +1,6 @@
 """Acceptance check of the evaluation code against independently measured SciFact figures.
 
-    TWOTOWER_DATA=../shared/data python benchmarks/acceptance.py [--skip-dense]
+    TWOTOWER_DATA=../shared/data python -m benchmarks.acceptance [--skip-dense]
 
 Evaluates BM25 and the bundled all-MiniLM-L6-v2 (mean pooling, cosine, max 256 tokens for
 queries and documents, as sentence-transformers does) on SciFact test through the library
@@ -18,13 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from twotower.common.eval.evaluate import evaluate_bm25, evaluate_dense, load_eval_data
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.args import ModelArgs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from twotower.common.eval.evaluate import (evaluate_bm25, evaluate_dense,  # noqa: E402
-                                           load_eval_data)
 
 # (system, metric) -> (reference value, tolerance); nDCG@10 tolerances are the issue's, the
 # R@100 ones are ours (the reference figures are from the data README, measured outside the
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
     out = {"data": "scifact/test", "checks": rows, "results": results,
            "wall_time_s": round(wall, 1), "cpu_count": os.cpu_count(),
            "python": platform.python_version(),
-           "command": "python benchmarks/acceptance.py " + " ".join(sys.argv[1:])}
+           "command": "python -m benchmarks.acceptance " + " ".join(sys.argv[1:])}
     table = ["| system | metric | measured | reference | tolerance | ok |",
              "|---|---|---|---|---|---|"]
     table += [f"| {r['system']} | {r['metric']} | {r['measured']:.4f} | {r['reference']:.3f} | "

@@ -8,7 +8,7 @@ loop through the toy stage of the tests (tests/scripts/toy_train.py, tiny BERT, 
   3. non-reentrant gradient checkpointing under fp16 against the same run without it;
   4. train.global_batch_size=16 on one GPU (16 per device).
 
-    python benchmarks/gpu_fp16.py OUT_DIR     # prints and writes OUT_DIR/gpu_fp16.json
+    python -m benchmarks.gpu_fp16 OUT_DIR     # prints and writes OUT_DIR/gpu_fp16.json
 """
 from __future__ import annotations
 

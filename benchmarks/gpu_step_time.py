@@ -6,7 +6,7 @@ padded to 128 tokens (half a 256-token chunk: the longest crop of ratio_max 0.5)
   contriever   per GPU on 8 GPUs: 256 queries (forward + backward) + 256 keys (MoCo: forward only)
   recontriever per GPU on 8 GPUs: 256 queries + 1,024 keys (4 key crops per query)
 
-    python benchmarks/gpu_step_time.py OUT_DIR
+    python -m benchmarks.gpu_step_time OUT_DIR
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Performance benchmarks against sentence-transformers, on the same model, data and settings.
 
-    TWOTOWER_DATA=../shared/data python benchmarks/perf.py [encode] [train] [memory] [scaling]
+    TWOTOWER_DATA=../shared/data python -m benchmarks.perf [encode] [train] [memory] [scaling]
         [padding] [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
 
 1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast, each also
@@ -34,17 +34,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.perf_common import (MODEL, corpus_texts, load_average, median_time, ndcg_of,
+                                    scifact_test, st_model)
 from benchmarks.perf_memory import bench_memory
 from benchmarks.perf_padding import bench_padding
 from benchmarks.perf_train import bench_train, twotower_step_times
 from twotower.common.eval.evaluate import judged_queries
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.args import ModelArgs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.perf_common import (MODEL, corpus_texts, load_average, median_time,  # noqa: E402
-                                    ndcg_of, scifact_test, st_model)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -160,7 +157,7 @@ def write_results(section: str, result: dict, ns) -> None:
         # a speed-only rerun keeps the earlier full-corpus quality check, marked as such
         result["full_corpus"] = {**previous["full_corpus"],
                                  "from_earlier_run": previous.get("when", "?")}
-    everything[section] = {**result, "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]),
+    everything[section] = {**result, "command": "python -m benchmarks.perf " + " ".join(sys.argv[1:]),
                            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "machine": f"{platform.processor() or platform.machine()}, "
                                       f"{os.cpu_count()} cores (shared)"}

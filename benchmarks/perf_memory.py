@@ -5,7 +5,7 @@ with GradCache (train.grad_cache_chunk) and without, each in a fresh subprocess 
 The child limits its address space (--limit-gb, default 12) so that the uncached step cannot
 push a shared machine into swap or the OOM killer: if it needs more, the row says so.
 
-    python benchmarks/perf_memory.py --child CHUNK BATCH MAX_LENGTH LIMIT_GB   (one measurement)
+    python -m benchmarks.perf_memory --child CHUNK BATCH MAX_LENGTH LIMIT_GB   (one measurement)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
@@ -70,8 +70,9 @@ def bench_memory(ns) -> dict:
     out: dict = {"batch": ns.memory_batch, "max_length": 128, "chunk": ns.memory_chunk,
                  "limit_gb": 12, "load_before": load_average(), "rows": []}
     for chunk in (ns.memory_chunk, 0):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(chunk), str(ns.memory_batch),
-                               "128", "12"], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf_memory", "--child", str(chunk),
+                               str(ns.memory_batch), "128", "12"], capture_output=True, text=True,
+                              cwd=REPO)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         row = json.loads(lines[-1]) if lines else {
             "peak_rss_gb": None, "step_s": None,
@@ -91,4 +92,4 @@ if __name__ == "__main__":
         print(json.dumps(child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
                                float(sys.argv[5]))))
     else:
-        sys.exit("use benchmarks/perf.py memory")
+        sys.exit("use python -m benchmarks.perf memory")

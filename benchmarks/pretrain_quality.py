@@ -1,6 +1,6 @@
 """Does unsupervised pretraining move retrieval quality? Two fixed-CPU-budget runs, SciFact test.
 
-    TWOTOWER_DATA=../shared/data python benchmarks/pretrain_quality.py [--parts a b]
+    TWOTOWER_DATA=../shared/data python -m benchmarks.pretrain_quality [--parts a b]
         [--budget-s 420] [--max-docs 0]
 
 (a) the bundled all-MiniLM-L6-v2 (already trained with supervision), further pretrained with the
@@ -27,15 +27,11 @@ from pathlib import Path
 import torch
 
 from twotower.common.eval.evaluate import DenseEvaluator
+from twotower.common.recipe.config import load_recipe, recipe_to_yaml
 from twotower.common.train.trainer import Trainer
+from twotower.pretrain.args import PretrainRecipe
 from twotower.pretrain.demo import loss_curve
 from twotower.pretrain.run import build
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from twotower.common.recipe.config import load_recipe  # noqa: E402
-from twotower.common.recipe.config import recipe_to_yaml
-from twotower.pretrain.args import PretrainRecipe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = {

@@ -1,6 +1,6 @@
 """Domain adaptation on a CPU budget (issue #8): few-shot, label-free and both, on SciFact test.
 
-    TWOTOWER_DATA=../shared/data python benchmarks/quality.py SECTION [SECTION ...]
+    TWOTOWER_DATA=../shared/data python -m benchmarks.quality SECTION [SECTION ...]
         [--seeds 0 1 2] [--data scifact] [--dry-run] [--reuse]
 
 Sections (each writes its rows into benchmarks/results/quality.json and regenerates quality.md,
@@ -67,17 +67,15 @@ from twotower.common.recipe.config import load_recipe
 from twotower.finetune.args import FinetuneRecipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks.quality_baselines import ST_SAME, section_st_reference_lr, st_rows  # noqa: E402
-from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES,  # noqa: E402
-                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
+from benchmarks.quality_baselines import ST_SAME, section_st_reference_lr, st_rows
+from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES, FEWSHOT_ABLATION,
+                                        LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES)
-from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual  # noqa: E402
-from benchmarks.quality_report import MEASURES, markdown, seed_means, significance  # noqa: E402
-from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, finetune,  # noqa: E402
-                                     load_script_recipe, recipe_seeds, run_script, seed_suffix,
-                                     slug, start_model_dev)
-from benchmarks.quality_sentences import section_label_free_sentences  # noqa: E402
+from benchmarks.quality_dual import section_domain_adapt_dual, section_fewshot_dual
+from benchmarks.quality_report import MEASURES, markdown, seed_means, significance
+from benchmarks.quality_runs import (DEV_EVAL, RUNS, TEST_EVAL, finetune, load_script_recipe,
+                                     recipe_seeds, run_script, seed_suffix, slug, start_model_dev)
+from benchmarks.quality_sentences import section_label_free_sentences
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -1,6 +1,7 @@
 """How benchmarks/quality.py runs one training: a subprocess of the committed recipe with
 overrides, timed (wall and CPU seconds), and recorded again without training (--reuse) only
-when a finished run has exactly the same command and resolved recipe."""
+when a finished run has exactly the same command and resolved recipe; when a recipe (or its
+schema) changed, the row is run again."""
 from __future__ import annotations
 
 import hashlib
@@ -68,97 +69,26 @@ def resolved_recipes(script: str, recipe: str, overrides: list[str]) -> list:
     return [resolved]
 
 
-def _digest(containers: list) -> str:
-    texts = [OmegaConf.to_yaml(OmegaConf.create(c)) for c in containers]
+def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
+    """A digest of resolved_recipes, so that --reuse does not record a run of a recipe file
+    edited since (nor one from before a schema key was added: re-run that row)."""
+    texts = [OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(r))))
+             for r in resolved_recipes(script, recipe, overrides)]
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-def _containers(recipes: list) -> list:
-    return [OmegaConf.to_container(OmegaConf.structured(r)) for r in recipes]
-
-
-def recipe_digest(script: str, recipe: str, overrides: list[str]) -> str:
-    """A digest of resolved_recipes, so that --reuse does not record a run of a recipe file
-    edited since."""
-    return _digest(_containers(resolved_recipes(script, recipe, overrides)))
-
-
-def _without_added_keys(now: dict, saved: dict, default: dict) -> dict | None:
-    """`now` restricted to the keys of `saved` (a run's recipe.yaml), in the run's order, when
-    every key `saved` lacks (a schema key added since the run) is at its default, so trains as
-    before; else None (also when a key of the run is gone)."""
-    if set(saved) - set(now) or any(now[k] != default.get(k) for k in set(now) - set(saved)):
+def finished_run(out: Path, command: str, digest: str) -> dict | None:
+    """A run of exactly `command` and resolved recipe `digest` that already finished in `out`
+    (--reuse), with the timing this script measured. A run of a recipe edited since, or recorded
+    without its digest, is not reused: its row is run again."""
+    metrics, timing_file = final_stage(out) / "metrics.json", out / "quality_timing.json"
+    if not metrics.is_file() or not timing_file.is_file():
         return None
-    kept = {}
-    for key in saved:
-        if isinstance(now[key], dict) and isinstance(saved[key], dict):
-            kept[key] = _without_added_keys(now[key], saved[key], default.get(key) or {})
-            if kept[key] is None:
-                return None
-        else:
-            kept[key] = now[key]
-    return kept
-
-
-def _saved_recipes(out: Path, n: int) -> list | None:
-    """The run's own recipe.yaml files as dicts: the last stage's, then the pretraining
-    stage's (the first n); None when one is missing."""
-    paths = [final_stage(out) / "recipe.yaml", out / "pretrain" / "recipe.yaml"][:n]
-    if not all(p.is_file() for p in paths):
+    timing = json.loads(timing_file.read_text())
+    if timing.get("command") != command or timing.get("recipe_digest") != digest:
         return None
-    return [OmegaConf.to_container(OmegaConf.load(p)) for p in paths]
-
-
-def digest_as_recorded(recipes: list, saved: list) -> str | None:
-    """The digest `recipes` had when a run saved `saved` (_saved_recipes): schema keys added
-    since (at their defaults) left out. None when an added key is not at its default."""
-    restricted = []
-    for recipe, now, old in zip(recipes, _containers(recipes), saved):
-        default = OmegaConf.to_container(OmegaConf.structured(type(recipe)))
-        kept = _without_added_keys(now, old, default)
-        if kept is None:
-            return None
-        restricted.append(kept)
-    return _digest(restricted)
-
-
-def _trains_as_recorded(out: Path, recipes: list, recorded: str) -> bool:
-    """`recipes` (resolved today) train what the run in `out` trained: their digest as recorded
-    (digest_as_recorded) is the stored one, or, for a recipe of one stage, the digest of the
-    run's own recipe.yaml (the stored digest can be stale: a parent process resolved the recipe
-    with older code than the run saved it with; a pretraining stage's recipe.yaml also holds
-    what domain_adapt sets at run time, so only its stored digest counts)."""
-    saved = _saved_recipes(out, len(recipes)) if recipes else None
-    restricted = digest_as_recorded(recipes, saved) if saved is not None else None
-    if restricted is None:
-        return False
-    return restricted == recorded or (len(recipes) == 1 and restricted == _digest(saved))
-
-
-def finished_run(out: Path, command: str, digest: str = "", recipes: list = ()) -> dict | None:
-    """A run of exactly `command` and recipe `digest` that already finished in `out` (--reuse),
-    with its timing: measured by this script, or else the span between the run's first and last
-    files. Runs recorded before digests were kept are taken on the command alone. A run recorded
-    before a schema key was added still counts when the key is at its default (`recipes`, the
-    resolved recipes behind `digest`: _trains_as_recorded)."""
-    final = final_stage(out)
-    metrics, saved = final / "metrics.json", sorted(out.rglob("recipe.yaml"))
-    if not metrics.is_file() or not saved:
-        return None
-    timing_file = out / "quality_timing.json"
-    if timing_file.is_file():
-        timing = json.loads(timing_file.read_text())
-        if timing.get("command") != command:
-            return None
-        recorded = timing.get("recipe_digest", digest)
-        if recorded != digest and not _trains_as_recorded(out, recipes, recorded):
-            return None
-    else:  # started by an earlier version of this script: file times, no CPU seconds
-        first = min(r.stat().st_mtime for r in saved)
-        timing = {"wall_s": round(metrics.stat().st_mtime - first, 1),
-                  "timing": "from file times"}
     return {"metrics": json.loads(metrics.read_text()), **timing,
-            "run_file": str(final / "eval" / "run.trec")}
+            "run_file": str(final_stage(out) / "eval" / "run.trec")}
 
 
 def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) -> dict:
@@ -169,9 +99,8 @@ def run_script(script: str, recipe: str, out: Path, overrides: list[str], ns) ->
     print("$", command, flush=True)
     if ns.dry_run:
         return {"command": command}
-    recipes = resolved_recipes(script, recipe, cmd[cmd.index(recipe) + 1:])
-    digest = _digest(_containers(recipes))
-    done = finished_run(out, command, digest, recipes) if ns.reuse else None
+    digest = recipe_digest(script, recipe, cmd[cmd.index(recipe) + 1:])
+    done = finished_run(out, command, digest) if ns.reuse else None
     if done is None:
         cpu, start = children_cpu_s(), time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})

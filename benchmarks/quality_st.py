@@ -4,7 +4,7 @@ fine-tuning recipe trains on, epoch by epoch, with the recipe's batch, steps, le
 warmup, scheduler, weight decay, clipping, precision and maximum length; then the same
 evaluation code (twotower.common.eval.evaluate) on the test split.
 
-    TWOTOWER_DATA=../shared/data python benchmarks/quality_st.py --recipe fewshot \
+    TWOTOWER_DATA=../shared/data python -m benchmarks.quality_st --recipe fewshot \
         --output-dir runs/quality/st_mnrl --seed 0 [--data scifact]
 
 Differences that remain, by design of the two libraries: sentence-transformers' batch sampler
@@ -32,8 +32,6 @@ from twotower.common.train.epochs import steps_for_epochs
 from twotower.finetune.args import FinetuneRecipe
 from twotower.finetune.run import \
     build_stage  # leaves an eval.holdout dev split out, as in training
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def recipe_triples(recipe) -> tuple[list[dict], int]:

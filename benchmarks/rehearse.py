@@ -1,6 +1,6 @@
 """Rehearse every committed GPU recipe (recipes/*.yaml without `_cpu`) on this CPU machine.
 
-    python benchmarks/rehearse.py [--recipes contriever gpl ...] [--work runs/rehearsal]
+    python -m benchmarks.rehearse [--recipes contriever gpl ...] [--work runs/rehearsal]
 
 Each recipe file is used as committed, under `accelerate launch --multi_gpu --num_processes 2`
 (gloo on CPU), substituting only what this machine cannot have, and printing each substitution:
@@ -40,9 +40,8 @@ from twotower.finetune.args import FinetuneRecipe
 from twotower.pretrain.args import PretrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import synthetic_data  # noqa: E402
+from benchmarks import synthetic_data
 
 RESULTS = REPO / "benchmarks" / "results" / "rehearsal.md"
 PROCESSES = 2
@@ -357,7 +356,7 @@ def rehearse(names: list[str], work: Path, sizes: Sizes = Sizes(), say=print) ->
     """The rehearsal of `names` in `work` (synthetic data and tiny models made once there)."""
     work = Path(work).resolve()
     say(f"synthetic data root: {synthetic_data.write_data(work / 'data')} (imitating "
-        f"{synthetic_data.REAL}'s corpora in the official layouts; see benchmarks/synthetic_data.py)")
+        f"{synthetic_data.real_data()}'s corpora in the official layouts; see benchmarks/synthetic_data.py)")
     say(f"sizes: {sizes}")
     rows = []
     for name in names:

@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 import transformers as T
 
-REAL = Path(os.environ.get("TWOTOWER_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+def real_data() -> Path:
+    """The offline data the texts are drawn from: $TWOTOWER_DATA, never a guessed path."""
+    root = os.environ.get("TWOTOWER_DATA")
+    if not root or not (Path(root) / "scifact").is_dir():
+        raise SystemExit(f"TWOTOWER_DATA={root!r} is not the offline data folder (with scifact/, "
+                         "wiki/, msmarco_sample/): the synthetic sets draw their texts from it")
+    return Path(root)
+
+
 HIDDEN, LAYERS, HEADS = 32, 2, 2
 
 # kind -> what it imitates (printed as the substitution)
@@ -118,7 +127,7 @@ def write_model(kind: str, dest: Path) -> Path:
 
 def _spread_logits(model, tok) -> None:
     """A random classifier gives logits ~0 (sigmoid 0.5): no pseudo label would pass 0.9/0.1."""
-    rows = [line.split("\t") for line in _lines(REAL / "msmarco_sample" / "triples.tsv", 64)]
+    rows = [line.split("\t") for line in _lines(real_data() / "msmarco_sample" / "triples.tsv", 64)]
     enc = tok([r[0] for r in rows] + [r[0] for r in rows], [r[1] for r in rows] + [r[2] for r in rows],
               truncation=True, max_length=128, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -175,11 +184,11 @@ def write_data(root: Path, seed: int = 0, wiki_docs: int = 24, scifact_train: in
         return root
     rng = random.Random(seed)
     # Wikipedia: lead sections + one article cut short (~2,300 tokens: 4-5 steps of 8 x 64-token chunks)
-    summaries = [json.loads(x) for x in _lines(REAL / "wiki" / "wiki_summaries.jsonl", 2000)]
+    summaries = [json.loads(x) for x in _lines(real_data() / "wiki" / "wiki_summaries.jsonl", 2000)]
     picked = rng.sample([d for d in summaries if len(d["text"].split()) >= 40], wiki_docs)
     _jsonl(root / "wiki" / "wiki_summaries.jsonl",
            [{**d, "text": _words(d["text"], 60)} for d in picked])
-    article = json.loads(_lines(REAL / "wiki" / "wiki_articles.jsonl", 1)[0])
+    article = json.loads(_lines(real_data() / "wiki" / "wiki_articles.jsonl", 1)[0])
     paragraphs = article["text"].split("\n")
     kept, words = [], 0
     for p in paragraphs:  # keep the paragraph structure (newlines), ~250 words
@@ -190,7 +199,7 @@ def write_data(root: Path, seed: int = 0, wiki_docs: int = 24, scifact_train: in
     _jsonl(root / "wiki" / "wiki_articles.jsonl", [{**article, "text": "\n".join(kept)}])
 
     # SciFact (BEIR): real claims with their real judged abstracts, plus unjudged abstracts
-    sf = REAL / "scifact"
+    sf = real_data() / "scifact"
     corpus = {d["_id"]: d for d in map(json.loads, _lines(sf / "corpus.jsonl", 0))}
     queries = {q["_id"]: q for q in map(json.loads, _lines(sf / "queries.jsonl", 0))}
     qrels: dict[str, dict[str, dict[str, int]]] = {}
@@ -217,7 +226,7 @@ def write_data(root: Path, seed: int = 0, wiki_docs: int = 24, scifact_train: in
             + "".join(f"{q}\t{d}\t{s}\n" for q, ds in table.items() for d, s in ds.items()))
 
     # MS MARCO: the sample's real queries, qrels and BM25 pools under the official train names
-    ms = REAL / "msmarco_sample"
+    ms = real_data() / "msmarco_sample"
     passages = dict(line.split("\t", 1) for line in _lines(ms / "collection.tsv", 0))
     qtext = dict(line.split("\t", 1) for line in _lines(ms / "queries.tsv", 0))
     hard = [json.loads(x) for x in _lines(ms / "hard_negatives.jsonl", 0)]

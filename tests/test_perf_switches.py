@@ -45,10 +45,6 @@ def test_forward_chunk_gives_the_same_embeddings_and_gradients():
 
 
 def test_benchmark_report_renders_every_section():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.perf import markdown
 
     load = [1.0, 1.0, 1.0]

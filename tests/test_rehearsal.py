@@ -7,21 +7,20 @@ in epoch 1 and resumed ends bit for bit where the uninterrupted run ends, and th
 gives the toolkit's embeddings under sentence-transformers. About 2-3 minutes on 2 cores."""
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import rehearse
 
-import rehearse  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MISSION = ["recontriever", "pair_two_stage"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (rehearse.synthetic_data.REAL / "scifact").is_dir(),
+@pytest.mark.skipif(not (Path(os.environ.get("TWOTOWER_DATA", "/absent")) / "scifact").is_dir(),
                     reason="the offline data ($TWOTOWER_DATA) the synthetic texts come from is absent")
 @pytest.mark.timeout(420)
 def test_mission_recipes_rehearse(tmp_path):
