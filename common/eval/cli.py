@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=0,
                    help="corpus = judged documents + this many sampled others")
     p.add_argument("--seed", type=int, default=0, help="for --max-queries/--max-docs sampling")
+    p.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
+                   help="BEIR's protocol: a retrieved document with the query's own id is not "
+                        "scored (default; --no-ignore-identical-ids scores it)")
     p.add_argument("--output-dir", help="default runs/eval/<model>-<data>-<split>")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true")
@@ -178,18 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         bm25_args = BM25Args(**{f: v for f, v in (("k1", ns.bm25_k1), ("b", ns.bm25_b))
                                 if v is not None})
         result = evaluate_bm25(data, k=depth, candidates=candidates, measures=ns.metrics,
-                               args=bm25_args)
+                               args=bm25_args, ignore_identical_ids=ns.ignore_identical_ids)
     else:
         encoder = Encoder.load(_model_args(ns)).to(process_device())
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
         if candidates is not None:
             result = evaluate_rerank(encoder, data, candidates, batch_size=ns.batch_size,
-                                     measures=ns.metrics, progress=not ns.no_progress)
+                                     measures=ns.metrics, progress=not ns.no_progress,
+                                     ignore_identical_ids=ns.ignore_identical_ids)
         else:
             result = evaluate_dense(encoder, data, k=depth, batch_size=ns.batch_size,
                                     index=ns.index or "flat", search_params=ns.search_params,
                                     measures=ns.metrics, progress=not ns.no_progress,
-                                    shard=several)
+                                    shard=several, ignore_identical_ids=ns.ignore_identical_ids)
 
     if not is_main():  # every process has the result; one writes it
         return 0

@@ -132,8 +132,24 @@ def _corpus_rows(data) -> tuple[list[str], list[dict]]:
     return ids, rows
 
 
-def _finish(data, run: Run, info: dict, measures, started: float) -> EvalResult:
+def drop_identical_ids(run: Run) -> int:
+    """BEIR's protocol (`ignore_identical_ids`, on by default in beir.retrieval.evaluation.
+    EvaluateRetrieval.evaluate): a retrieved document whose id is the query's own id is dropped
+    from the run before scoring, in place (ArguAna, Quora: queries are corpus documents too).
+    Returns how many were dropped."""
+    dropped = 0
+    for qid, docs in run.items():
+        if docs.pop(qid, None) is not None:
+            dropped += 1
+    return dropped
+
+
+def _finish(data, run: Run, info: dict, measures, started: float,
+            ignore_identical_ids: bool = True) -> EvalResult:
     t = time.perf_counter()
+    info["ignore_identical_ids"] = ignore_identical_ids
+    if ignore_identical_ids:
+        info["identical_ids_dropped"] = drop_identical_ids(run)
     values = per_query(data.qrels, run, measures)
     info.setdefault("timing", {})["metrics_s"] = round(time.perf_counter() - t, 3)
     info["timing"]["total_s"] = round(time.perf_counter() - started, 3)
@@ -181,11 +197,13 @@ def _encode(encoder, rows: list[dict], query_texts: list[str], batch_size: int,
 def evaluate_dense(encoder, data: RetrievalData, k: int = 1000, batch_size: int = 64,
                    index: str = "flat", search_params: str | None = None,
                    measures: Sequence[str] | None = None, progress: bool = True,
-                   cache_dir: str | Path | None = None, shard: bool = False) -> EvalResult:
+                   cache_dir: str | Path | None = None, shard: bool = False,
+                   ignore_identical_ids: bool = True) -> EvalResult:
     """Encode corpus and judged queries, retrieve the top k by inner product, score.
     cache_dir: keep corpus embeddings on disk (common/eval/embed_cache.py) for re-evaluations.
     shard: every process of a multi-process launch encodes a slice of the corpus (all processes
-    must call this; each gets the full result)."""
+    must call this; each gets the full result). ignore_identical_ids: BEIR's protocol
+    (drop_identical_ids), as in evaluate_rerank and evaluate_bm25."""
     started = time.perf_counter()
     qids, qtexts = judged_queries(data)
     doc_ids, rows = _corpus_rows(data)
@@ -197,7 +215,7 @@ def evaluate_dense(encoder, data: RetrievalData, k: int = 1000, batch_size: int 
     timing["search_s"] = round(time.perf_counter() - t, 3)
     info = {**_encoder_info(encoder), "mode": "retrieve", "k": k, "index": index,
             "n_docs": len(doc_ids), "timing": timing}
-    return _finish(data, run, info, measures, started)
+    return _finish(data, run, info, measures, started, ignore_identical_ids)
 
 
 def restrict_candidates(data, candidates: Mapping[str, Mapping[str, float]]) -> tuple[Run, dict]:
@@ -216,7 +234,7 @@ def restrict_candidates(data, candidates: Mapping[str, Mapping[str, float]]) -> 
 
 def evaluate_rerank(encoder, data: RetrievalData, candidates: Mapping[str, Mapping[str, float]],
                     batch_size: int = 64, measures: Sequence[str] | None = None,
-                    progress: bool = True) -> EvalResult:
+                    progress: bool = True, ignore_identical_ids: bool = True) -> EvalResult:
     """Score only the candidate documents of each judged query (e.g. MS MARCO BM25 top-k)."""
     started = time.perf_counter()
     kept, counts = restrict_candidates(data, candidates)
@@ -235,13 +253,14 @@ def evaluate_rerank(encoder, data: RetrievalData, candidates: Mapping[str, Mappi
     timing["score_s"] = round(time.perf_counter() - t, 3)
     info = {**_encoder_info(encoder), "mode": "rerank", **counts, "n_docs": len(doc_ids),
             "timing": timing}
-    return _finish(data, run, info, measures, started)
+    return _finish(data, run, info, measures, started, ignore_identical_ids)
 
 
 def evaluate_bm25(data: RetrievalData, k: int = 1000,
                   candidates: Mapping[str, Mapping[str, float]] | None = None,
                   args: BM25Args | None = None,
-                  measures: Sequence[str] | None = None) -> EvalResult:
+                  measures: Sequence[str] | None = None,
+                  ignore_identical_ids: bool = True) -> EvalResult:
     """BM25 (common/eval/bm25.py) over the whole corpus, or scoring only `candidates` when given."""
     started = time.perf_counter()
     args = args or BM25Args()
@@ -260,7 +279,7 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
         info.update(mode="rerank", **counts)
     info.update(n_docs=len(index.doc_ids), timing={"index_s": round(t_index, 3),
                                                     "search_s": round(time.perf_counter() - t, 3)})
-    return _finish(data, run, info, measures, started)
+    return _finish(data, run, info, measures, started, ignore_identical_ids)
 
 
 class DenseEvaluator:
@@ -279,7 +298,8 @@ class DenseEvaluator:
         args = self.eval_args
         with encoder.inference_options(bf16=args.bf16, compile=args.compile):
             self.last = evaluate_dense(encoder, self.data, k=self.k, batch_size=args.batch_size,
-                                       measures=args.metrics, progress=progress, shard=self.shard)
+                                       measures=args.metrics, progress=progress, shard=self.shard,
+                                       ignore_identical_ids=args.ignore_identical_ids)
         return self.last.metrics
 
 

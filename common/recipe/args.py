@@ -152,6 +152,8 @@ class EvalArgs:
     bf16: bool = False
     compile: bool = False
     before_training: bool = False  # also evaluate the starting model
+    # BEIR's protocol: a retrieved document with the query's own id is not scored (ArguAna, Quora)
+    ignore_identical_ids: bool = True
     # embedding-space diagnostics (common/report/analyze.py) logged to tensorboard at each evaluation,
     # on a small sample (100 queries, their judged documents + 300 others; PCA picture)
     diagnostics: bool = True
