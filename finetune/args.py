@@ -9,6 +9,7 @@ Loss weights live only here; a term with weight 0 is not computed.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from twotower.common.eval.fusion import METHODS
 from twotower.common.recipe.args import EvalArgs, ModelArgs, TrainArgs, _choice
 from twotower.common.recipe.config import RecipeError
 
@@ -116,8 +117,10 @@ class SentenceQueryArgs:
 @dataclass
 class MiningArgs:
     """Hard negatives mined before training (twotower.finetune.mine) when no hard_negatives file is given."""
-    retriever: str = ""  # "" = no mining; bm25 | dense
-    model: str = ""  # dense: the retriever model
+    retriever: str = ""  # "" = no mining; bm25 | dense | hybrid (BM25 + dense fused)
+    model: str = ""  # dense, hybrid: the retriever model
+    fusion: str = "rrf"  # hybrid: rrf | wsum (common/eval/fusion.py)
+    dense_weight: float = 0.5  # hybrid wsum: (1 - w) BM25 + w dense
     depth: int = 100
     skip_top: int = 0  # ranks (after removing judged positives) skipped at the top
     window: int = 0  # sample from the next `window` ranks (0 = all remaining)
@@ -131,11 +134,19 @@ class MiningArgs:
     compile: bool = False  # dense: encode with torch.compile + weight freezing
 
     def validate(self) -> None:
-        _choice("data.mine.retriever", self.retriever, ("", "bm25", "dense"))
+        _choice("data.mine.retriever", self.retriever, ("", "bm25", "dense", "hybrid"))
+        _choice("data.mine.fusion", self.fusion, METHODS)
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise RecipeError(
+                f"'data.mine.dense_weight' must be in [0, 1]; got {self.dense_weight}")
+        if self.retriever == "hybrid" and (self.max_pos_ratio is not None
+                                           or self.max_score is not None):
+            raise RecipeError("'data.mine.max_pos_ratio' / 'max_score' filter on a retriever's own "
+                              "scores; 'data.mine.retriever=hybrid' has none (fused scores)")
         if self.max_pos_ratio is not None and self.max_pos_ratio <= 0:
             raise RecipeError(f"'data.mine.max_pos_ratio' must be > 0; got {self.max_pos_ratio}")
-        if self.retriever == "dense" and not self.model:
-            raise RecipeError("'data.mine.retriever=dense' needs 'data.mine.model'")
+        if self.retriever in ("dense", "hybrid") and not self.model:
+            raise RecipeError(f"'data.mine.retriever={self.retriever}' needs 'data.mine.model'")
 
 
 @dataclass

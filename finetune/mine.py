@@ -1,4 +1,5 @@
-"""Hard negatives from BM25 (twotower.common.eval.bm25) or a dense model (twotower.common.eval.search, faiss), written in the
+"""Hard negatives from BM25 (common/eval/bm25.py), a dense model (common/eval/search.py, faiss)
+or both fused (--retriever hybrid --fusion rrf|wsum, common/eval/fusion.py), written in the
 hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
 
     python -m twotower.finetune.mine --data scifact --split train --retriever bm25 --output negs.jsonl
@@ -38,6 +39,7 @@ import numpy as np
 from twotower.common.data.io import write_text_atomic
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
+from twotower.common.eval.fusion import fuse
 from twotower.common.eval.search import dense_search
 from twotower.common.eval.sharded import encode_sharded, join_processes, process_device
 from twotower.common.model.distributed import broadcast_object, is_distributed, is_main, world_size
@@ -47,12 +49,15 @@ from twotower.finetune.data import TextStore, stable_hash
 from twotower.finetune.teacher import Teacher
 
 log = logging.getLogger("twotower.mine")
+RETRIEVERS = ("bm25", "dense", "hybrid")
 
 
 @dataclass
 class MineArgs:
-    retriever: str = "bm25"  # bm25 | dense
+    retriever: str = "bm25"  # bm25 | dense | hybrid (BM25 + dense fused)
     model: str = ""  # dense retriever (Encoder.load)
+    fusion: str = "rrf"  # hybrid: rrf | wsum (common/eval/fusion.py)
+    dense_weight: float = 0.5  # hybrid wsum: (1 - w) BM25 + w dense, min-max normalised
     depth: int = 100
     skip_top: int = 0
     window: int = 0  # 0 = everything after skip_top
@@ -72,16 +77,30 @@ class MineArgs:
 
 
 def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
-    """(run {qid: {pid: score}} of depth `args.depth`, {qid: {pid: score}} of the positives)."""
+    """(run {qid: {pid: score}} of depth `args.depth`, {qid: {pid: score}} of the positives;
+    hybrid: BM25 and dense fused by common/eval/fusion.py, no positive scores: a fused score has
+    no scale the --max-pos-ratio / --max-score filters could use, so they are refused)."""
+    if args.retriever not in RETRIEVERS:
+        raise ValueError(f"--retriever must be one of {RETRIEVERS}, got {args.retriever!r}")
+    if args.retriever != "bm25" and not args.model:
+        raise ValueError(f"--retriever {args.retriever} needs --model")
     if args.retriever == "bm25":
         index = BM25Index(data.corpus)
         return (index.search(qids, qtexts, args.depth),
                 index.score_candidates(qids, qtexts, positives))
-    if args.retriever != "dense":
-        raise ValueError(f"--retriever must be bm25 or dense, got {args.retriever!r}")
-    if not args.model:
-        raise ValueError("--retriever dense needs --model")
+    if args.retriever == "hybrid":
+        if args.max_pos_ratio is not None or args.max_score is not None:
+            raise ValueError("--max-pos-ratio and --max-score filter on a retriever's own scores; "
+                             "a hybrid (fused) score has none: use --teacher-margin, or mine "
+                             "with bm25 or dense")
+        sparse = BM25Index(data.corpus).search(qids, qtexts, args.depth)
+        dense, _ = _dense(data, qids, qtexts, args, positives)
+        fused = fuse(sparse, dense, args.fusion, args.dense_weight, depth=args.depth)
+        return fused, {q: {} for q in qids}
+    return _dense(data, qids, qtexts, args, positives)
 
+
+def _dense(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
     encoder = Encoder.load(args.model).to(process_device())
     encoder.encode_bf16, encoder.encode_compile = args.bf16, args.compile
     doc_ids, rows = _corpus_rows(data)
@@ -175,6 +194,14 @@ def _doc_texts(data):
     return text
 
 
+def system_name(args: MineArgs) -> str:
+    """The default name of the mined list in the hard-negatives file."""
+    if args.retriever == "bm25":
+        return "bm25"
+    model = Path(args.model).name
+    return f"dense:{model}" if args.retriever == "dense" else f"hybrid-{args.fusion}:{model}"
+
+
 def write_hard_negatives(mined: Dict[str, Dict], system: str, path) -> None:
     def write(f):
         for q, row in mined.items():
@@ -192,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     defaults = MineArgs()
-    for name in ("retriever", "model", "depth", "skip_top", "window", "n", "seed", "system",
+    for name in ("retriever", "model", "fusion", "dense_weight", "depth", "skip_top", "window",
+                 "n", "seed", "system",
                  "teacher", "teacher_kind", "teacher_margin", "max_pos_ratio", "max_score",
                  "teacher_cache", "batch_size"):
         value = getattr(defaults, name)
@@ -222,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mined = mine_together(data, args, teacher)
     if not is_main():  # every process has the same result; one writes it
         return 0
-    system = args.system or (args.retriever if args.retriever == "bm25" else f"dense:{Path(args.model).name}")
+    system = args.system or system_name(args)
     write_hard_negatives(mined, system, output)
     sizes = [len(r["neg"]) for r in mined.values()]
     print(json.dumps({"output": str(output), "system": system, **args.stats,

@@ -24,7 +24,8 @@ from twotower.common.eval.evaluate import eval_args_data
 from twotower.common.model.encoder import Encoder, check_model
 from twotower.common.recipe.config import RecipeError, load_recipe, recipe_to_yaml
 from twotower.common.report.callbacks import callbacks_from_recipe
-from twotower.common.train.cli import parse_run_args, print_result, setup_process
+from twotower.common.report.model_card import CardFacts, command_of
+from twotower.common.train.cli import RunArgs, parse_run_args, print_result, setup_process
 from twotower.common.train.epochs import resolve_batch
 from twotower.common.train.trainer import Trainer, use_cpu
 from twotower.finetune.args import FinetuneRecipe, StageArgs
@@ -57,7 +58,7 @@ def check_models(recipe: FinetuneRecipe) -> None:
               recipe.model.tokenizer, "teacher.model": recipe.teacher.model}
     for name, stage in recipe.stage_list():
         where = "data" if name == "main" else f"stages.{name}.data"
-        if stage.data.mine.retriever == "dense":
+        if stage.data.mine.retriever in ("dense", "hybrid"):
             models[f"{where}.mine.model"] = stage.data.mine.model
     for key, model in models.items():
         if model:
@@ -163,7 +164,9 @@ def run_domain_pretraining(recipe: FinetuneRecipe, resume: bool) -> str:
     return str(model)
 
 
-def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
+def run_recipe(recipe: FinetuneRecipe, resume: bool = False, run: RunArgs | None = None) -> dict:
+    """Every stage of `recipe` in turn (`run`: its name and command, for the model card); the
+    last stage's result."""
     # join the process group before anything else touches Accelerate's state: a bare
     # PartialState() on a CPU-only launch of N processes would make N independent "main" runs
     state = PartialState(cpu=use_cpu(recipe.train.device))
@@ -178,7 +181,12 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False) -> dict:
     result: dict = {}
     recipe_yaml = recipe_to_yaml(recipe)
     # evaluation (and diagnostics) on recipe.eval.data, loaded once for all the stages
-    callbacks = callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml)
+    card = CardFacts(Path(run.recipe).stem if run and run.recipe else "finetune", recipe_yaml,
+                     recipe.model.name_or_path,
+                     list(dict.fromkeys(s.data.path for _, s in stages if s.data.path)),
+                     recipe.eval.data, recipe.eval.split,
+                     command_of("finetune", run.recipe, run.overrides) if run else "")
+    callbacks = callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml, card)
     for name, stage in stages:
         out = root if single else root / "stages" / name
         if not single and resume and (out / "model" / "config.json").is_file():
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = parse_run_args("Fine-tune a dense retriever (finetune/)", argv)
     recipe = load_recipe(FinetuneRecipe, run.recipe, run.overrides)
     setup_process()
-    result = run_recipe(recipe, resume=run.resume)
+    result = run_recipe(recipe, resume=run.resume, run=run)
     print_result(result, recipe.train.output_dir)
     return result
 

@@ -142,7 +142,8 @@ def _mine_negatives(pool: TrainingPool, data: DataArgs) -> None:
         return
 
     m = data.mine
-    args = MineArgs(retriever=m.retriever, model=m.model, depth=m.depth, skip_top=m.skip_top,
+    args = MineArgs(retriever=m.retriever, model=m.model, fusion=m.fusion,
+                    dense_weight=m.dense_weight, depth=m.depth, skip_top=m.skip_top,
                     window=m.window, n=m.n, seed=data.sample_seed,
                     max_pos_ratio=m.max_pos_ratio, max_score=m.max_score, bf16=m.bf16,
                     compile=m.compile)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -16,6 +17,7 @@ from twotower.common.model.distributed import use_cpu
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.config import load_recipe, recipe_to_yaml
 from twotower.common.report.callbacks import callbacks_from_recipe
+from twotower.common.report.model_card import CardFacts, command_of
 from twotower.common.train.cli import parse_run_args, print_result, setup_process
 from twotower.common.train.trainer import Trainer
 from twotower.pretrain.args import PretrainRecipe
@@ -48,9 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("%s: %d training items per epoch, method %s, %d key(s) per query", run.recipe,
              len(dataset), recipe.method.name, recipe.pairs.n_pairs)
     recipe_yaml = recipe_to_yaml(recipe)
+    card = CardFacts(Path(run.recipe or "defaults").stem, recipe_yaml, recipe.model.name_or_path,
+                     list(recipe.data.corpora), recipe.eval.data, recipe.eval.split,
+                     command_of("pretrain", run.recipe, run.overrides))
     trainer = Trainer(args=recipe.train, method=method, train_dataset=dataset, collate_fn=collate,
-                      recipe_yaml=recipe_yaml,
-                      callbacks=callbacks_from_recipe(recipe.eval, recipe.train.seed, recipe_yaml))
+                      recipe_yaml=recipe_yaml, callbacks=callbacks_from_recipe(
+                          recipe.eval, recipe.train.seed, recipe_yaml, card))
     result = trainer.train(resume=run.resume)
     if recipe.data.on_error == "skip":  # the opted-in count, at the end where it is seen
         result["skipped_bad_lines"] = skipped.total

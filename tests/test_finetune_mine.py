@@ -7,6 +7,8 @@ import pytest
 from twotower.common.data import load_beir, load_hard_negatives
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.model.encoder import tiny_bert
+from twotower.common.recipe.config import RecipeError, load_recipe
+from twotower.finetune.args import FinetuneRecipe
 from twotower.finetune.mine import MineArgs, main, mine
 
 TOPICS = ["mangrove", "herpes", "volcano", "protein", "glacier"]
@@ -221,3 +223,36 @@ def test_bm25_mining_of_two_processes_ranks_once_and_sends_the_result(tmp_path):
         _bm25_mining_in_two, 2, (tmp_path / "beir",))
     assert mined0 == mined1 == alone and stats0 == stats1 == args.stats
     assert calls0 == [0] and calls1 == []
+
+
+def test_hybrid_mining_ranks_by_the_fused_run(tmp_path):
+    """--retriever hybrid mines from BM25 and dense fused (common/eval/fusion.py): with all the
+    weight on BM25 it is BM25's mining; RRF draws from both runs; the filters on a retriever's own
+    scores are refused (a fused score has no such scale), in the CLI and in a recipe."""
+    data = write_beir(tmp_path / "beir")
+    tiny_bert(dropout=0.0).save(tmp_path / "model")
+    common = dict(depth=50, n=50, model=str(tmp_path / "model"))
+    bm25 = mine(data, MineArgs(retriever="bm25", depth=50, n=50))
+    all_bm25 = mine(data, MineArgs(retriever="hybrid", fusion="wsum", dense_weight=0.0, **common))
+    scores = {q: BM25Index(data.corpus).search([q], [t], 50)[q] for q, t in zip(
+        data.queries["id"], data.queries["text"])}
+    for q, row in all_bm25.items():  # BM25's candidates in BM25's order (ties broken by id)
+        assert sorted(row["neg"]) == sorted(bm25[q]["neg"])
+        ranked = [scores[q].get(d, 0.0) for d in row["neg"]]
+        assert ranked == sorted(ranked, reverse=True)
+    fused = mine(data, MineArgs(retriever="hybrid", **common))
+    dense = mine(data, MineArgs(retriever="dense", **common))
+    for q, row in fused.items():
+        assert not set(row["neg"]) & set(row["pos"])
+        assert set(row["neg"]) <= set(bm25[q]["neg"]) | set(dense[q]["neg"])
+    with pytest.raises(ValueError, match="fused"):
+        mine(data, MineArgs(retriever="hybrid", max_pos_ratio=0.9, **common))
+    out = tmp_path / "negs.jsonl"
+    assert main(["--data", str(tmp_path / "beir"), "--retriever", "hybrid", "--model",
+                 str(tmp_path / "model"), "--n", "2", "--output", str(out)]) == 0
+    assert {s for row in load_hard_negatives(out) for s in row["neg_system"]} == {
+        "hybrid-rrf:model"}
+    with pytest.raises(RecipeError, match="hybrid"):
+        load_recipe(FinetuneRecipe, "fewshot_cpu", ["data.mine.retriever=hybrid",
+                                                   f"data.mine.model={tmp_path / 'model'}",
+                                                   "data.mine.max_score=0.9"])

@@ -196,6 +196,11 @@ pretrain:
     assert final == out / "stages" / "main"
     assert json.loads((final / "metrics.json").read_text())["nDCG@10"] == result["nDCG@10"]
     assert (final / "eval" / "run.trec").is_file()  # the per-query scores its p-values come from
+    # the final model's card: this recipe, its command, its metrics; the pretraining stage its own
+    card = (out / "model" / "README.md").read_text()
+    assert "# twotower-adapt" in card and "model-index" in card
+    assert f"twotower finetune --recipe {recipe} " in card  # the command, not pytest's
+    assert "# twotower-" in (out / "pretrain" / "model" / "README.md").read_text()
 
 
 def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):

@@ -20,8 +20,9 @@ from typing import Sequence
 
 from twotower.common.data import DataError, load_run, resolve_data
 from twotower.common.eval.bm25 import BM25Args
-from twotower.common.eval.evaluate import (evaluate_bm25, evaluate_dense, evaluate_rerank,
-                                           load_eval_data, subsample)
+from twotower.common.eval.evaluate import (evaluate_bm25, evaluate_dense, evaluate_hybrid,
+                                           evaluate_rerank, load_eval_data, subsample)
+from twotower.common.eval.fusion import METHODS
 from twotower.common.eval.metrics import resolve_measures
 from twotower.common.eval.outputs import existing_outputs, write_outputs
 from twotower.common.eval.qa import run_cli
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m twotower.common.eval.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a mistyped flag must not match a prefix
-    p.add_argument("--system", choices=("dense", "bm25"), default="dense")
+    p.add_argument("--system", choices=("dense", "bm25", "hybrid"), default="dense",
+                   help="hybrid: BM25 and dense fused (--fusion)")
     p.add_argument("--model", help="hub id, local folder or bundled:all-MiniLM-L6-v2 (dense)")
     p.add_argument("--data", help="data name under $TWOTOWER_DATA or a folder (or the --qa-* "
                    "flags instead)")
@@ -84,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--qa-k", type=int, nargs="+", help="accuracy cut-offs (default 5 20 100)")
     qa.add_argument("--qa-match", choices=("string", "regex"),
                     help="DPR answer matching (default string; regex for CuratedTREC)")
-    bm = p.add_argument_group("BM25 (--system bm25)")
+    hy = p.add_argument_group("hybrid (--system hybrid: BM25 + dense, common/eval/fusion.py)")
+    hy.add_argument("--fusion", choices=METHODS, help="rrf (default) or wsum: min-max "
+                    "normalised scores, (1 - w) BM25 + w dense")
+    hy.add_argument("--dense-weight", type=float, help="w of --fusion wsum (default 0.5; choose "
+                    "it on a dev split, benchmarks/hybrid.py)")
+    hy.add_argument("--rrf-k", type=int, help="k of --fusion rrf (default 60)")
+    bm = p.add_argument_group("BM25 (--system bm25 or hybrid)")
     bm.add_argument("--bm25-k1", type=float, help=f"default {BM25Args.k1}")
     bm.add_argument("--bm25-b", type=float, help=f"default {BM25Args.b}")
     return p
@@ -104,15 +112,26 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
 
     encoder_flags = given("pooling", "normalize", "max_length", "max_query_length",
                           "max_doc_length", "query_prefix", "doc_prefix")
-    if ns.system == "dense":
+    if ns.system in ("dense", "hybrid"):
         if not ns.model:
-            parser.error("--model is required for --system dense")
-        if given("bm25_k1", "bm25_b"):
-            parser.error(f"{', '.join(given('bm25_k1', 'bm25_b'))} need --system bm25")
+            parser.error(f"--model is required for --system {ns.system}")
+        if ns.system == "dense" and given("bm25_k1", "bm25_b"):
+            parser.error(f"{', '.join(given('bm25_k1', 'bm25_b'))} need --system bm25 or hybrid")
     elif ns.model or encoder_flags:
         parser.error(f"--system bm25 takes no {', '.join(given('model') + encoder_flags)}")
-    if (ns.system == "bm25" or ns.rerank) and given("index", "search_params"):
-        parser.error("--index/--search-params are for dense retrieval (not bm25 or --rerank)")
+    if (ns.system != "dense" or ns.rerank) and given("index", "search_params"):
+        parser.error("--index/--search-params are for dense retrieval (not bm25, hybrid or "
+                     "--rerank)")
+    fusion_flags = given("fusion", "dense_weight", "rrf_k")
+    if fusion_flags and ns.system != "hybrid":
+        parser.error(f"{', '.join(fusion_flags)} need --system hybrid")
+    if ns.system == "hybrid" and (ns.rerank or ns.qa_passages):
+        parser.error("--system hybrid retrieves from the corpus: not with --rerank or --qa-*")
+    if (ns.dense_weight is not None and ns.fusion != "wsum"
+            or ns.rrf_k is not None and ns.fusion == "wsum"):
+        parser.error("--dense-weight goes with --fusion wsum, --rrf-k with rrf")
+    if ns.dense_weight is not None and not 0.0 <= ns.dense_weight <= 1.0:
+        parser.error("--dense-weight must be in [0, 1]")
     if ns.rerank and (ns.max_docs or ns.k is not None):
         parser.error("--max-docs and --k do not apply to --rerank (the candidates are scored)")
     if ns.k is not None and ns.k <= 0 or ns.max_queries < 0 or ns.max_docs < 0:
@@ -163,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_path = resolve_data(ns.data)
     except DataError as err:
         parser.error(str(err))
-    model_slug = "bm25" if ns.system == "bm25" else slug(ns.model)
+    model_slug = {"bm25": "bm25", "hybrid": f"hybrid-{slug(ns.model or '')}"}.get(
+        ns.system, slug(ns.model or ""))
     default_dir = Path("runs", "eval", f"{model_slug}-{data_path.name}-{ns.split}"
                        + ("-rerank" if ns.rerank else ""))
     output_dir = Path(ns.output_dir) if ns.output_dir else default_dir
@@ -177,15 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:  # names file and line; a traceback adds nothing
         parser.exit(1, f"error: {err}\n")
     depth = ns.k or 1000
+    bm25_args = BM25Args(**{f: v for f, v in (("k1", ns.bm25_k1), ("b", ns.bm25_b))
+                            if v is not None})
     if ns.system == "bm25":
-        bm25_args = BM25Args(**{f: v for f, v in (("k1", ns.bm25_k1), ("b", ns.bm25_b))
-                                if v is not None})
         result = evaluate_bm25(data, k=depth, candidates=candidates, measures=ns.metrics,
                                args=bm25_args, ignore_identical_ids=ns.ignore_identical_ids)
     else:
         encoder = Encoder.load(_model_args(ns)).to(process_device())
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
-        if candidates is not None:
+        if ns.system == "hybrid":
+            result = evaluate_hybrid(encoder, data, k=depth, fusion=ns.fusion or "rrf",
+                                     dense_weight=0.5 if ns.dense_weight is None
+                                     else ns.dense_weight, rrf_k=ns.rrf_k or 60,
+                                     batch_size=ns.batch_size, bm25_args=bm25_args,
+                                     measures=ns.metrics, progress=not ns.no_progress,
+                                     shard=several, ignore_identical_ids=ns.ignore_identical_ids)
+        elif candidates is not None:
             result = evaluate_rerank(encoder, data, candidates, batch_size=ns.batch_size,
                                      measures=ns.metrics, progress=not ns.no_progress,
                                      ignore_identical_ids=ns.ignore_identical_ids)

@@ -1,6 +1,7 @@
 """Retrieval evaluation: dense (encoder + faiss), BM25, and reranking of a candidate run.
 
-Library:  evaluate_dense(encoder, data), evaluate_bm25(data), evaluate_rerank(encoder, data, run)
+Library:  evaluate_dense(encoder, data), evaluate_bm25(data), evaluate_rerank(encoder, data, run),
+          evaluate_hybrid(encoder, data, fusion="rrf"|"wsum")
           -> EvalResult(metrics, run, per_query, info); common/eval/outputs.py's write_outputs(result, dir) writes
           run.trec, metrics.json and report.md.
 CLI:      python -m twotower.common.eval.evaluate --model bundled:all-MiniLM-L6-v2 --data scifact --split test
@@ -24,6 +25,7 @@ from twotower.common.data import (RetrievalData, column, load_beir, load_msmarco
                                   load_msmarco_queries, load_qrels, resolve_data)
 from twotower.common.eval.bm25 import BM25Args, BM25Index
 from twotower.common.eval.embed_cache import EmbeddingCache
+from twotower.common.eval.fusion import fuse
 from twotower.common.eval.metrics import aggregate, per_query
 from twotower.common.eval.search import dense_search, rerank
 from twotower.common.eval.sharded import encode_sharded, world_size
@@ -279,6 +281,28 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
         info.update(mode="rerank", **counts)
     info.update(n_docs=len(index.doc_ids), timing={"index_s": round(t_index, 3),
                                                     "search_s": round(time.perf_counter() - t, 3)})
+    return _finish(data, run, info, measures, started, ignore_identical_ids)
+
+
+def evaluate_hybrid(encoder, data: RetrievalData, k: int = 1000, fusion: str = "rrf",
+                    dense_weight: float = 0.5, rrf_k: int = 60, batch_size: int = 64,
+                    bm25_args: BM25Args | None = None, measures: Sequence[str] | None = None,
+                    progress: bool = True, cache_dir: str | Path | None = None,
+                    shard: bool = False, ignore_identical_ids: bool = True) -> EvalResult:
+    """BM25 and dense retrieval, each to depth k, fused (common/eval/fusion.py: rrf or wsum with
+    `dense_weight`) and cut to k. info["parts"] keeps each system's own metrics."""
+    started = time.perf_counter()
+    parts = {"bm25": evaluate_bm25(data, k=k, args=bm25_args, measures=measures,
+                                   ignore_identical_ids=ignore_identical_ids),
+             "dense": evaluate_dense(encoder, data, k=k, batch_size=batch_size, measures=measures,
+                                     progress=progress, cache_dir=cache_dir, shard=shard,
+                                     ignore_identical_ids=ignore_identical_ids)}
+    run = fuse(parts["bm25"].run, parts["dense"].run, fusion, dense_weight, rrf_k, depth=k)
+    info = {**parts["dense"].info, "system": "hybrid", "mode": "retrieve", "k": k,
+            "fusion": {"method": fusion, "rrf_k": rrf_k} if fusion == "rrf"
+            else {"method": fusion, "dense_weight": dense_weight},
+            "bm25": parts["bm25"].info["bm25"],
+            "parts": {name: part.metrics for name, part in parts.items()}}
     return _finish(data, run, info, measures, started, ignore_identical_ids)
 
 

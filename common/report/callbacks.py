@@ -1,6 +1,7 @@
 """The Trainer's callbacks (twotower.common.train.callbacks) for what `recipe.eval` asks for:
 retrieval metrics on `eval.data` during and after training, with the final run.trec, report.md
-and report.html in output_dir/eval; the embedding-space diagnostics logged to tensorboard."""
+and report.html in output_dir/eval; the embedding-space diagnostics logged to tensorboard; and
+the saved model's card (common/report/model_card.py)."""
 from __future__ import annotations
 
 from accelerate import Accelerator
@@ -9,6 +10,7 @@ from twotower.common.eval.evaluate import DenseEvaluator
 from twotower.common.eval.outputs import write_outputs
 from twotower.common.recipe.args import EvalArgs
 from twotower.common.report.analyze import AnalyzeArgs, diagnostics_evaluator, log_diagnostics
+from twotower.common.report.model_card import CardFacts, ModelCard
 from twotower.common.train.callbacks import TrainerCallback, TrainPoint
 
 # a small sample, the same at every evaluation: 100 queries, their judged documents + 300 others
@@ -54,14 +56,16 @@ class EmbeddingDiagnostics(TrainerCallback):
         return {}  # logged under diagnostics/, not eval/
 
 
-def callbacks_from_recipe(eval_args: EvalArgs, seed: int,
-                          recipe_yaml: str | None = None) -> list[TrainerCallback]:
-    """What `eval` asks for: nothing without eval.data; retrieval metrics, and the diagnostics
-    unless eval.diagnostics=false."""
-    if not eval_args.data:
-        return []
-    found: list[TrainerCallback] = [RetrievalEvaluation(
-        DenseEvaluator(eval_args, seed=seed), recipe_yaml, eval_args.before_training)]
-    if eval_args.diagnostics:
-        found.append(EmbeddingDiagnostics(eval_args))
+def callbacks_from_recipe(eval_args: EvalArgs, seed: int, recipe_yaml: str | None = None,
+                          card: CardFacts | None = None) -> list[TrainerCallback]:
+    """What `eval` asks for: without eval.data nothing; else retrieval metrics, and the
+    diagnostics unless eval.diagnostics=false. With `card`: the saved model's model card."""
+    found: list[TrainerCallback] = []
+    if eval_args.data:
+        found.append(RetrievalEvaluation(DenseEvaluator(eval_args, seed=seed), recipe_yaml,
+                                         eval_args.before_training))
+        if eval_args.diagnostics:
+            found.append(EmbeddingDiagnostics(eval_args))
+    if card is not None:
+        found.append(ModelCard(card))
     return found
