@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from twotower.common.data.progress import progress_bar
 from twotower.common.model.encoder import Encoder, check_model
 from twotower.finetune.args import TeacherArgs
 
@@ -121,6 +122,7 @@ class Teacher:
         model = self._load()
         out = np.zeros(len(queries), dtype=np.float64)
         order = np.argsort([-(len(q) + len(p)) for q, p in zip(queries, passages)], kind="stable")
+        bar = progress_bar(len(order), "teacher scores", "pair")
         for start in range(0, len(order), self.args.batch_size):
             idx = order[start:start + self.args.batch_size]
             batch = self._tokenizer([queries[i] for i in idx], [passages[i] for i in idx],
@@ -130,15 +132,17 @@ class Teacher:
             # one label: the relevance logit; two labels: log-odds of "relevant" (label 1)
             scores = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
             out[idx] = scores.cpu().numpy()
+            bar.update(len(idx))
+        bar.close()
         return out
 
     def _bi_encoder_scores(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         model = self._load()
         uq, up = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
         eq = model.encode(uq, tower="query", batch_size=self.args.batch_size,
-                          max_length=self.args.max_length, progress=False)
+                          max_length=self.args.max_length, progress=True)
         ep = model.encode(up, tower="doc", batch_size=self.args.batch_size,
-                          max_length=self.args.max_length, progress=False)
+                          max_length=self.args.max_length, progress=True)
         rq, rp = {t: i for i, t in enumerate(uq)}, {t: i for i, t in enumerate(up)}
         return np.array([float(eq[rq[q]] @ ep[rp[p]]) for q, p in zip(queries, passages)])
 

@@ -76,3 +76,19 @@ def test_score_candidates_scores_only_candidates():
     assert scored["q"]["d4"] == 0.0  # no shared term, but a candidate keeps its place
     with pytest.raises(KeyError, match="'zz' is not in the corpus"):
         index.score_candidates(["q"], ["state"], {"q": ["zz"]})
+
+
+def test_long_bm25_steps_show_progress_without_flooding_a_log(capsys):
+    """Not a terminal (a log, CI): the search says where it is in a line or two, not one line per
+    query; progress=False says nothing."""
+    corpus = [{"id": f"d{i}", "title": "", "text": f"document {i} about topic {i % 7}"}
+              for i in range(50)]
+    index = BM25Index(corpus)
+    capsys.readouterr()
+    index.search([f"q{i}" for i in range(200)], [f"topic {i % 7}" for i in range(200)], 10)
+    lines = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines()
+             if "BM25 search" in x]
+    assert 1 <= len(lines) <= 3 and "200/200" in lines[-1]
+    quiet = BM25Index(corpus, progress=False)
+    quiet.search(["q"], ["topic 1"], 10)
+    assert "BM25" not in capsys.readouterr().err

@@ -3,13 +3,16 @@ a callback of one's own is called at the points the docstring names, and what it
 logged and saved as the run's metrics."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import pytest
 import torch
 
 from tests.test_eval_cli import write_beir
 from twotower.common.model.encoder import tiny_bert
 from twotower.common.recipe.args import EvalArgs, TrainArgs
+from twotower.common.recipe.config import RecipeError
 from twotower.common.report.callbacks import (EmbeddingDiagnostics, RetrievalEvaluation,
                                               callbacks_from_recipe)
 from twotower.common.train.callbacks import TrainerCallback, TrainPoint
@@ -84,3 +87,21 @@ def test_what_recipe_eval_asks_for(tmp_path):
     assert found[0].evaluate_before_training and not found[1].evaluate_before_training
     only = callbacks_from_recipe(EvalArgs(data=str(beir_dir), diagnostics=False), seed=0)
     assert [type(c) for c in only] == [RetrievalEvaluation]
+
+
+def test_trackers_are_a_recipe_choice(tmp_path):
+    """train.log_with goes to Accelerate: [] logs nothing; a tracker that is not installed or not
+    known is refused at load, naming the key (wandb and mlflow are not installed here)."""
+    encoder = tiny_bert(normalize=True)
+    args = TrainArgs(output_dir=str(tmp_path / "run"), max_steps=1, per_device_batch_size=4,
+                     device="cpu", warmup_steps=0, log_with=[])
+    Trainer(args, FinetuneMethod(encoder, LOSS), Pairs(), GroupCollator(encoder.tokenize)).train()
+    assert not list((tmp_path / "run").rglob("events.out.tfevents*"))
+    for missing in ("wandb", "mlflow"):
+        if importlib.util.find_spec(missing) is None:
+            with pytest.raises(RecipeError, match=f"'train.log_with' names {missing}, which is "
+                                                  f"not installed: pip install {missing}"):
+                TrainArgs(log_with=["tensorboard", missing]).validate()
+    with pytest.raises(RecipeError, match="train.log_with"):
+        TrainArgs(log_with=["neptune"]).validate()
+    TrainArgs(log_with=["tensorboard"]).validate()

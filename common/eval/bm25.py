@@ -21,6 +21,8 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from twotower.common.data.progress import progress_bar
+
 Run = Dict[str, Dict[str, float]]
 
 
@@ -51,8 +53,10 @@ def _rows(table, fields: Sequence[str], what: str) -> List[dict]:
 class BM25Index:
     """A bm25s index over a corpus, searchable and able to score given candidates."""
 
-    def __init__(self, corpus: Iterable[Mapping[str, str]], args: BM25Args | None = None):
-        self.args = args or BM25Args()
+    def __init__(self, corpus: Iterable[Mapping[str, str]], args: BM25Args | None = None,
+                 progress: bool = True):
+        """progress: tokenising, indexing and every search show progress (common/data/progress.py)."""
+        self.args, self.progress = args or BM25Args(), progress
         rows = _rows(corpus, ("id",), "corpus")
         self.doc_ids = [str(r["id"]) for r in rows]
         if not self.doc_ids:
@@ -62,7 +66,7 @@ class BM25Index:
         self._stemmer = Stemmer.Stemmer(language) if language else None
         tokens = self._tokenize([doc_text(r) for r in rows])
         self.retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
-        self.retriever.index(tokens, show_progress=False)
+        self.retriever.index(tokens, show_progress=progress)
 
     def _tokenize(self, texts: List[str]) -> List[List[str]]:
         return bm25s.tokenize(
@@ -70,13 +74,15 @@ class BM25Index:
             stopwords=self.args.stopwords or None,
             stemmer=self._stemmer,
             return_ids=False,
-            show_progress=False,
+            show_progress=self.progress and len(texts) > 1000,
         )
 
     def search(self, query_ids: Sequence[str], query_texts: Sequence[str], k: int = 1000) -> Run:
         k = min(k, len(self.doc_ids))
         run: Run = {}
+        bar = progress_bar(len(query_ids), "BM25 search", "query", self.progress)
         for qid, tokens in zip(query_ids, self._tokenize(list(query_texts))):
+            bar.update(1)
             run[str(qid)] = {}
             if not tokens:
                 continue
@@ -84,6 +90,7 @@ class BM25Index:
             run[str(qid)] = {
                 self.doc_ids[j]: float(s) for j, s in zip(docs[0], scores[0]) if s > 0
             }
+        bar.close()
         return run
 
     def score_candidates(
@@ -94,7 +101,9 @@ class BM25Index:
     ) -> Run:
         """BM25 score of each candidate document (all of them, zeros included) of each query."""
         run: Run = {}
+        bar = progress_bar(len(query_ids), "BM25 scores", "query", self.progress)
         for qid, tokens in zip(query_ids, self._tokenize(list(query_texts))):
+            bar.update(1)
             qid = str(qid)
             if qid not in candidates:
                 continue
@@ -107,6 +116,7 @@ class BM25Index:
                 )
             scores = self.retriever.get_scores(tokens) if tokens else np.zeros(len(self.doc_ids))
             run[qid] = {d: float(scores[self.row_of[d]]) for d in cand}
+        bar.close()
         return run
 
 

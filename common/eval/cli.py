@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if v is not None})
     if ns.system == "bm25":
         result = evaluate_bm25(data, k=depth, candidates=candidates, measures=ns.metrics,
-                               args=bm25_args, ignore_identical_ids=ns.ignore_identical_ids)
+                               args=bm25_args, ignore_identical_ids=ns.ignore_identical_ids,
+                               progress=not ns.no_progress)
     else:
         encoder = Encoder.load(_model_args(ns)).to(process_device())
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile

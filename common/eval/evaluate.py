@@ -262,13 +262,13 @@ def evaluate_bm25(data: RetrievalData, k: int = 1000,
                   candidates: Mapping[str, Mapping[str, float]] | None = None,
                   args: BM25Args | None = None,
                   measures: Sequence[str] | None = None,
-                  ignore_identical_ids: bool = True) -> EvalResult:
+                  ignore_identical_ids: bool = True, progress: bool = True) -> EvalResult:
     """BM25 (common/eval/bm25.py) over the whole corpus, or scoring only `candidates` when given."""
     started = time.perf_counter()
     args = args or BM25Args()
     qids, qtexts = judged_queries(data)
     t = time.perf_counter()
-    index = BM25Index(data.corpus, args)
+    index = BM25Index(data.corpus, args, progress=progress)
     t_index = time.perf_counter() - t
     t = time.perf_counter()
     info: dict = {"system": "bm25", "model": "bm25", "bm25": dataclasses.asdict(args)}
@@ -293,7 +293,7 @@ def evaluate_hybrid(encoder, data: RetrievalData, k: int = 1000, fusion: str = "
     `dense_weight`) and cut to k. info["parts"] keeps each system's own metrics."""
     started = time.perf_counter()
     parts = {"bm25": evaluate_bm25(data, k=k, args=bm25_args, measures=measures,
-                                   ignore_identical_ids=ignore_identical_ids),
+                                   ignore_identical_ids=ignore_identical_ids, progress=progress),
              "dense": evaluate_dense(encoder, data, k=k, batch_size=batch_size, measures=measures,
                                      progress=progress, cache_dir=cache_dir, shard=shard,
                                      ignore_identical_ids=ignore_identical_ids)}

@@ -2,6 +2,7 @@
 
 No `from __future__ import annotations` here: OmegaConf reads these annotations at runtime.
 """
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -58,6 +59,11 @@ class ModelArgs:
                                      "forward_chunk": (0, None)})
 
 
+# Accelerate's tracker names -> the module each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
 @dataclass
 class TrainArgs:
     output_dir: str = "runs/default"
@@ -94,6 +100,9 @@ class TrainArgs:
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast through Accelerate)
     device: str = "auto"  # auto (GPU when there is one) | cpu
     log_every: int = 10
+    # Accelerate's trackers (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive), each
+    # installed; [] logs nothing. The diagnostics picture goes to tensorboard only.
+    log_with: List[str] = field(default_factory=lambda: ["tensorboard"])
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2  # checkpoints kept (older ones deleted after a new one is complete)
     eval_every: int = 0  # steps; 0 = only at the end (when eval.data is set)
@@ -113,6 +122,11 @@ class TrainArgs:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         _choice("train.device", self.device, ("auto", "cpu"))
+        for tracker in self.log_with:
+            _choice("train.log_with", tracker, tuple(TRACKERS))
+            if importlib.util.find_spec(TRACKERS[tracker]) is None:
+                raise RecipeError(f"'train.log_with' names {tracker}, which is not installed: "
+                                  f"pip install {TRACKERS[tracker]}, or leave it out")
         check_ranges("train", self, {
             "max_steps": (1, None), "min_steps": (0, None), "per_device_batch_size": (1, None),
             "global_batch_size": (0, None), "gradient_accumulation_steps": (1, None),

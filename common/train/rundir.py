@@ -155,7 +155,7 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 # from the resume point on; that is the documented way to extend a run (a warning says so).
 RUN_CONTROL_KEYS = ("train.output_dir", "train.overwrite_output_dir", "train.allow_recipe_change",
                     "train.max_steps", "train.log_every", "train.save_every", "train.keep_last",
-                    "train.eval_every", "train.num_workers", "eval.")
+                    "train.eval_every", "train.num_workers", "train.log_with", "eval.")
 
 
 def recipe_differences(old_yaml: str, new_yaml: str) -> list[str]:

@@ -55,7 +55,8 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         self.accelerator = Accelerator(
-            cpu=use_cpu(args.device), mixed_precision=args.mixed_precision, log_with="tensorboard",
+            cpu=use_cpu(args.device), mixed_precision=args.mixed_precision,
+            log_with=list(args.log_with) or None,
             project_dir=str(self.output_dir / "logs"),
             # every buffer a method holds (e.g. a MoCo queue) is kept identical on all processes
             # by construction, so re-broadcasting it each step would only cost time
