@@ -10,7 +10,8 @@ hard-negatives jsonl layout {"qid", "pos": [pids], "neg": {system: [pids]}}.
         one process writes the file)
 
 Per query: retrieve `depth` documents, drop every judged-relevant document (and any document
-whose text equals a positive's), keep the rank window [skip_top, skip_top + window) of what is
+whose text equals a positive's, and the document with the query's own id, as BEIR's evaluation
+ignores it), keep the rank window [skip_top, skip_top + window) of what is
 left (skipping the top few avoids unlabelled positives; Qu et al. 2021 and Moreira et al. 2024,
 NV-Retriever, discuss why), drop candidates a false-negative filter rejects, then sample `n`
 of the window with a generator seeded by (seed, query id), listed in rank order.
@@ -126,7 +127,7 @@ def mine(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
     qtexts = [t for q, t in zip(qids_all, texts_all) if relevant[q]]
     args.stats = {"queries": len(qids), "queries_without_positive": len(qids_all) - len(qids),
                   "dropped_teacher_margin": 0, "dropped_pos_ratio": 0, "dropped_max_score": 0,
-                  "dropped_duplicate_text": 0}
+                  "dropped_duplicate_text": 0, "dropped_identical_id": 0}
     run, pos_scores = retrieve(data, qids, qtexts, args, {q: relevant[q] for q in qids})
     doc_text = _doc_texts(data)
     out = {}
@@ -135,6 +136,9 @@ def mine(data, args: MineArgs, teacher=None) -> Dict[str, Dict]:
         pos_texts = {doc_text(p) for p in positives}
         ranked = [p for p, _ in sorted(run.get(q, {}).items(), key=lambda kv: -kv[1])
                   if p not in positives]
+        if q in ranked:  # BEIR's identical ids (ArguAna, Quora): the query's own document
+            ranked.remove(q)
+            args.stats["dropped_identical_id"] += 1
         kept = []
         for p in ranked:
             if doc_text(p) in pos_texts:

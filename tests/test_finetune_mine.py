@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.test_beir_protocol import write_colliding_beir
 from twotower.common.data import load_beir, load_hard_negatives
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.model.encoder import tiny_bert
@@ -256,3 +257,17 @@ def test_hybrid_mining_ranks_by_the_fused_run(tmp_path):
         load_recipe(FinetuneRecipe, "fewshot_cpu", ["data.mine.retriever=hybrid",
                                                    f"data.mine.model={tmp_path / 'model'}",
                                                    "data.mine.max_score=0.9"])
+
+
+def test_the_querys_own_document_is_never_its_negative(tmp_path):
+    """ArguAna's shape (a query is a corpus document under the same id): the evaluation ignores
+    that document (BEIR's ignore_identical_ids), so mining must not train against it either."""
+    write_colliding_beir(tmp_path / "arguana_like")
+    (tmp_path / "arguana_like" / "qrels" / "test.tsv").rename(
+        tmp_path / "arguana_like" / "qrels" / "train.tsv")
+    data = load_beir(tmp_path / "arguana_like", "train")
+    mined = mine(data, MineArgs(retriever="bm25", depth=50, n=50))
+    assert all(q not in row["neg"] and row["neg"] for q, row in mined.items())
+    args = MineArgs(retriever="bm25", depth=50, n=50)
+    mine(data, args)
+    assert args.stats["dropped_identical_id"] == len(mined)  # each query retrieved itself
