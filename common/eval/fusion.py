@@ -35,6 +35,8 @@ def rrf(runs: Sequence[Mapping[str, Mapping[str, float]]], k: int = 60) -> Run:
 
 
 def min_max(docs: Mapping[str, float]) -> dict[str, float]:
+    """(s - min) / (max - min) per query; a query whose scores are all equal gets 1.0 for each
+    (the formula divides by zero there; a single retrieved document is that run's best)."""
     if not docs:
         return {}
     low, high = min(docs.values()), max(docs.values())

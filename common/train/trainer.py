@@ -3,7 +3,8 @@
 A stage hands over a *method*: an `nn.Module` whose `forward(batch)` returns `(loss, stats)` and
 that holds the trainable `encoder` (contriever's style). Everything else lives here: sharding,
 gradient accumulation, autocast, clipping, AdamW + warmup/decay, atomic checkpoints and exact
-resume, non-finite loss handling, tensorboard logging and periodic evaluation.
+resume, non-finite loss handling, logging to Accelerate's trackers. Evaluation and reports reach
+the loop only as callbacks (common/train/callbacks.py).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ from twotower.common.train.epochs import (EpochSampler, TrainState, micro_batch_
 from twotower.common.train.guards import NonFiniteLossError, check_finite_model, check_sharding
 
 log = logging.getLogger("twotower.train")
-
 
 
 class Trainer:
