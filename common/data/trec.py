@@ -109,6 +109,11 @@ def _check_token(value: str, what: str) -> str:
     return value
 
 
+def ranked_ids(scores: Mapping[str, float]) -> list[str]:
+    """Documents by descending score, ties by id: the order write_run writes."""
+    return sorted(scores, key=lambda d: (-scores[d], d))
+
+
 def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike,
               tag: str = "twotower", depth: int | None = None) -> Path:
     """Write ``{qid: {docid: score}}`` as a TREC run, atomically (temp file + ``os.replace``).

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
+from twotower.common.data import ranked_ids
+
 Run = Dict[str, Dict[str, float]]
 METHODS = ("rrf", "wsum")
-
-
-def ranked(docs: Mapping[str, float]) -> list[str]:
-    """Documents by descending score, ties by id (the order a TREC run file is written in)."""
-    return sorted(docs, key=lambda d: (-docs[d], d))
 
 
 def rrf(runs: Sequence[Mapping[str, Mapping[str, float]]], k: int = 60) -> Run:
@@ -29,7 +26,7 @@ def rrf(runs: Sequence[Mapping[str, Mapping[str, float]]], k: int = 60) -> Run:
     for run in runs:
         for qid, docs in run.items():
             target = fused.setdefault(qid, {})
-            for rank, doc in enumerate(ranked(docs), start=1):
+            for rank, doc in enumerate(ranked_ids(docs), start=1):
                 target[doc] = target.get(doc, 0.0) + 1.0 / (k + rank)
     return fused
 
@@ -69,5 +66,5 @@ def fuse(sparse: Mapping, dense: Mapping, method: str = "rrf", dense_weight: flo
     else:
         raise ValueError(f"fusion must be one of {METHODS}, got {method!r}")
     if depth:
-        fused = {q: {d: docs[d] for d in ranked(docs)[:depth]} for q, docs in fused.items()}
+        fused = {q: {d: docs[d] for d in ranked_ids(docs)[:depth]} for q, docs in fused.items()}
     return fused

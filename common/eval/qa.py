@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import regex
 
-from twotower.common.data import DataError, column, resolve_data, write_run
+from twotower.common.data import DataError, column, ranked_ids, resolve_data, write_run
 from twotower.common.data.qa import QAQuestion, load_dpr_passages, load_qa_questions
 from twotower.common.eval.bm25 import BM25Args, BM25Index
 from twotower.common.eval.evaluate import _encode, _encoder_info
@@ -141,11 +141,6 @@ def has_answer(answers: Sequence[str], text: str, match: str = "string") -> bool
 
 
 # ------------------------------------------------------------------------------- scoring
-def ranked_ids(scores: Mapping[str, float]) -> List[str]:
-    """Documents by descending score, ties by id: the order twotower.common.data.write_run writes."""
-    return sorted(scores, key=lambda d: (-scores[d], d))
-
-
 def first_hit_ranks(run: Mapping[str, Mapping[str, float]], questions: Sequence[QAQuestion],
                     text_of: Mapping[str, str], match: str = "string",
                     depth: int | None = None) -> tuple[List[Optional[int]], int]:
