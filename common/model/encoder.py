@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
+from twotower.common.model.dropout import dropout_fields, restored
 from twotower.common.model.export import DOC_TOWER_DIR, save_router, save_tower
 from twotower.common.recipe.args import ModelArgs
 from twotower.common.recipe.config import RecipeError
@@ -117,6 +118,7 @@ class Encoder(nn.Module):
         self.encode_bf16, self.encode_compile = False, False
         self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
         self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
+        self.checkpoint_dropout: dict = {}  # config field -> checkpoint's value (load sets it)
         self.query_model = query_model
         # a separate document tower only when asked; shared towers are one module, not two copies
         self.doc_model = doc_model if doc_model is not None else (
@@ -153,19 +155,17 @@ class Encoder(nn.Module):
         if args.normalize is None:
             args.normalize = st.get("normalize", False)
         tokenizer = _load_pretrained(AutoTokenizer, resolve_model_path(args.tokenizer or path))
-        if args.random_init:
-            config = _load_pretrained(AutoConfig, path)
-            for key, value in args.config_overrides.items():
-                setattr(config, key, value)
-            model = AutoModel.from_config(config).eval()
-        else:
-            model = _load_pretrained(AutoModel, path, **({"config": _overridden(path, args)}
-                                                          if args.config_overrides else {}))
+        config, checkpoint = _config(path, args)
+        model = (AutoModel.from_config(config).eval() if args.random_init
+                 else _load_pretrained(AutoModel, path, config=config))
         doc_model = None
         if (Path(path) / DOC_TOWER_DIR).is_dir() and not args.random_init:
-            doc_model = _load_pretrained(AutoModel, str(Path(path) / DOC_TOWER_DIR))
+            doc_path = str(Path(path) / DOC_TOWER_DIR)
+            doc_model = _load_pretrained(AutoModel, doc_path, config=_config(doc_path, args)[0])
             args.shared_tower = False
-        return cls(model, tokenizer, args, doc_model=doc_model)
+        encoder = cls(model, tokenizer, args, doc_model=doc_model)
+        encoder.checkpoint_dropout = checkpoint  # what save() writes back (common/model/dropout)
+        return encoder
 
     # ---------------------------------------------------------------- forward
     def towers(self) -> list[nn.Module]:
@@ -340,6 +340,14 @@ class Encoder(nn.Module):
         tower and `encode_query` (and a plain `encode`) the query tower."""
         path = Path(path)
         separate = self.doc_model is not None
+        with restored(self.towers(), self.checkpoint_dropout):
+            self._save_towers(path, separate)
+        settings = asdict(self.args)
+        settings["shared_tower"] = self.doc_model is None
+        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        return path
+
+    def _save_towers(self, path: Path, separate: bool) -> None:
         save_tower(self.query_model, self.tokenizer, self.args, path,
                     prompts={"query": self.args.query_prefix, "document": self.args.doc_prefix},
                     max_seq_length=self.args.max_query_length if separate else None)
@@ -347,10 +355,6 @@ class Encoder(nn.Module):
             save_tower(self.doc_model, self.tokenizer, self.args, path / DOC_TOWER_DIR,
                         prompts={"document": self.args.doc_prefix})
             save_router(path)
-        settings = asdict(self.args)
-        settings["shared_tower"] = self.doc_model is None
-        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-        return path
 
 
 # position-embedding tables that reserve the first rows (padding_idx + 1) for RoBERTa's offset
@@ -376,11 +380,15 @@ def doc_text(doc: dict) -> str:
     return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
 
 
-def _overridden(path: str, args: ModelArgs):
+def _config(path: str, args: ModelArgs):
+    """The checkpoint's config with model.config_overrides and the recipe's dropout set, and the
+    checkpoint's own values of the dropout fields changed."""
     config = _load_pretrained(AutoConfig, path)
-    for key, value in args.config_overrides.items():
+    dropout = dropout_fields(config, args)
+    checkpoint = {name: getattr(config, name) for name in dropout}
+    for key, value in {**dropout, **args.config_overrides}.items():
         setattr(config, key, value)
-    return config
+    return config, checkpoint
 
 
 def tiny_bert(tokenizer: str = "bundled:all-MiniLM-L6-v2", hidden: int = 32, layers: int = 2,

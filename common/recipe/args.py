@@ -46,6 +46,11 @@ class ModelArgs:
     random_init: bool = False
     # config fields changed before building, e.g. {num_hidden_layers: 2, hidden_dropout_prob: 0.0}
     config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # dropout while training, whatever the family calls the config field (common/model/dropout.py);
+    # None = the checkpoint's own (BERT-family 0.1). On CPUs attention dropout costs 2-3x the
+    # step (it disables the fused attention kernel); the saved model keeps the checkpoint's value
+    attention_dropout: Optional[float] = None
+    hidden_dropout: Optional[float] = None
     gradient_checkpointing: bool = False
     # > 0: the encoder runs at most this many texts per transformer call (each slice cut to its
     # longest text) and concatenates; same embeddings and gradients, faster on CPUs where one
@@ -57,6 +62,10 @@ class ModelArgs:
         # the upper bound is the model's position embeddings: twotower.common.model.encoder.check_lengths
         check_ranges("model", self, {"max_query_length": (1, None), "max_doc_length": (1, None),
                                      "forward_chunk": (0, None)})
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise RecipeError(f"'model.{key}' is {value}; a dropout rate is in [0, 1)")
 
 
 # Accelerate's tracker names -> the module each needs
