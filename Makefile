@@ -30,7 +30,6 @@ test: install
 bench: EXTRAS = offline,test,bench
 # Full-size measurements (hours on 2 CPU cores); each script also runs alone, see README.
 bench: install
-	$(PY) -m benchmarks.acceptance
 	$(PY) -m benchmarks.hybrid
 	$(PY) -m benchmarks.perf encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) -m benchmarks.pretrain_quality

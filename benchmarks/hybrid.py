@@ -8,6 +8,10 @@ not looked at while choosing). Choices: rrf (k = 60, Cormack et al.'s constant, 
 and wsum with dense weight 0.1 ... 0.9; the best dev nDCG@10 is then run on SciFact test and on
 the MS MARCO sample (200 dev queries, 3,969 passages), with paired randomisation-test p-values
 of per-query nDCG@10 against BM25 and against dense. Writes benchmarks/results/hybrid.{json,md}.
+
+Its SciFact test rows for BM25 and the bundled model are also the evaluation's acceptance check:
+they must match figures measured outside the project (bm25s and sentence-transformers: mean
+pooling, cosine, 256 tokens) within REFERENCE's tolerances, or the command exits 1.
 """
 from __future__ import annotations
 
@@ -24,10 +28,15 @@ from twotower.common.eval.metrics import aggregate, per_query
 from twotower.common.eval.significance import compare_paired
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.args import ModelArgs
+from twotower.common.train.rundir import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 MEASURES = ["nDCG@10", "R@100"]
 CHOICES = [("rrf", 0.5)] + [("wsum", w / 10) for w in range(1, 10)]
+# (system, measure) -> (reference, tolerance) on SciFact test, from the data README; nDCG@10's
+# tolerances are the acceptance issue's, R@100's ours
+REFERENCE = {("bm25", "nDCG@10"): (0.686, 0.01), ("bm25", "R@100"): (0.913, 0.01),
+             ("dense", "nDCG@10"): (0.645, 0.002), ("dense", "R@100"): (0.925, 0.01)}
 
 
 def runs(encoder, data, cache: str) -> dict:
@@ -62,6 +71,16 @@ def report(data, parts: dict, method: str, weight: float) -> list[dict]:
     return out
 
 
+def acceptance(result: dict) -> list[str]:
+    """REFERENCE's figures against the SciFact test rows: one line each, "outside" when off."""
+    if result["model"] != "bundled:all-MiniLM-L6-v2":
+        return []
+    measured = {r["system"]: r for r in result["test"]["SciFact test"]}
+    return [f"{system} {measure} {measured[system][measure]:.4f} vs reference {ref} ± {tol}: "
+            + ("within" if abs(measured[system][measure] - ref) <= tol else "**outside**")
+            for (system, measure), (ref, tol) in REFERENCE.items()]
+
+
 def markdown(result: dict) -> str:
     lines = ["# Hybrid retrieval (benchmarks/hybrid.py)", "",
              f"`{result['command']}`; model {result['model']}; {result['wall_s']} s.", "",
@@ -76,6 +95,10 @@ def markdown(result: dict) -> str:
                          f"{r.get('p vs bm25', '—')} | {r.get('p vs dense', '—')} |")
         lines.append("")
     lines.append("p: paired randomisation test on per-query nDCG@10 (10,000 permutations).")
+    checks = acceptance(result)
+    if checks:
+        lines += ["", "Acceptance (SciFact test against figures measured outside the project):", "",
+                  *(f"- {line}" for line in checks)]
     return "\n".join(lines) + "\n"
 
 
@@ -102,10 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
               "model": ns.model, "dev": {k: round(v, 4) for k, v in on_dev.items()},
               "chosen": name(method, weight), "test": tables,
               "wall_s": round(time.perf_counter() - started)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hybrid.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "hybrid.md").write_text(markdown(result))
+    write_atomic(RESULTS / "hybrid.json", json.dumps(result, indent=2))
+    write_atomic(RESULTS / "hybrid.md", markdown(result))
     print(markdown(result))
+    if any(line.endswith("**outside**") for line in acceptance(result)):
+        raise SystemExit("SciFact test figures outside the reference tolerances (see above)")
     return result
 
 

@@ -2,155 +2,247 @@
 
     TWOTOWER_DATA=../shared/data python -m benchmarks.perf [encode] [train] [memory] [scaling]
         [padding] [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
+        [--dropout configured attention_off none] [--results DIR]
 
-1. encode: SciFact corpus docs/s, twotower `Encoder.encode` (fp32 and bf16 autocast, each also
-   under torch.compile with weight freezing; the compilation is timed apart as warm-up) vs
-   `SentenceTransformer.encode`, bundled all-MiniLM-L6-v2, max length 256, equal batch size. The
-   speed ratio is measured on the first --docs documents (median of --repeats); with --full the
-   whole corpus (5,183 docs) is encoded once per system and nDCG@10 on SciFact test is compared.
-2. train (benchmarks/perf_train.py): pairs/s of fine-tuning MNRL with one hard negative,
-   twotower's Trainer vs sentence-transformers' trainer, fp32 and bf16; and (3) the overhead of
-   twotower's step over a bare loop (forward, the same loss, backward, AdamW).
-4. memory (benchmarks/perf_memory.py): peak RSS of an in-batch step at batch 512, max length 128,
-   with and without GradCache (train.grad_cache_chunk), each in a fresh subprocess.
-5. scaling: time per step as the batch doubles, time per document as the corpus doubles.
-6. padding (benchmarks/perf_padding.py): padded document tokens of an epoch, random vs
-   length-grouped batches (data.length_grouped), counted.
-
-Results: benchmarks/results/perf.json and perf.md (merged per section, so sections can be run
-separately). The machine is shared: the load average is recorded with every section, and ratios
-(both systems measured in the same run, interleaved) matter more than absolute times.
+Sections (each bench_<section> says what it measures): 1. encode, docs/s; 2-3. train
+(benchmarks/perf_train.py), fine-tuning pairs/s and model FLOPs/s, and the loop's overhead;
+4. memory, peak RSS of a step; 5. scaling, cost as batch and corpus double; 6. padding, padded
+tokens of an epoch. Results: perf.json and perf.md in --results (default benchmarks/results;
+merged per section, so sections can be run separately). The machine is shared: the load average
+is recorded with every section, and ratios (both systems measured in the same run, interleaved)
+matter more than absolute times.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.perf_common import (MODEL, corpus_texts, load_average, median_time, ndcg_of,
-                                    scifact_test, st_model)
-from benchmarks.perf_memory import bench_memory
-from benchmarks.perf_padding import bench_padding
-from benchmarks.perf_train import bench_train, twotower_step_times
-from twotower.common.eval.evaluate import judged_queries
-from twotower.common.model.encoder import Encoder
+from benchmarks.perf_train import (DROPOUT, MODEL, bench_train, build, load_average, st_model,
+                                   timed, twotower_run)
+from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
+from twotower.common.eval.metrics import aggregate, per_query
+from twotower.common.eval.search import dense_search
+from twotower.common.model.encoder import Encoder, doc_text
+from twotower.common.model.grad_cache import GradCache
 from twotower.common.recipe.args import ModelArgs
+from twotower.common.recipe.config import load_recipe
+from twotower.finetune.args import FinetuneRecipe
+from twotower.finetune.data import GroupCollator, GroupDataset
+from twotower.finetune.sources import build_pool
+from twotower.finetune.tokens import LongestDocument, TokenCache
+from twotower.pretrain.args import MethodArgs
+from twotower.pretrain.losses import build_method
 
-RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("encode", "train", "memory", "scaling", "padding")
+
+
+def scifact_corpus():
+    data = load_eval_data("scifact", "test")
+    ids, rows = _corpus_rows(data)
+    return data, ids, [doc_text(r) for r in rows]
 
 
 def bench_encode(ns) -> dict:
-    data = scifact_test()
-    doc_ids, texts = corpus_texts(data)
-    sample = texts[: ns.docs]
+    """Docs/s of twotower's Encoder.encode (fp32 and bf16 autocast, each also under torch.compile
+    with weight freezing, eval.compile) vs SentenceTransformer.encode: bundled all-MiniLM-L6-v2,
+    equal batch size and max length, on the first --docs documents (median of --repeats,
+    interleaved, after a warm-up pass timed apart: it compiles); the embeddings' max abs
+    difference vs sentence-transformers on 64 of them; with --full the whole corpus (5,183 docs)
+    once per system and nDCG@10 on SciFact test."""
+    data, doc_ids, texts = scifact_corpus()
+    sample, bs = texts[: ns.docs], ns.encode_batch_size
     enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
     st = st_model(ns.max_length)
-    bs = ns.encode_batch_size
-    systems = {
-        "sentence-transformers fp32": lambda t: st.encode(t, batch_size=bs, convert_to_numpy=True,
-                                                          show_progress_bar=False),
-        "twotower fp32": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False),
-        "twotower bf16": lambda t: enc.encode(t, tower="doc", batch_size=bs, progress=False,
-                                              bf16=True),
-        # torch.compile + weight freezing (eval.compile / --compile); compiled in the warm-up
-        "twotower fp32 compiled": lambda t: enc.encode(t, tower="doc", batch_size=bs,
-                                                       progress=False, compile=True),
-        "twotower bf16 compiled": lambda t: enc.encode(t, tower="doc", batch_size=bs,
-                                                       progress=False, bf16=True, compile=True),
-    }
+
+    def tt(**kw):
+        return lambda t, tower="doc": enc.encode(t, tower=tower, batch_size=bs, progress=False,
+                                                 **kw)
+    systems = {"sentence-transformers fp32": lambda t, tower="doc": st.encode(
+                   t, batch_size=bs, convert_to_numpy=True, show_progress_bar=False),
+               "twotower fp32": tt(), "twotower bf16": tt(bf16=True),
+               "twotower fp32 compiled": tt(compile=True),
+               "twotower bf16 compiled": tt(bf16=True, compile=True)}
     out: dict = {"docs": len(sample), "batch_size": bs, "max_length": ns.max_length,
                  "threads": torch.get_num_threads(), "load_before": load_average(), "systems": {}}
-    warmup_s = {}
-    for name, fn in systems.items():  # one warm-up pass on a few docs each (compiles), timed apart
-        t = time.perf_counter()
-        fn(sample[:bs])
-        warmup_s[name] = round(time.perf_counter() - t, 1)
+    warmup_s = {name: round(timed(fn, sample[:bs])[0], 1) for name, fn in systems.items()}
     times: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(ns.repeats):  # interleaved, so a burst of load hits every system alike
         for name, fn in systems.items():
-            t = time.perf_counter()
-            fn(sample)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed(fn, sample)[0])
     base = statistics.median(times["sentence-transformers fp32"])
+    ref = systems["sentence-transformers fp32"](sample[:64])
     for name, ts in times.items():
         med = statistics.median(ts)
-        out["systems"][name] = {"median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
-                                "docs_per_s": round(len(sample) / med, 2),
-                                "speedup_vs_st": round(base / med, 3),
-                                "warmup_s": warmup_s[name]}
-    # same embeddings? (max abs difference on the sample, fp32 and bf16 vs sentence-transformers)
-    ref = systems["sentence-transformers fp32"](sample[:64])
-    for name in [n for n in systems if n.startswith("twotower")]:
-        diff = float(abs(systems[name](sample[:64]) - ref).max())
-        out["systems"][name]["max_abs_diff_vs_st"] = round(diff, 6)
+        s = out["systems"][name] = {
+            "median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
+            "docs_per_s": round(len(sample) / med, 2), "speedup_vs_st": round(base / med, 3),
+            "warmup_s": warmup_s[name]}
+        if name.startswith("twotower"):
+            s["max_abs_diff_vs_st"] = round(float(abs(systems[name](sample[:64]) - ref).max()), 6)
     if ns.full:
         qids, qtexts = judged_queries(data)
         full: dict = {}
         for name, fn in systems.items():
-            t = time.perf_counter()
-            doc_emb = fn(texts)
-            seconds = time.perf_counter() - t
-            if name.startswith("sentence"):
-                query_emb = st.encode(qtexts, batch_size=bs, show_progress_bar=False)
-            else:
-                query_emb = enc.encode(qtexts, tower="query", batch_size=bs, progress=False,
-                                       bf16="bf16" in name, compile=name.endswith("compiled"))
-            full[name] = {"nDCG@10": round(ndcg_of(data, doc_emb, query_emb, doc_ids), 4),
-                          "corpus_s": round(seconds, 1),
+            seconds, doc_emb = timed(fn, texts)
+            run = dense_search(fn(qtexts, "query"), doc_emb, qids, doc_ids, k=100, similarity="cos")
+            ndcg = aggregate(per_query(data.qrels, run, ["nDCG@10"]))["nDCG@10"]
+            full[name] = {"nDCG@10": round(ndcg, 4), "corpus_s": round(seconds, 1),
                           "docs_per_s": round(len(texts) / seconds, 2)}
         st_ndcg = full["sentence-transformers fp32"]["nDCG@10"]
-        for name in full:
-            full[name]["delta_vs_st"] = round(full[name]["nDCG@10"] - st_ndcg, 4)
+        for s in full.values():
+            s["delta_vs_st"] = round(s["nDCG@10"] - st_ndcg, 4)
         out["full_corpus"] = {"docs": len(texts), "queries": len(qids), "systems": full}
+    out["load_after"] = load_average()
+    return out
+
+
+def memory_child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
+    """One in-batch pretraining step in this process, its address space capped at limit_gb."""
+    resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30),) * 2)
+    encoder = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=max_length,
+                                     max_query_length=max_length))
+    method = build_method(encoder, MethodArgs(name="inbatch"), n_pairs=1, seed=0).train()
+    words = [d.split() for d in scifact_corpus()[2][:batch]]  # crops: query half, key half
+    q = encoder.tokenize([" ".join(w[: len(w) // 2]) for w in words], tower="query")
+    k = encoder.tokenize([" ".join(w[len(w) // 2:]) for w in words], tower="doc")
+    batch_dict = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
+                  "k_input_ids": k["input_ids"], "k_attention_mask": k["attention_mask"]}
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-5)
+    before, error = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None
+    start = time.perf_counter()
+    try:
+        if chunk:
+            cache = GradCache(method, chunk)
+            cache.forward(batch_dict)
+            cache.backward()
+        else:
+            method(batch_dict)[0].backward()
+        optimizer.step()
+    except (MemoryError, RuntimeError) as exc:  # the address-space limit was hit
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_rss_gb": round(peak / 2**20, 2), "rss_before_step_gb": round(before / 2**20, 2),
+            "step_s": round(time.perf_counter() - start, 1), "error": error,
+            "tokens": [list(q["input_ids"].shape), list(k["input_ids"].shape)]}
+
+
+def bench_memory(ns) -> dict:
+    """Peak RSS (ru_maxrss) of one in-batch pretraining step (bundled MiniLM, --memory-batch query
+    crops + as many key crops of SciFact documents, max length 128, fp32) with GradCache
+    (train.grad_cache_chunk=--memory-chunk) and without, each in a fresh subprocess whose address
+    space is capped at 12 GB so that the uncached step cannot push a shared machine into swap or
+    the OOM killer: if it needs more, the row says so."""
+    out: dict = {"batch": ns.memory_batch, "max_length": 128, "chunk": ns.memory_chunk,
+                 "limit_gb": 12, "load_before": load_average(), "rows": []}
+    for chunk in (ns.memory_chunk, 0):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--memory-child",
+                               str(chunk), str(ns.memory_batch), "128", "12"],
+                              capture_output=True, text=True, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {
+            "peak_rss_gb": None, "step_s": None,
+            "error": f"child exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        row["setting"] = f"GradCache chunk {chunk}" if chunk else "no GradCache"
+        if row.get("error"):  # peak RSS is then where the step stopped, not what it needed
+            row["setting"] += (" — did not fit: allocation refused at the 12 GB address-space "
+                               "limit, peak RSS when it stopped")
+        out["rows"].append(row)
+        print(row, flush=True)
     out["load_after"] = load_average()
     return out
 
 
 def bench_scaling(ns) -> dict:
     """Encoding: seconds per document as the corpus doubles; training: seconds per step as the
-    batch doubles (twotower fine-tuning step, fp32)."""
-    data = scifact_test()
-    _, texts = corpus_texts(data)
+    batch doubles (twotower fine-tuning step, fp32), plain, then with GradCache (chunk
+    --memory-chunk): at 256 tokens a plain batch of 128 was OOM-killed at 24 GB on this machine,
+    so the larger batches only run cached. "× previous" is the cost growth (2.0 = linear)."""
+    texts = scifact_corpus()[2]
     enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
     out: dict = {"load_before": load_average(), "encode": [], "train": []}
     enc.encode(texts[:16], tower="doc", progress=False)
     for n in ns.scaling_docs:
-        med, _ = median_time(lambda n=n: enc.encode(texts[:n], tower="doc", progress=False,
-                                                    batch_size=ns.encode_batch_size),
-                            ns.scaling_repeats)
-        out["encode"].append({"docs": n, "seconds": round(med, 2), "ms_per_doc": round(1000 * med / n, 1)})
-        if len(out["encode"]) > 1:  # cost growth when the corpus doubles (2.0 = linear)
-            prev = out["encode"][-2]
-            out["encode"][-1]["x_previous"] = round(med / prev["seconds"], 2)
-    # plain steps, then GradCache steps (chunk --memory-chunk): at 256 tokens a plain batch of 128
-    # was OOM-killed at 24 GB on this machine, so the larger batches only run cached
-    runs = [(b, 0) for b in ns.scaling_batches] + [(b, ns.memory_chunk)
-                                                   for b in ns.scaling_cached_batches]
-    for b, chunk in runs:
-        times = twotower_step_times(b, ns.max_length, steps=ns.steps, warmup=ns.warmup,
-                                    grad_cache_chunk=chunk)
-        med = statistics.median(times)
+        med = statistics.median(timed(lambda: enc.encode(texts[:n], tower="doc", progress=False,
+                                                         batch_size=ns.encode_batch_size))[0]
+                                for _ in range(ns.scaling_repeats))
+        row = {"docs": n, "seconds": round(med, 2), "ms_per_doc": round(1000 * med / n, 1)}
+        if out["encode"]:
+            row["x_previous"] = round(med / out["encode"][-1]["seconds"], 2)
+        out["encode"].append(row)
+    warmup = max(ns.warmup, 1)
+    for b, chunk in ([(b, 0) for b in ns.scaling_batches]
+                     + [(b, ns.memory_chunk) for b in ns.scaling_cached_batches]):
+        stamps, _ = twotower_run(build(b, ns.max_length, b * (ns.steps + warmup)), ns.steps,
+                                 warmup, "fp32", grad_cache_chunk=chunk)
+        med = statistics.median(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
         row = {"batch": b, "grad_cache_chunk": chunk, "s_per_step": round(med, 2),
                "ms_per_pair": round(1000 * med / b, 1)}
         same_kind = [r for r in out["train"] if r["grad_cache_chunk"] == chunk]
-        if same_kind:  # cost growth when the batch doubles (2.0 = linear)
+        if same_kind:
             row["x_previous"] = round(med / same_kind[-1]["s_per_step"], 2)
         out["train"].append(row)
     out["load_after"] = load_average()
     return out
 
 
+def bench_padding(ns) -> dict:
+    """What data.length_grouped saves, in padded document tokens per epoch (the transformer's
+    work grows with them), random duplicate-free order vs length-grouped order, on the training
+    data of `msmarco_margin_mse_cpu` (the MS MARCO sample, its hard-negatives file) and `fewshot`
+    with Margin-MSE (SciFact train, BM25-mined negatives). Counting, not timing: the result does
+    not depend on the machine's load. Teacher scores are not computed (the order ignores them)."""
+    logging.getLogger("twotower").setLevel(logging.WARNING)
+    margin = ["loss.infonce.weight=0", "loss.margin_mse.weight=1", "data.length_grouped=true",
+              "data.teacher_scores=unused"]
+    out: dict = {"rows": []}
+    for name, recipe_name, overrides in (
+            ("msmarco_margin_mse_cpu (MS MARCO sample)", "msmarco_margin_mse_cpu", []),
+            ("fewshot + Margin-MSE (SciFact train)", "fewshot", margin)):
+        recipe = load_recipe(FinetuneRecipe, recipe_name, overrides)
+        (_, stage), = recipe.stage_list()
+        data = dataclasses.replace(stage.data, teacher_scores="", teacher_margin=None)
+        pool = build_pool(data)
+        encoder = Encoder.load(dataclasses.replace(recipe.model, random_init=False,
+                                                   name_or_path=MODEL))
+        tokens = TokenCache(encoder, pool)
+        tokens.pretokenize()
+        size, collate = recipe.train.per_device_batch_size, GroupCollator(encoder.tokenize, tokens)
+        common = dict(n_negatives=data.n_negatives, seed=recipe.train.seed, global_batch_size=size)
+        row = {"data": name, "groups": len(pool.groups), "batch": size,
+               "negatives": data.n_negatives, "max_doc_length": recipe.model.max_doc_length}
+        for label, dataset in (("random", GroupDataset(pool, **common)), ("length_grouped",
+                               GroupDataset(pool, **common, length_of=LongestDocument(tokens)))):
+            dataset.set_epoch(0)
+            order = dataset.epoch_order(0, recipe.train.seed)
+            masks = [collate([dataset[i] for i in order[s:s + size]])["doc_attention_mask"]
+                     for s in range(0, len(order), size)]
+            row[f"{label}_padded"] = sum(m.numel() for m in masks)
+            row[f"{label}_real"] = sum(int(m.sum()) for m in masks)
+        # per real token: the two orders may leave out different groups of an epoch
+        row["padded_ratio"] = round((row["length_grouped_padded"] / row["length_grouped_real"])
+                                    / (row["random_padded"] / row["random_real"]), 3)
+        out["rows"].append(row)
+        print(row, flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- output
-def write_results(section: str, result: dict, ns) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "perf.json"
+def write_results(section: str, result: dict, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "perf.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     previous = everything.get(section, {})
     if section == "encode" and "full_corpus" not in result and "full_corpus" in previous:
@@ -162,8 +254,15 @@ def write_results(section: str, result: dict, ns) -> None:
                            "machine": f"{platform.processor() or platform.machine()}, "
                                       f"{os.cpu_count()} cores (shared)"}
     path.write_text(json.dumps(everything, indent=2))
-    (RESULTS / "perf.md").write_text(markdown(everything))
+    (results / "perf.md").write_text(markdown(everything))
     print(json.dumps({section: result}, indent=2))
+
+
+def table(header: list[str], rows) -> list[str]:
+    """A markdown table; a cell that a row lacks (None) shows as '-'."""
+    def line(cells):
+        return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
 
 
 def markdown(res: dict) -> str:
@@ -171,70 +270,70 @@ def markdown(res: dict) -> str:
              "Written by `benchmarks/perf.py` on a shared 2-core CPU (load average = 1/5/15-minute, "
              "before and after). Encoding and training: medians of interleaved repeats (every "
              "system once per round), so a burst of load hits all systems alike.", ""]
+    load = "load {load_before} -> {load_after}"
     if "encode" in res:
         e = res["encode"]
-        lines += [f"## 1. Encoding SciFact documents ({e['docs']} docs, batch {e['batch_size']}, "
-                  f"max length {e['max_length']}; load {e['load_before']} -> {e['load_after']})", "",
-                  "| system | docs/s | × sentence-transformers | max abs diff vs ST | "
-                  "warm-up s (compiles) |", "|---|---|---|---|---|"]
-        for name, s in e["systems"].items():
-            lines.append(f"| {name} | {s['docs_per_s']} | {s['speedup_vs_st']} | "
-                         f"{s.get('max_abs_diff_vs_st', '-')} | {s.get('warmup_s', '-')} |")
+        lines += [("## 1. Encoding SciFact documents ({docs} docs, batch {batch_size}, max length "
+                   "{max_length}; " + load + ")").format(**e), ""]
+        lines += table(["system", "docs/s", "× sentence-transformers", "max abs diff vs ST",
+                        "warm-up s (compiles)"],
+                       [[name, s["docs_per_s"], s["speedup_vs_st"], s.get("max_abs_diff_vs_st"),
+                         s.get("warmup_s")] for name, s in e["systems"].items()])
         if "full_corpus" in e:
             f = e["full_corpus"]
-            lines += ["", f"Full corpus ({f['docs']} docs, {f['queries']} test queries):", "",
-                      "| system | nDCG@10 | Δ vs ST | docs/s |", "|---|---|---|---|"]
-            for name, s in f["systems"].items():
-                lines.append(f"| {name} | {s['nDCG@10']} | {s['delta_vs_st']:+.4f} | {s['docs_per_s']} |")
+            lines += ["", f"Full corpus ({f['docs']} docs, {f['queries']} test queries):", ""]
+            lines += table(["system", "nDCG@10", "Δ vs ST", "docs/s"],
+                           [[name, s["nDCG@10"], f"{s['delta_vs_st']:+.4f}", s["docs_per_s"]]
+                            for name, s in f["systems"].items()])
         lines.append("")
     if "train" in res:
         t = res["train"]
-        lines += [f"## 2-3. Fine-tuning MNRL + 1 hard negative (batch {t['batch_size']}, max length "
-                  f"{t['max_length']}, {t['steps']} timed steps after {t['warmup']}; load "
-                  f"{t['load_before']} -> {t['load_after']})", "",
-                  "| system | precision | pairs/s | × ST trainer (same precision) | × ST fp32 |",
-                  "|---|---|---|---|---|"]
-        for row in t["rows"]:
-            lines.append(f"| {row['system']} | {row['precision']} | {row['pairs_per_s']} | "
-                         f"{row.get('vs_st_same_precision', '-')} | {row.get('vs_st_fp32', '-')} |")
-        for prec, ratio in t.get("overhead", {}).items():
-            lines.append(f"\nOverhead {prec}: twotower step / bare loop step = {ratio}")
-        lines.append("")
+        lines += [("## 2-3. Fine-tuning MNRL + 1 hard negative (batch {batch_size}, max length "
+                   "{max_length}, {steps} timed steps after {warmup}; " + load + ")").format(**t),
+                  ""]
+        if "matmul_peak_gflops" in t:
+            lines += ["Model GFLOP/s: 3 × forward FLOPs, forward = 2 N L + 2 n_layer L² d_model "
+                      "per sequence of padded length L (Kaplan et al. 2020); matmul peak (torch.mm, "
+                      "4096², median of 3): " + ", ".join(
+                          f"{p} {g} GFLOP/s" for p, g in t["matmul_peak_gflops"].items()), ""]
+        keys = ("system", "precision", "dropout", "pairs_per_s", "model_gflops_per_s",
+                "of_matmul_peak", "vs_st_same_precision", "vs_st_fp32")
+        lines += table(["system", "precision", "dropout", "pairs/s", "model GFLOP/s",
+                        "of matmul peak", "× ST trainer (same precision)", "× ST fp32"],
+                       [[row.get(k) for k in keys] for row in t["rows"]])
+        lines += [f"\nOverhead {key}: twotower step / bare loop step = {ratio}"
+                  for key, ratio in t.get("overhead", {}).items()] + [""]
     if "memory" in res:
         m = res["memory"]
-        lines += [f"## 4. Peak RSS of one in-batch step (batch {m['batch']}, max length "
-                  f"{m['max_length']}; load {m['load_before']} -> {m['load_after']})", "",
-                  "| setting | peak RSS (GB) | step s |", "|---|---|---|"]
-        for row in m["rows"]:
-            lines.append(f"| {row['setting']} | {row['peak_rss_gb']} | {row['step_s']} |")
-        lines.append("")
+        lines += [("## 4. Peak RSS of one in-batch step (batch {batch}, max length {max_length}; "
+                   + load + ")").format(**m), ""]
+        lines += table(["setting", "peak RSS (GB)", "step s"],
+                       [[r["setting"], r["peak_rss_gb"], r["step_s"]] for r in m["rows"]]) + [""]
     if "scaling" in res:
         s = res["scaling"]
-        lines += [f"## 5. Scaling (load {s['load_before']} -> {s['load_after']})", "",
-                  "| corpus docs | encode s | ms/doc | × previous row |", "|---|---|---|---|"]
-        lines += [f"| {r['docs']} | {r['seconds']} | {r['ms_per_doc']} | {r.get('x_previous', '-')} |"
-                  for r in s["encode"]]
-        lines += ["", "| batch | GradCache chunk | s/step | ms/pair | × previous (same kind) |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r.get('grad_cache_chunk') or 'off'} | {r['s_per_step']} | "
-                  f"{r['ms_per_pair']} | {r.get('x_previous', '-')} |" for r in s["train"]]
-        lines.append("")
+        lines += [("## 5. Scaling (" + load + ")").format(**s), ""]
+        lines += table(["corpus docs", "encode s", "ms/doc", "× previous row"],
+                       [[r["docs"], r["seconds"], r["ms_per_doc"], r.get("x_previous")]
+                        for r in s["encode"]]) + [""]
+        lines += table(["batch", "GradCache chunk", "s/step", "ms/pair", "× previous (same kind)"],
+                       [[r["batch"], r.get("grad_cache_chunk") or "off", r["s_per_step"],
+                         r["ms_per_pair"], r.get("x_previous")] for r in s["train"]]) + [""]
     if "padding" in res:
-        lines += ["## 6. data.length_grouped: padded document tokens of one epoch (counted)", "",
-                  "| training data | groups | batch | random: padded / real | length-grouped: "
-                  "padded / real | padded per real token, grouped ÷ random |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['data']} | {r['groups']} | {r['batch']} | {r['random_padded']} / "
-                  f"{r['random_real']} | {r['length_grouped_padded']} / {r['length_grouped_real']} "
-                  f"| {r['padded_ratio']} |" for r in res["padding"]["rows"]]
-        lines.append("")
+        lines += ["## 6. data.length_grouped: padded document tokens of one epoch (counted)", ""]
+        lines += table(["training data", "groups", "batch", "random: padded / real",
+                        "length-grouped: padded / real", "padded per real token, grouped ÷ random"],
+                       [[r["data"], r["groups"], r["batch"],
+                         f"{r['random_padded']} / {r['random_real']}",
+                         f"{r['length_grouped_padded']} / {r['length_grouped_real']}",
+                         r["padded_ratio"]] for r in res["padding"]["rows"]]) + [""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("sections", nargs="*", default=["encode", "train", "memory", "scaling", "padding"],
-                   choices=["encode", "train", "memory", "scaling", "padding"])
+    p.add_argument("sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder of perf.json and perf.md (merged into)")
     p.add_argument("--docs", type=int, default=512, help="documents for the encoding speed ratio")
     p.add_argument("--full", action="store_true", help="also nDCG@10 on the full SciFact test")
     p.add_argument("--repeats", type=int, default=3)
@@ -245,7 +344,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--train-repeats", type=int, default=3,
                    help="interleaved runs of every training system (median reported)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dropout", nargs="+", default=list(DROPOUT), choices=list(DROPOUT),
+                   help="train: dropout of the bare loop and twotower (the first also runs ST)")
+    p.add_argument("--compile", action="store_true",
+                   help="train: also the bare loop with forward + loss under torch.compile")
     p.add_argument("--memory-batch", type=int, default=512)
     p.add_argument("--memory-chunk", type=int, default=32)
     p.add_argument("--scaling-repeats", type=int, default=1)
@@ -258,19 +361,15 @@ def main(argv=None) -> int:
         p.error("set TWOTOWER_DATA to the offline data folder (the one holding scifact/)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench = {"encode": bench_encode, "train": bench_train, "memory": bench_memory,
+             "scaling": bench_scaling, "padding": bench_padding}
     for section in ns.sections:
-        if section == "encode":
-            write_results("encode", bench_encode(ns), ns)
-        elif section == "train":
-            write_results("train", bench_train(ns), ns)
-        elif section == "memory":
-            write_results("memory", bench_memory(ns), ns)
-        elif section == "scaling":
-            write_results("scaling", bench_scaling(ns), ns)
-        elif section == "padding":
-            write_results("padding", bench_padding(ns), ns)
+        write_results(section, bench[section](ns), ns.results)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--memory-child"]:  # one measurement of bench_memory, in its own process
+        print(json.dumps(memory_child(*map(int, sys.argv[2:5]), float(sys.argv[5]))))
+    else:
+        sys.exit(main())

@@ -1,45 +1,41 @@
-"""What each dev-split run of benchmarks/quality.py changes: name -> overrides of a committed
-recipe. Every run here is trained without the 100 held-out training queries and evaluated on
-them (quality.DEV_EVAL); the test split chooses nothing."""
-MODEL = "bundled:all-MiniLM-L6-v2"
+"""What each row of benchmarks/quality.py changes: name -> overrides of a committed recipe, and
+the two evaluations. The dev-split runs are trained without the 100 held-out training queries and
+evaluated on them (DEV_EVAL: their judged documents + 2,000 others, sampled with the training
+seed); the test split chooses nothing."""
+from benchmarks.quality_report import MEASURES
 
-# `dev`: the choices behind recipe `fewshot` (the committed recipe is the best of these)
+MODEL = "bundled:all-MiniLM-L6-v2"
+TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.holdout=0",
+             f"eval.metrics=[{','.join(MEASURES)}]"]
+DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=2000",
+            f"eval.metrics=[{','.join(MEASURES)}]"]
+
 _BUDGET = ["train.epochs=3", "train.per_device_batch_size=32", "train.mixed_precision=bf16",
            "train.warmup_steps=10"]
-DEV_CHOICES = {
+DEV_CHOICES = {  # `dev`: the choices behind recipe `fewshot` (the committed one is the best)
     "fewshot as committed": [],
     "lr 2e-5, 1 BM25 negative": [*_BUDGET, "train.lr=2e-5", "data.n_negatives=1"],
     "lr 5e-5, 1 BM25 negative": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=1"],
-    "lr 5e-5, 3 BM25 negatives": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=3"],
-}
-
-# `label_free_dev`: the choices behind recipe `domain_pretrain` (from the bundled model, the
-# corpus only; the labels of the held-out queries only choose)
-LABEL_FREE_DEV_CHOICES = {
+    "lr 5e-5, 3 BM25 negatives": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=3"]}
+LABEL_FREE_DEV_CHOICES = {  # `label_free_dev`: the choices behind recipe `domain_pretrain`
     "crop, lr 1e-5, 300 steps": ["train.epochs=0", "train.max_steps=300"],
     "ICT, lr 1e-5, 400 steps": ["pairs.task=ict", "pairs.n_pairs=1", "method.relevance_aware=false",
                                 "train.epochs=0", "train.max_steps=400"],
     "crop, lr 3e-5, 1 epoch": ["train.lr=3e-5"],
-    # the documents' own titles as queries (pretrain/titles.py): one epoch = one pair a document
+    # the documents' own titles as queries (pretrain/titles.py): one pair a document
     "title -> text, lr 1e-5, 1 epoch": ["pairs.task=title", "pairs.n_pairs=1",
-                                        "method.relevance_aware=false"],
-}
-LABEL_FREE_BASE = "crop, lr 1e-5, 300 steps"  # the recipe's choice; base of the ablations below
-
-# `label_free_negatives`: Contriever's ablation of the number of negatives (arXiv 2112.09118,
-# ablation section: MoCo queue size, in-batch batch size; figure number not checked offline), on
-# the first label-free dev choice; in-batch only = the 31 x 4 key crops of the other chunks of a
-# 32-chunk batch (124 negatives per query). Queue 4096 is that dev run itself.
+                                        "method.relevance_aware=false"]}
+LABEL_FREE_BASE = "crop, lr 1e-5, 300 steps"  # the recipe's choice; base of the ablations
+# Contriever's ablation of the number of negatives (arXiv 2112.09118): MoCo queue size, in-batch
+# only (the 31 x 4 key crops of the other chunks of a 32-chunk batch). Queue 4096 = the base run
 NEGATIVES = {"queue 1024": ["method.queue_size=1024"], "queue 16384": ["method.queue_size=16384"],
              "in-batch only": ["method.name=inbatch"]}
-
-# `ablation`: which seed methods help on this task, one change at a time from the committed
-# recipe (first entry of each table = the base every other row is compared with, paired on the
-# dev queries). Same steps, batch, learning rate and precision as the base.
+# `ablation`: one change at a time from the committed recipe; the first entry is the base each
+# other row is compared with, paired on the dev queries (same steps, batch, lr, precision)
 FEWSHOT_ABLATION = {
     "fewshot as committed (1 BM25 negative)": [],
     "in-batch negatives only": ["data.n_negatives=0"],
-    # dense mining with the start model, the same rank window as the BM25 mining of the recipe
+    # dense mining with the start model, the same rank window as the recipe's BM25 mining
     "dense-mined negative": ["data.mine.retriever=dense", f"data.mine.model={MODEL}"],
     # NV-Retriever's TopK-PercPos filter (arXiv 2407.15831: 95% of the positive's score)
     "dense-mined negative, false-negative filter 0.95": [
@@ -49,29 +45,31 @@ FEWSHOT_ABLATION = {
     # SamToNe (arXiv 2306.02516) in place of InfoNCE: query-query negatives added, symmetric
     "SamToNe instead of InfoNCE": ["loss.infonce.weight=0", "loss.samtone.weight=1.0",
                                    "loss.samtone.symmetric=true"],
-    # PAIR (Findings of ACL 2021) in place of InfoNCE: (1 - 0.1) L_Q + 0.1 L_P, the passage-centric
-    # term against the batch's hard negatives; the paper's alpha 0.1, the recipe's tau 0.05
+    # PAIR (Findings of ACL 2021): (1 - 0.1) L_Q + 0.1 L_P against the batch's hard negatives
     "PAIR's passage-centric loss instead of InfoNCE": [
         "loss.infonce.weight=0", "loss.pair.weight=1.0", "loss.pair.alpha=0.1",
         "loss.pair.passage_negatives=hard"],
-}
-# on the first label-free dev choice (crop, lr 1e-5, 300 steps: 4 pairs, relevance-aware)
-LABEL_FREE_ABLATION = {
+    # issue #24: dropout as a recipe choice (common/model/dropout.py); with attention dropout on,
+    # CPU attention cannot use its fused kernel (2-3x the step). Is it free in quality?
+    "attention dropout off": ["model.attention_dropout=0"],
+    "no dropout": ["model.attention_dropout=0", "model.hidden_dropout=0"]}
+LABEL_FREE_ABLATION = {  # on LABEL_FREE_BASE: 4 pairs, relevance-aware
     "4 pairs, relevance-aware (ReContriever)": [],
     "4 pairs, uniform weights": ["method.relevance_aware=false"],
     "1 pair (Contriever's cropping)": ["pairs.n_pairs=1", "method.relevance_aware=false"],
-    # chunks cut inside each document (pretrain/chunks.py DocumentChunker), not across them
-    "chunks inside documents": ["pairs.chunking=document"],
-    # no label-free training at all: the start model on the same dev corpus slice (None: an
-    # evaluation in process, quality_runs.start_model_dev, not a training run)
-    "no training (the start model)": None,
-}
-
-# `curve_dev`: how many steps a small few-shot sample gets. At 8 or 32 sampled queries the
-# committed 3 epochs are 6 steps, fewer than the recipe's 10 warmup steps; train.min_steps gives
-# more passes over the sample. Run on 8 and 32 sampled queries (sample 0), dev split.
-CURVE_DEV_CHOICES = {
-    "as committed (3 epochs)": [],
-    "at least 25 steps": ["train.min_steps=25"],
-    "at least 75 steps (the 809-query run's count)": ["train.min_steps=75"],
-}
+    "chunks inside documents": ["pairs.chunking=document"],  # pretrain/chunks.py
+    "no training (the start model)": None}  # the start model on the same dev corpus slice
+# `curve_dev`: at 8 or 32 sampled queries the committed 3 epochs are 6 steps, fewer than the
+# recipe's 10 warmup steps; train.min_steps gives more passes over the sample
+CURVE_DEV_CHOICES = {"as committed (3 epochs)": [], "at least 25 steps": ["train.min_steps=25"],
+                     "at least 75 steps (the 809-query run's count)": ["train.min_steps=75"]}
+# `label_free_sentences`: recipe `fewshot` on sentences of the corpus as queries (data.kind=
+# sentences, one BM25 negative): 2,400 documents, one epoch = the 809-query run's 75 steps
+_SENTENCES = ["data.kind=sentences", "data.max_queries=2400", "train.epochs=1"]
+SENTENCE_CHOICES = {"sentences as queries, BM25 negative, lr 5e-5": [*_SENTENCES, "train.lr=5e-5"],
+                    "sentences as queries, BM25 negative, lr 2e-5": [*_SENTENCES, "train.lr=2e-5"]}
+DUAL = "+ dual loss (DANCE, weight 0.1)"  # the dev ablation's one likely gain, run on test
+ST_SAME = "sentence-transformers MNRL, same triples"
+# the issue's reference run (sentence-transformers MNRL, batch 32, lr 2e-5, the old fit()'s
+# default; SentenceTransformerTrainingArguments inherit transformers' 5e-5)
+ST_REFERENCE_LR = "sentence-transformers MNRL, same triples, lr 2e-5 (the issue's reference)"

@@ -1,5 +1,5 @@
-"""quality.md from the rows of benchmarks/quality.py: p-values (common/eval/significance.py) and the
-tables. A row is {"nDCG@10", "R@100", "wall_s", "cpu_s", "run_file", ...}; a row with a
+"""quality.md from the recorded rows of benchmarks/quality.py: p-values (common/eval/significance.py)
+and the tables. A row is {"nDCG@10", "R@100", "wall_s", "cpu_s", "run_file", ...}; a row with a
 `base` (another row's name) is compared with that row on the queries of `qrels` (a
 [data, split] pair: the dev queries of an ablation, the held-out queries of another corpus)."""
 from __future__ import annotations
@@ -32,108 +32,100 @@ def _p_key(reference: str) -> str:
     return f"p_vs_{reference.replace(' ', '_')}"
 
 
-def _against_base(rows: dict) -> None:
-    qrels_of: dict = {}
-    for row in rows.values():
-        base = rows.get(row.get("base") or "", {})
-        if not (Path(row.get("run_file", "")).is_file() and Path(base.get("run_file", "")).is_file()):
-            continue
-        key = tuple(row["qrels"])
-        qrels_of[key] = qrels_of.get(key) or load_eval_data(*key).qrels
-        run, base_run = load_run(row["run_file"]), load_run(base["run_file"])
-        if set(run) != set(base_run):
-            raise SystemExit(f"{row['run_file']} and {base['run_file']} rank different queries: "
-                             "not the same held-out split")
-        judged = {q: qrels_of[key][q] for q in base_run}
-        test = compare_paired(per_query(judged, run, ["nDCG@10"])["nDCG@10"],
-                              per_query(judged, base_run, ["nDCG@10"])["nDCG@10"])
-        row["p_vs_base"] = round(test.p_randomization, 4)
-        row["delta_vs_base"] = round(test.mean_a - test.mean_b, 4)
+class _Scores:
+    """Per-query nDCG@10 of rows' run files, averaged over several rows, on the queries of a
+    row's `qrels` (a dev split: the queries its run ranks) or on the test split of `data`."""
+
+    def __init__(self, rows: dict, data: str):
+        self.rows, self.data, self.qrels, self.cache = rows, data, {}, {}
+
+    def __call__(self, names: list) -> dict | None:
+        if tuple(names) not in self.cache:
+            paths = [Path(self.rows[n].get("run_file", "")) for n in names]
+            held_out = self.rows[names[0]].get("qrels")
+            split = tuple(held_out or (self.data, "test"))
+            if split not in self.qrels and all(p.is_file() for p in paths):
+                self.qrels[split] = load_eval_data(*split).qrels
+            per = [per_query({q: self.qrels[split][q] for q in run} if held_out
+                             else self.qrels[split], run, ["nDCG@10"])["nDCG@10"]
+                   for run in map(load_run, paths)] if all(p.is_file() for p in paths) else None
+            if per and any(set(p) != set(per[0]) for p in per):
+                raise SystemExit(f"{', '.join(map(str, paths))} rank different queries")
+            self.cache[tuple(names)] = per and {q: statistics.fmean(p[q] for p in per)
+                                                for q in per[0]}
+        return self.cache[tuple(names)]
+
+    def compare(self, names: list, others: list):
+        mine = self(names) if others else None
+        theirs = self(others) if mine is not None else None
+        if mine and theirs and set(mine) != set(theirs):
+            raise SystemExit(f"{names[0]} and {others[0]} rank different queries: not the same "
+                             "held-out split")
+        return compare_paired(mine, theirs) if mine and theirs else None
+
+
+def _on_test(name: str, row: dict) -> bool:
+    return not name.startswith("dev:") and "qrels" not in row
 
 
 def significance(rows: dict, data: str) -> None:
-    """p-values of each test-split run's per-query nDCG@10 against each of REFERENCES, and of
-    each row with a `base` against that base."""
-    _against_base(rows)
-    qrels = load_eval_data(data, "test").qrels
-    scores = {}
+    """Each test-split row's per-query nDCG@10 against each of REFERENCES, and each row with a
+    `base` against that base, on its own queries."""
+    scores = _Scores(rows, data)
     for name, row in rows.items():
-        path = Path(row.get("run_file", ""))
-        if path.is_file() and not name.startswith("dev:") and "qrels" not in row:
-            scores[name] = per_query(qrels, load_run(path), ["nDCG@10"])["nDCG@10"]
-    for name, row in rows.items():
-        for ref in REFERENCES:
-            if name in scores and ref in scores and name != ref:
-                test = compare_paired(scores[name], scores[ref])
+        test = scores.compare([name], [row["base"]]) if row.get("base") in rows else None
+        if test:
+            row["p_vs_base"] = round(test.p_randomization, 4)
+            row["delta_vs_base"] = round(test.mean_a - test.mean_b, 4)
+        for ref in REFERENCES if _on_test(name, row) else ():
+            test = (scores.compare([name], [ref]) if ref != name and ref in rows
+                    and _on_test(ref, rows[ref]) else None)
+            if test:
                 row[_p_key(ref)] = round(test.p_randomization, 4)
 
 
 def seed_means(rows: dict, data: str) -> dict:
-    """Rows sharing a `group` (one per seed or few-shot sample): the mean and spread of each
-    measure, and p-values of the per-query nDCG@10 averaged over the seeds. A test-split group is
-    compared with each of REFERENCES (a reference that is itself a group is averaged the same
-    way); a group of rows with a `base` (the ablation; two seeds or more) with its base rows'
-    group, over the same seeds, on its own `qrels`."""
+    """Rows sharing a `group` (one per seed or few-shot sample): mean and spread of each measure,
+    and p-values of the per-query nDCG@10 averaged over the seeds. A test-split group against
+    each of REFERENCES (a reference that is a group averaged the same way); a group of rows with
+    a `base` (two seeds or more) against its base rows' group over the same seeds."""
     groups: dict = {}
     for name, row in rows.items():
         if row.get("group") and ("qrels" in row or not name.startswith("dev:")):
             groups.setdefault(row["group"], {})[row["seed"]] = name
-    qrels_of: dict = {}
-    averaged: dict = {}  # tuple of row names -> per-query mean (a reference serves many groups)
-
-    def scores(names: list) -> dict | None:
-        key = tuple(names)
-        if key not in averaged:
-            split = tuple(rows[names[0]].get("qrels") or (data, "test"))
-            paths = [Path(rows[n].get("run_file", "")) for n in names]
-            runs = None
-            if all(p.is_file() for p in paths):
-                qrels_of[split] = qrels = qrels_of.get(split) or load_eval_data(*split).qrels
-                held_out = "qrels" in rows[names[0]]  # a dev split: the queries the runs rank
-                runs = [per_query({q: qrels[q] for q in run if q in qrels} if held_out else qrels,
-                                  run, ["nDCG@10"])["nDCG@10"] for run in map(load_run, paths)]
-            averaged[key] = runs and {q: statistics.fmean(r[q] for r in runs) for q in runs[0]}
-        return averaged[key]
-
-    def against(mine: dict | None, names: list):
-        theirs = scores(names) if mine is not None and names else None
-        return theirs and compare_paired(mine, theirs)
-
-    means = {}
+    scores, means = _Scores(rows, data), {}
     for group, by_seed in groups.items():
         names = [by_seed[s] for s in sorted(by_seed)]
-        compared = "qrels" in rows[names[0]]
-        if compared and len(names) < 2:
+        first = rows[names[0]]
+        if "qrels" in first and len(names) < 2:
             continue  # one seed: the per-seed ablation table says it all
-        values = {m: [rows[n][m] for n in names] for m in MEASURES if
-                  all(isinstance(rows[n].get(m), (int, float)) for n in names)}
-        entry = {"seeds": sorted(by_seed), **{m: round(statistics.fmean(v), 4) for m, v in values.items()},
-                 "nDCG@10_sd": round(statistics.stdev(values["nDCG@10"]), 4) if len(names) > 1 else None,
-                 "nDCG@10_runs": values.get("nDCG@10"),
-                 "wall_s": (statistics.fmean(rows[n]["wall_s"] for n in names)
-                            if all(rows[n].get("wall_s") for n in names) else None)}
-        mine = scores(names)
-        if compared:
-            entry["qrels"] = rows[names[0]]["qrels"]
-            base_group = rows.get(rows[names[0]].get("base") or "", {}).get("group")
+        values = {m: [rows[n][m] for n in names] for m in MEASURES
+                  if all(isinstance(rows[n].get(m), (int, float)) for n in names)}
+        entry = means[group] = {
+            "seeds": sorted(by_seed), **{m: round(statistics.fmean(v), 4) for m, v in values.items()},
+            "nDCG@10_sd": round(statistics.stdev(values["nDCG@10"]), 4) if len(names) > 1 else None,
+            "nDCG@10_runs": values.get("nDCG@10"),
+            "wall_s": (statistics.fmean(rows[n]["wall_s"] for n in names)
+                       if all(rows[n].get("wall_s") for n in names) else None)}
+        if "qrels" in first:
+            entry["qrels"] = first["qrels"]
+            base_group = rows.get(first.get("base") or "", {}).get("group")
             base_of = groups.get(base_group, {})
             if base_group:
                 entry["base"] = base_group
-            test = (against(mine, [base_of[s] for s in sorted(by_seed)])
+            test = (scores.compare(names, [base_of[s] for s in sorted(by_seed)])
                     if base_group and all(s in base_of for s in by_seed) else None)
             if test:
                 entry["p_vs_base"] = round(test.p_randomization, 4)
                 entry["delta_vs_base"] = round(test.mean_a - test.mean_b, 4)
-            means[group] = entry
             continue
         for ref in REFERENCES:
             ref_group = rows.get(ref, {}).get("group")
-            ref_names = ([groups[ref_group][x] for x in sorted(groups[ref_group])]
+            ref_names = ([groups[ref_group][s] for s in sorted(groups[ref_group])]
                          if ref_group in groups else [ref] if ref in rows else [])
-            test = against(mine, ref_names) if ref_group != group else None
+            test = scores.compare(names, ref_names) if ref_group != group else None
             if test:
                 entry[_p_key(ref)] = round(test.p_randomization, 4)
-        means[group] = entry
     return means
 
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from benchmarks.hybrid import acceptance
 from tests.test_eval_cli import tiny_model_dir, write_beir  # noqa: F401 (fixture)
 from twotower.common.eval.cli import main
 from twotower.common.eval.fusion import fuse, rrf, weighted_sum
@@ -100,3 +101,16 @@ def test_hybrid_from_the_command_line(tmp_path, tiny_model_dir):  # noqa: F811
                   ["--system", "hybrid", "--fusion", "wsum", "--dense-weight", "2"]):
         with pytest.raises(SystemExit):
             main([*base, *wrong, "--output-dir", str(tmp_path / "x")])
+
+
+def test_hybrid_benchmark_checks_its_scifact_rows_against_the_reference_figures():
+    """benchmarks/hybrid.py is also the evaluation's acceptance check: a SciFact test figure
+    outside its tolerance is flagged (and the command exits 1)."""
+    rows = [{"system": "bm25", "nDCG@10": 0.6863, "R@100": 0.9127},
+            {"system": "dense", "nDCG@10": 0.6451, "R@100": 0.9250}]
+    result = {"model": "bundled:all-MiniLM-L6-v2", "test": {"SciFact test": rows}}
+    assert len(acceptance(result)) == 4 and all(l.endswith("within") for l in acceptance(result))
+    rows[1]["nDCG@10"] = 0.640  # 0.005 below 0.645, tolerance 0.002
+    assert [l for l in acceptance(result) if l.endswith("**outside**")] == [
+        "dense nDCG@10 0.6400 vs reference 0.645 ± 0.002: **outside**"]
+    assert acceptance({**result, "model": "another"}) == []  # the figures are the bundled model's

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.quality_runs import final_stage
+from benchmarks.quality import final_stage
 from tests.test_finetune_mine import write_beir
 from tests.test_finetune_teacher import save_tiny_cross_encoder
 from twotower.common.model.encoder import tiny_bert

@@ -54,10 +54,16 @@ def test_benchmark_report_renders_every_section():
            "train": {"batch_size": 4, "max_length": 16, "steps": 2, "warmup": 1,
                      "load_before": load, "load_after": load, "overhead": {"fp32": 1.02},
                      "rows": [{"system": "twotower", "precision": "fp32", "pairs_per_s": 3.0,
-                               "vs_st_same_precision": 1.9, "vs_st_fp32": 1.9}]},
+                               "vs_st_same_precision": 1.9, "vs_st_fp32": 1.9},
+                              {"system": "bare loop", "precision": "bf16", "pairs_per_s": 4.0,
+                               "dropout": "no dropout", "model_gflops_per_s": 50.5,
+                               "of_matmul_peak": 0.25, "vs_st_same_precision": 1.1}],
+                     "matmul_peak_gflops": {"fp32": 60.0, "bf16": 202.0}},
            "memory": {"batch": 512, "max_length": 128, "load_before": load, "load_after": load,
                       "rows": [{"setting": "GradCache chunk 32", "peak_rss_gb": 1.5, "step_s": 9}]}}
     text = markdown(res)
-    for expected in ("| twotower fp32 | 2.0 | 1.5 | 0.0 |", "| twotower | fp32 | 3.0 | 1.9 | 1.9 |",
-                     "bare loop step = 1.02", "| GradCache chunk 32 | 1.5 | 9 |"):
+    for expected in ("| twotower fp32 | 2.0 | 1.5 | 0.0 |", "bare loop step = 1.02",
+                     "| twotower | fp32 | - | 3.0 | - | - | 1.9 | 1.9 |",  # a row from before #24
+                     "| bare loop | bf16 | no dropout | 4.0 | 50.5 | 0.25 | 1.1 | - |",
+                     "fp32 60.0 GFLOP/s, bf16 202.0 GFLOP/s", "| GradCache chunk 32 | 1.5 | 9 |"):
         assert expected in text

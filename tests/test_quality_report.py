@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.quality_report import markdown, significance
+from benchmarks.quality_report import markdown, seed_means, significance
 from tests.test_finetune_mine import TOPICS, write_beir
 from twotower.common.data import write_run
 from twotower.common.eval.significance import compare_paired
@@ -47,42 +47,10 @@ def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
         significance(rows, str(tmp_path / "beir"))
 
 
-def test_reuse_records_a_finished_run_only_for_the_same_command_and_recipe(tmp_path):
-    """quality.py --reuse: a run of a recipe edited since (another resolved recipe for the same
-    command) is trained again, not recorded with its old numbers."""
-    import json
-
-    from benchmarks.quality_runs import finished_run, recipe_digest
-
-    out = tmp_path / "run"
-    (out / "eval").mkdir(parents=True)
-    (out / "recipe.yaml").write_text("model: {}\n")
-    (out / "metrics.json").write_text(json.dumps({"nDCG@10": 0.7}))
-    digest = recipe_digest("finetune/run.py", "fewshot", ["train.lr=1e-5"])
-    assert digest == recipe_digest("finetune/run.py", "fewshot", ["train.lr=1e-5"])
-    assert digest != recipe_digest("finetune/run.py", "fewshot", ["train.lr=2e-5"])
-    # the recipe file of a pretraining stage counts too: the same command, the file edited
-    stage = tmp_path / "stage.yaml"
-    stage.write_text("base: domain_pretrain\ntrain:\n  lr: 1.0e-5\n")
-    before = recipe_digest("finetune/run.py", "domain_adapt", [f"pretrain.recipe={stage}"])
-    stage.write_text("base: domain_pretrain\ntrain:\n  lr: 3.0e-5\n")
-    assert before != recipe_digest("finetune/run.py", "domain_adapt", [f"pretrain.recipe={stage}"])
-    timing = {"wall_s": 1.0, "cpu_s": 2.0, "command": "cmd", "recipe_digest": digest}
-    (out / "quality_timing.json").write_text(json.dumps(timing))
-    assert finished_run(out, "cmd", digest)["metrics"] == {"nDCG@10": 0.7}
-    assert finished_run(out, "cmd", "another") is None
-    assert finished_run(out, "other cmd", digest) is None
-    del timing["recipe_digest"]  # recorded without its recipe: run again
-    (out / "quality_timing.json").write_text(json.dumps(timing))
-    assert finished_run(out, "cmd", digest) is None
-
-
 def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
     """Rows sharing a `group` (one per seed): mean and spread, and the p-values of the per-query
     nDCG@10 averaged over the seeds, against a plain reference row and against a reference that
     is a group itself (averaged the same way)."""
-    from benchmarks.quality_report import seed_means
-
     write_beir(tmp_path / "beir")
     (tmp_path / "beir" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"q{t}\t{topic}0\t1\n" for t, topic in enumerate(TOPICS)))
@@ -124,8 +92,6 @@ def test_ablation_rows_of_several_seeds_are_compared_with_their_base_over_the_sa
     """An ablation group (rows with `qrels` and a `base`, one per seed): its per-query nDCG@10
     averaged over the seeds against the base group's, averaged over the same seeds, on the
     dev queries; a group of one seed, or one whose base lacks a seed, gets no mean p-value."""
-    from benchmarks.quality_report import seed_means
-
     write_beir(tmp_path / "beir")  # train qrels: q_t -> topic0 (1), topic1 (2), topic2 (0)
     held_out = ["q1", "q2", "q3"]
     ideal = 2.0 + 1.0 / math.log2(3)

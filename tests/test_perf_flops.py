@@ -1,0 +1,37 @@
+"""The model FLOPs that benchmarks/perf.py's train section reports beside pairs/s (Kaplan et al.
+2020, Table 1): checked by hand on a tiny BERT, against the model's own weight matrices, and as
+counted by the hook on a real forward call."""
+import torch
+from transformers import BertConfig, BertModel
+
+from benchmarks.perf_train import count_flops, forward_flops, rates
+
+TINY = dict(hidden_size=4, num_hidden_layers=2, intermediate_size=8, num_attention_heads=2,
+            vocab_size=50, max_position_embeddings=16)
+
+
+def test_forward_flops_by_hand():
+    # N = 2 d n_layer (2 d + d_ff) = 2*4*2*(8+8) = 256 non-embedding parameters;
+    # per sequence of 5 tokens: 2 N L + 2 n_layer L^2 d = 2*256*5 + 2*2*25*4 = 2560 + 400 = 2960
+    assert forward_flops(BertConfig(**TINY), batch=3, length=5) == 3 * 2960
+    assert forward_flops(BertConfig(**TINY), batch=1, length=1) == 2 * 256 + 2 * 2 * 4
+
+
+def test_n_is_the_weight_matrices_of_the_layers():
+    model = BertModel(BertConfig(**TINY))
+    weights = sum(m.weight.numel() for m in model.encoder.modules()
+                  if isinstance(m, torch.nn.Linear))  # Q, K, V, O and the two FFN matrices
+    assert forward_flops(model.config, 1, 1) - 2 * 2 * 4 == 2 * weights
+
+
+def test_the_hook_counts_each_call_at_its_padded_shape():
+    model, calls = BertModel(BertConfig(**TINY)), []
+    count_flops([model], calls)
+    model(input_ids=torch.ones(3, 5, dtype=torch.long))
+    model(torch.ones(2, 7, dtype=torch.long))  # positional input_ids
+    assert [f for _, f in calls] == [3 * 2960, forward_flops(model.config, 2, 7)]
+
+
+def test_rates_count_the_calls_after_the_warm_up_three_times():
+    calls = [(1.0, 100), (2.5, 200), (3.0, 300)]  # (time, forward FLOPs); the first is warm-up
+    assert rates([2.0, 4.0], calls, batch=4, steps=1, warmup=1) == (2.0, 3 * 500 / 2.0)
