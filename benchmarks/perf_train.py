@@ -48,8 +48,11 @@ from twotower.finetune.run import build_stage
 
 MODEL = "bundled:all-MiniLM-L6-v2"
 TEMPERATURE, LR = 0.05, 2e-5
-DROPOUT = {"configured": ("as configured", []),  # --dropout: (label, recipe overrides)
-           "attention_off": ("attention dropout off", ["model.attention_dropout=0"]),
+# --dropout: (label, recipe overrides); explicit, whatever the recipe's default (fewshot: none)
+DROPOUT = {"configured": ("as configured", ["model.attention_dropout=null",
+                                            "model.hidden_dropout=null"]),
+           "attention_off": ("attention dropout off", ["model.attention_dropout=0",
+                                                        "model.hidden_dropout=null"]),
            "none": ("no dropout", ["model.attention_dropout=0", "model.hidden_dropout=0"])}
 
 
