@@ -40,7 +40,8 @@ from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from twotower.common.model.encoder import Encoder, resolve_model_path
+from twotower.common.model.encoder import Encoder
+from twotower.common.model.loading import resolve_model_path
 from twotower.common.recipe.config import load_recipe, recipe_to_yaml
 from twotower.common.train.trainer import Trainer
 from twotower.finetune.args import FinetuneRecipe

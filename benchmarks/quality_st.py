@@ -26,7 +26,8 @@ from datasets import Dataset
 
 from twotower.common.eval.evaluate import evaluate_dense, load_eval_data
 from twotower.common.eval.outputs import write_outputs
-from twotower.common.model.encoder import Encoder, resolve_model_path
+from twotower.common.model.encoder import Encoder
+from twotower.common.model.loading import resolve_model_path
 from twotower.common.recipe.config import load_recipe
 from twotower.common.train.epochs import steps_for_epochs
 from twotower.finetune.args import FinetuneRecipe

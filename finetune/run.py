@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 
 from twotower.common.data import DataNotFoundError, SkipReport, resolve_data
 from twotower.common.eval.evaluate import eval_args_data
-from twotower.common.model.encoder import Encoder, check_model
+from twotower.common.model.encoder import Encoder
+from twotower.common.model.loading import check_model
 from twotower.common.recipe.config import RecipeError, load_recipe, recipe_to_yaml
 from twotower.common.report.callbacks import callbacks_from_recipe
 from twotower.common.report.model_card import CardFacts, command_of

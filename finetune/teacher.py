@@ -22,7 +22,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from twotower.common.data.progress import progress_bar
-from twotower.common.model.encoder import Encoder, check_model
+from twotower.common.model.encoder import Encoder
+from twotower.common.model.loading import check_model
 from twotower.finetune.args import TeacherArgs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

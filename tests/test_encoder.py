@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from twotower.common.model.encoder import Encoder, ModelLoadError, tiny_bert
+from twotower.common.model.encoder import Encoder, tiny_bert
+from twotower.common.model.loading import ModelLoadError
 from twotower.common.recipe.args import ModelArgs
 
 TEXTS = ["short", "a somewhat longer sentence about proteins and cells",

