@@ -26,6 +26,7 @@ COMMANDS = {  # subcommand -> (module with main(argv), what it does)
     "mine": ("twotower.finetune.mine", "mine hard negatives with BM25 or a dense model"),
     "analyze": ("twotower.common.report.analyze", "embedding-space diagnostics of a model"),
     "compare": ("twotower.common.report.compare", "compare runs with paired significance tests"),
+    "export": ("twotower.common.model.export_cli", "ONNX and int8 files for CPU serving"),
     "demo": ("twotower.pretrain.demo", "evaluate, pretrain without labels, evaluate again"),
 }
 

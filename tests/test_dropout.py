@@ -77,7 +77,8 @@ def test_field_names_per_family():
 
 
 def test_recipe_keys_are_parsed_and_checked():
-    recipe = load_recipe(FinetuneRecipe, "fewshot_cpu", ["model.attention_dropout=0"])
+    recipe = load_recipe(FinetuneRecipe, "fewshot_cpu", ["model.attention_dropout=0",
+                                                          "model.hidden_dropout=null"])
     assert recipe.model.attention_dropout == 0.0 and recipe.model.hidden_dropout is None
     with pytest.raises(RecipeError, match=r"model.hidden_dropout.*1.5"):
         load_recipe(FinetuneRecipe, "fewshot_cpu", ["model.hidden_dropout=1.5"])

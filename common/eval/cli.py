@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--compile", action="store_true",
                      help="encode with torch.compile + weight freezing (~1.9x fp32 on a 2-core "
                           "CPU, after 20-60 s of compilation)")
+    enc.add_argument("--onnx", metavar="FILE",
+                     help="encode in onnxruntime with this file of the model's onnx/ folder "
+                     "(twotower export), e.g. model.onnx or model_qint8_avx512_vnni.onnx")
     qa = p.add_argument_group("open-domain QA, top-k answer accuracy (instead of --data)")
     qa.add_argument("--qa-passages", help="DPR passages TSV (id, text, title header; .tsv[.gz])")
     qa.add_argument("--qa-questions", help="DPR qa.csv (question<TAB>[answers]) or jsonl "
@@ -119,6 +122,8 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
             parser.error(f"{', '.join(given('bm25_k1', 'bm25_b'))} need --system bm25 or hybrid")
     elif ns.model or encoder_flags:
         parser.error(f"--system bm25 takes no {', '.join(given('model') + encoder_flags)}")
+    if ns.onnx and (ns.bf16 or ns.compile or ns.system == "bm25"):
+        parser.error("--onnx encodes in onnxruntime: not with --bf16, --compile or --system bm25")
     if (ns.system != "dense" or ns.rerank) and given("index", "search_params"):
         parser.error("--index/--search-params are for dense retrieval (not bm25, hybrid or "
                      "--rerank)")
@@ -204,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args=bm25_args, ignore_identical_ids=ns.ignore_identical_ids,
                                progress=not ns.no_progress)
     else:
-        encoder = Encoder.load(_model_args(ns)).to(process_device())
+        try:
+            encoder = Encoder.load(_model_args(ns), onnx=ns.onnx).to(process_device())
+        except FileNotFoundError as err:  # --onnx names a file the model folder lacks
+            parser.error(str(err))
         encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
         if ns.system == "hybrid":
             result = evaluate_hybrid(encoder, data, k=depth, fusion=ns.fusion or "rrf",

@@ -27,6 +27,7 @@ from twotower.common.model.dropout import restored
 from twotower.common.model.export import DOC_TOWER_DIR, save_router, save_tower
 from twotower.common.model.loading import (load_config, load_pretrained, resolve_model_path,
                                            sentence_transformers_defaults)
+from twotower.common.model.serving import OnnxTower, onnx_file, tower_folders
 from twotower.common.recipe.args import ModelArgs
 from twotower.common.recipe.config import RecipeError
 
@@ -50,6 +51,7 @@ class Encoder(nn.Module):
         self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
         self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
         self._train_compiled: dict = {}  # tower -> compiled wrapper run in training mode
+        self._serving: dict = {}  # tower -> OnnxTower run in evaluation mode (load(onnx=...))
         self.checkpoint_dropout: dict = {}  # config field -> checkpoint's value (load sets it)
         self.query_model = query_model
         # a separate document tower only when asked; shared towers are one module, not two copies
@@ -70,7 +72,10 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, args: ModelArgs | str) -> "Encoder":
+    def load(cls, args: ModelArgs | str, onnx: str | None = None) -> "Encoder":
+        """`onnx`: a file of the model's onnx/ folders (`twotower export`), e.g. model.onnx or
+        model_qint8_avx512_vnni.onnx, which encoding then runs in onnxruntime (each tower's own
+        file); training still uses the torch towers."""
         args = ModelArgs(name_or_path=args) if isinstance(args, str) else copy.deepcopy(args)
         path = resolve_model_path(args.name_or_path)
         saved = Path(path) / SETTINGS_FILE
@@ -97,6 +102,12 @@ class Encoder(nn.Module):
             args.shared_tower = False
         encoder = cls(model, tokenizer, args, doc_model=doc_model)
         encoder.checkpoint_dropout = checkpoint  # what save() writes back (common/model/dropout)
+        if onnx:
+            folders = tower_folders(Path(path), doc_model is not None, DOC_TOWER_DIR)
+            files = {name: onnx_file(folder, onnx) for name, folder in folders.items()}
+            sessions = {f: OnnxTower(f, model.config) for f in set(files.values())}
+            encoder._serving = {name: sessions[f] for name, f in files.items()}
+            log.info("encoding with %s", ", ".join(sorted(str(f) for f in sessions)))
         return encoder
 
     # ---------------------------------------------------------------- forward
@@ -154,8 +165,8 @@ class Encoder(nn.Module):
 
     def _forward_rows(self, input_ids, attention_mask, tower: str, extra: dict) -> torch.Tensor:
         model = self._active.get(tower)
-        if model is None and self.training:
-            model = self._train_compiled.get(tower)
+        if model is None:
+            model = (self._train_compiled if self.training else self._serving).get(tower)
         model = self.tower(tower) if model is None else model
         out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return self.pool(out.last_hidden_state, attention_mask)
