@@ -22,7 +22,6 @@ import importlib.util
 import inspect
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -228,7 +227,3 @@ def onnx_file(folder: Path, name: str) -> Path:
                                 f"{', '.join(present) or 'no ONNX file'} (twotower export)")
     return found
 
-
-def remove_exports(folder: Path) -> None:
-    """The onnx/ folder of a tower (twotower export --overwrite)."""
-    shutil.rmtree(folder / ONNX_DIR, ignore_errors=True)
