@@ -123,8 +123,8 @@ class TrainArgs:
     # re-embed chunk by chunk with one: the contrastive batch is no longer bounded by memory.
     # 0 = off. Gradients equal the uncached ones (tests/test_grad_cache.py).
     grad_cache_chunk: int = 0
-    # forward + loss of the encoder towers under torch.compile (inductor, dynamic shapes); the
-    # first steps compile (logged). Same gradients as eager within float tolerance
+    # the encoder towers under torch.compile (inductor, dynamic shapes) in training mode; the
+    # first step compiles (logged). Same gradients as eager within float tolerance
     # (tests/test_train_compile.py); evaluation and encoding are not affected
     compile: bool = False
 
