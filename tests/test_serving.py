@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from twotower.common.eval.embed_cache import EmbeddingCache
 from twotower.common.model import serving
 from twotower.common.model.encoder import Encoder, tiny_bert
 from twotower.common.model.export_cli import main as export_main
@@ -64,3 +65,10 @@ def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="differs from the torch model"):
         serving.export_tower(enc.query_model, enc.tokenizer, path, 32)
     assert list((path / "onnx").iterdir()) == []
+
+
+def test_the_embedding_cache_keeps_onnx_and_torch_apart(separate, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    for onnx in (None, "model_qint8_avx512_vnni.onnx", "model_qint8_static.onnx", None):
+        cache.encode(Encoder.load(str(separate), onnx=onnx), TEXTS, progress=False)
+    assert (cache.misses, cache.hits) == (3, 1)  # the second torch encoding is the only hit

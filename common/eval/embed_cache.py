@@ -69,6 +69,8 @@ class EmbeddingCache:
         bf16 = encoder.encode_bf16 if bf16 is None else bf16
         settings = {"tower": tower, "max_length": max_length or encoder.max_length(tower),
                     "bf16": bool(bf16)}
+        if encoder.serving_digest(tower):  # ONNX / int8 embeddings are not the torch tower's
+            settings["onnx"] = encoder.serving_digest(tower)
         model_fp, data_fp = model_fingerprint(encoder), data_fingerprint(texts)
         key = self.key(model_fp, data_fp, settings)
         path = self.dir / f"{key}.npy"

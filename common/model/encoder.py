@@ -105,7 +105,7 @@ class Encoder(nn.Module):
         if onnx:
             folders = tower_folders(Path(path), doc_model is not None, DOC_TOWER_DIR)
             files = {name: onnx_file(folder, onnx) for name, folder in folders.items()}
-            sessions = {f: OnnxTower(f, model.config) for f in set(files.values())}
+            sessions = {f: OnnxTower(f) for f in set(files.values())}
             encoder._serving = {name: sessions[f] for name, f in files.items()}
             log.info("encoding with %s", ", ".join(sorted(str(f) for f in sessions)))
         return encoder
@@ -212,6 +212,11 @@ class Encoder(nn.Module):
             yield self
         finally:
             self.encode_bf16, self.encode_compile = before
+
+    def serving_digest(self, tower: str) -> str | None:
+        """sha256 of the ONNX file encoding runs for `tower` (load(onnx=...)); None: torch."""
+        session = self._serving.get(tower)
+        return session.digest if session is not None else None
 
     def compile_for_training(self) -> None:
         """train.compile: the towers run under torch.compile (inductor, dynamic shapes: batches

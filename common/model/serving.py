@@ -188,21 +188,19 @@ def quantize_int8(folder: Path, mode: str, tokenizer=None, texts: Sequence[str] 
 
 class OnnxTower(nn.Module):
     """A tower in onnxruntime behind the transformers call: `model(input_ids=...,
-    attention_mask=...).last_hidden_state` (a CPU float32 tensor). Its buffer holds the file's
-    sha256, so the tower's identity travels with the module."""
+    attention_mask=...).last_hidden_state` (a CPU float32 tensor)."""
 
-    def __init__(self, path: str | os.PathLike, config, threads: int = 0):
+    def __init__(self, path: str | os.PathLike, threads: int = 0):
         super().__init__()
         ort = _onnxruntime()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.path, self.config = str(path), config
+        self.path = str(path)
         self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
-        digest = hashlib.sha256(Path(path).read_bytes()).digest()
-        self.register_buffer("sha256", torch.tensor(list(digest), dtype=torch.uint8),
-                             persistent=False)
+        # what it computes, whatever the file is called (common/eval/embed_cache.py keys on it)
+        self.digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
