@@ -27,6 +27,7 @@ COMMANDS = {  # subcommand -> (module with main(argv), what it does)
     "analyze": ("twotower.common.report.analyze", "embedding-space diagnostics of a model"),
     "compare": ("twotower.common.report.compare", "compare runs with paired significance tests"),
     "export": ("twotower.common.model.export_cli", "ONNX and int8 files for CPU serving"),
+    "push": ("twotower.common.model.push_cli", "upload a saved model to the Hugging Face Hub"),
     "demo": ("twotower.pretrain.demo", "evaluate, pretrain without labels, evaluate again"),
 }
 
