@@ -4,7 +4,8 @@
         [padding] [--docs 512] [--full] [--repeats 3] [--steps 4] [--warmup 1] [--batch-size 32]
         [--dropout configured attention_off none] [--results DIR]
 
-Sections (each bench_<section> says what it measures): 1. encode, docs/s; 2-3. train
+Sections (each bench_<section> says what it measures): 1. encode (benchmarks/perf_encode.py),
+docs/s of sentence-transformers, twotower torch, ONNX and OpenVINO, int8 included; 2-3. train
 (benchmarks/perf_train.py), fine-tuning pairs/s and model FLOPs/s, and the loop's overhead;
 4. memory, peak RSS of a step; 5. scaling, cost as batch and corpus double; 6. padding, padded
 tokens of an epoch. Results: perf.json and perf.md in --results (default benchmarks/results;
@@ -29,12 +30,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.perf_train import (DROPOUT, MODEL, bench_train, build, load_average, st_model,
-                                   timed, twotower_run)
-from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
-from twotower.common.eval.metrics import aggregate, per_query
-from twotower.common.eval.search import dense_search
-from twotower.common.model.encoder import Encoder, doc_text
+from benchmarks.perf_encode import SYSTEMS, bench_encode, scifact_corpus
+from benchmarks.perf_train import DROPOUT, MODEL, bench_train, build, load_average, timed, twotower_run
+from twotower.common.model.encoder import Encoder
 from twotower.common.model.grad_cache import GradCache
 from twotower.common.recipe.args import ModelArgs
 from twotower.common.recipe.config import load_recipe
@@ -47,66 +45,6 @@ from twotower.pretrain.losses import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("encode", "train", "memory", "scaling", "padding")
-
-
-def scifact_corpus():
-    data = load_eval_data("scifact", "test")
-    ids, rows = _corpus_rows(data)
-    return data, ids, [doc_text(r) for r in rows]
-
-
-def bench_encode(ns) -> dict:
-    """Docs/s of twotower's Encoder.encode (fp32 and bf16 autocast, each also under torch.compile
-    with weight freezing, eval.compile) vs SentenceTransformer.encode: bundled all-MiniLM-L6-v2,
-    equal batch size and max length, on the first --docs documents (median of --repeats,
-    interleaved, after a warm-up pass timed apart: it compiles); the embeddings' max abs
-    difference vs sentence-transformers on 64 of them; with --full the whole corpus (5,183 docs)
-    once per system and nDCG@10 on SciFact test."""
-    data, doc_ids, texts = scifact_corpus()
-    sample, bs = texts[: ns.docs], ns.encode_batch_size
-    enc = Encoder.load(ModelArgs(name_or_path=MODEL, max_doc_length=ns.max_length))
-    st = st_model(ns.max_length)
-
-    def tt(**kw):
-        return lambda t, tower="doc": enc.encode(t, tower=tower, batch_size=bs, progress=False,
-                                                 **kw)
-    systems = {"sentence-transformers fp32": lambda t, tower="doc": st.encode(
-                   t, batch_size=bs, convert_to_numpy=True, show_progress_bar=False),
-               "twotower fp32": tt(), "twotower bf16": tt(bf16=True),
-               "twotower fp32 compiled": tt(compile=True),
-               "twotower bf16 compiled": tt(bf16=True, compile=True)}
-    out: dict = {"docs": len(sample), "batch_size": bs, "max_length": ns.max_length,
-                 "threads": torch.get_num_threads(), "load_before": load_average(), "systems": {}}
-    warmup_s = {name: round(timed(fn, sample[:bs])[0], 1) for name, fn in systems.items()}
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(ns.repeats):  # interleaved, so a burst of load hits every system alike
-        for name, fn in systems.items():
-            times[name].append(timed(fn, sample)[0])
-    base = statistics.median(times["sentence-transformers fp32"])
-    ref = systems["sentence-transformers fp32"](sample[:64])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        s = out["systems"][name] = {
-            "median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
-            "docs_per_s": round(len(sample) / med, 2), "speedup_vs_st": round(base / med, 3),
-            "warmup_s": warmup_s[name]}
-        if name.startswith("twotower"):
-            s["max_abs_diff_vs_st"] = round(float(abs(systems[name](sample[:64]) - ref).max()), 6)
-    if ns.full:
-        qids, qtexts = judged_queries(data)
-        full: dict = {}
-        for name, fn in systems.items():
-            seconds, doc_emb = timed(fn, texts)
-            run = dense_search(fn(qtexts, "query"), doc_emb, qids, doc_ids, k=100, similarity="cos")
-            ndcg = aggregate(per_query(data.qrels, run, ["nDCG@10"]))["nDCG@10"]
-            full[name] = {"nDCG@10": round(ndcg, 4), "corpus_s": round(seconds, 1),
-                          "docs_per_s": round(len(texts) / seconds, 2)}
-        st_ndcg = full["sentence-transformers fp32"]["nDCG@10"]
-        for s in full.values():
-            s["delta_vs_st"] = round(s["nDCG@10"] - st_ndcg, 4)
-        out["full_corpus"] = {"docs": len(texts), "queries": len(qids), "systems": full}
-    out["load_after"] = load_average()
-    return out
 
 
 def memory_child(chunk: int, batch: int, max_length: int, limit_gb: float) -> dict:
@@ -283,7 +221,8 @@ def markdown(res: dict) -> str:
             f = e["full_corpus"]
             lines += ["", f"Full corpus ({f['docs']} docs, {f['queries']} test queries):", ""]
             lines += table(["system", "nDCG@10", "Δ vs ST", "docs/s"],
-                           [[name, s["nDCG@10"], f"{s['delta_vs_st']:+.4f}", s["docs_per_s"]]
+                           [[name, s["nDCG@10"], s["delta_vs_st"] and f"{s['delta_vs_st']:+.4f}",
+                             s["docs_per_s"]]
                             for name, s in f["systems"].items()])
         lines.append("")
     if "train" in res:
@@ -335,7 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                    help="folder of perf.json and perf.md (merged into)")
     p.add_argument("--docs", type=int, default=512, help="documents for the encoding speed ratio")
-    p.add_argument("--full", action="store_true", help="also nDCG@10 on the full SciFact test")
+    p.add_argument("--encode-systems", nargs="+", choices=SYSTEMS, metavar="SYSTEM",
+                   help=f"encode: these only (and {SYSTEMS[0]!r}); default all of {SYSTEMS}")
+    p.add_argument("--full", nargs="*", choices=SYSTEMS, metavar="SYSTEM",
+                   help="encode: also nDCG@10 on the full SciFact test, for these (default all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=32)

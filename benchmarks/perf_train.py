@@ -67,10 +67,11 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def st_model(max_length: int):
+def st_model(max_length: int, bf16: bool = False):
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+    model = SentenceTransformer(resolve_model_path(MODEL), device="cpu",  # bf16: weights in bf16
+                                model_kwargs={"dtype": torch.bfloat16} if bf16 else None)
     model.max_seq_length = max_length
     return model
 

@@ -1,6 +1,7 @@
 """twotower export (common/model/serving.py, export_cli.py): ONNX files in each tower folder, in
-sentence-transformers' layout; encoding through them equals the torch towers (fp32) or stays
-close (int8); existing files are refused; a failed check writes nothing."""
+sentence-transformers' layout (and OpenVINO's IR in openvino/); encoding through them equals the
+torch towers (fp32) or stays close (int8, OpenVINO bf16); existing files are refused; a failed
+check writes nothing."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from twotower.common.eval.cli import main as evaluate_main
 from twotower.common.eval.embed_cache import EmbeddingCache
 from twotower.common.model import serving
 from twotower.common.model.encoder import Encoder, tiny_bert
@@ -25,7 +27,7 @@ def separate(tmp_path_factory):
     corpus.write_text("".join(json.dumps({"_id": str(i), "title": "", "text": t}) + "\n"
                               for i, t in enumerate(TEXTS * 4)))
     assert export_main([str(path), "--int8", "dynamic", "static", "--calibration",
-                        str(corpus), "--calibration-texts", "8"]) == 0
+                        str(corpus), "--calibration-texts", "8", "--openvino"]) == 0
     return path
 
 
@@ -72,3 +74,37 @@ def test_the_embedding_cache_keeps_onnx_and_torch_apart(separate, tmp_path):
     for onnx in (None, "model_qint8_avx512_vnni.onnx", "model_qint8_static.onnx", None):
         cache.encode(Encoder.load(str(separate), onnx=onnx), TEXTS, progress=False)
     assert (cache.misses, cache.hits) == (3, 1)  # the second torch encoding is the only hit
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_openvino_files_encode_as_torch_at_f32_and_close_at_bf16_and_int8(separate):
+    for folder in (separate, separate / "doc_tower"):
+        assert sorted(p.name for p in (folder / "openvino").iterdir()) == [
+            "openvino_model.bin", "openvino_model.xml", "openvino_model_qint8_static.bin",
+            "openvino_model_qint8_static.xml"]
+    torch_enc = Encoder.load(str(separate))
+    digests = set()
+    for tower in ("query", "doc"):
+        want = torch_enc.encode(TEXTS, tower=tower, progress=False)
+        f32 = Encoder.load(str(separate), onnx="openvino_model.xml")
+        np.testing.assert_allclose(f32.encode(TEXTS, tower=tower, progress=False), want,
+                                   atol=1e-4)  # f32 is asked for: never OpenVINO's bf16 default
+        bf16 = Encoder.load(str(separate), onnx="openvino_model.xml", serving_precision="bf16")
+        got = bf16.encode(TEXTS, tower=tower, progress=False)
+        assert _cos(got, want).min() > 0.99 and not np.allclose(got, want, atol=1e-4)
+        q = Encoder.load(str(separate), onnx="openvino_model_qint8_static.xml")
+        assert _cos(q.encode(TEXTS, tower=tower, progress=False), want).min() > 0.98
+        digests |= {f32.serving_digest(tower), bf16.serving_digest(tower)}
+    assert len(digests) == 4  # per tower and per precision: the cache never mixes them
+    with pytest.raises(ValueError, match="needs an OpenVINO file"):
+        Encoder.load(str(separate), onnx="model.onnx", serving_precision="bf16")
+
+
+def test_evaluate_refuses_bf16_with_an_onnx_file(separate, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_main(["--model", str(separate), "--data", "scifact", "--onnx", "model.onnx",
+                       "--bf16"])
+    assert "needs an OpenVINO file" in capsys.readouterr().err

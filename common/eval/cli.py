@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encode with torch.compile + weight freezing (~1.9x fp32 on a 2-core "
                           "CPU, after 20-60 s of compilation)")
     enc.add_argument("--onnx", metavar="FILE",
-                     help="encode in onnxruntime with this file of the model's onnx/ folder "
-                     "(twotower export), e.g. model.onnx or model_qint8_avx512_vnni.onnx")
+                     help="encode with this file of the model's onnx/ or openvino/ folder "
+                     "(twotower export): model.onnx or model_qint8_*.onnx in onnxruntime, "
+                     "openvino_model*.xml in OpenVINO (fp32; with --bf16 at bf16)")
     qa = p.add_argument_group("open-domain QA, top-k answer accuracy (instead of --data)")
     qa.add_argument("--qa-passages", help="DPR passages TSV (id, text, title header; .tsv[.gz])")
     qa.add_argument("--qa-questions", help="DPR qa.csv (question<TAB>[answers]) or jsonl "
@@ -122,8 +123,11 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
             parser.error(f"{', '.join(given('bm25_k1', 'bm25_b'))} need --system bm25 or hybrid")
     elif ns.model or encoder_flags:
         parser.error(f"--system bm25 takes no {', '.join(given('model') + encoder_flags)}")
-    if ns.onnx and (ns.bf16 or ns.compile or ns.system == "bm25"):
-        parser.error("--onnx encodes in onnxruntime: not with --bf16, --compile or --system bm25")
+    if ns.onnx and (ns.compile or ns.system == "bm25"):
+        parser.error("--onnx encodes outside torch: not with --compile or --system bm25")
+    if ns.onnx and ns.bf16 and not ns.onnx.endswith(".xml"):
+        parser.error("--bf16 with --onnx needs an OpenVINO file (openvino_model*.xml): an ONNX "
+                     "file runs in onnxruntime at the precision it was exported with")
     if (ns.system != "dense" or ns.rerank) and given("index", "search_params"):
         parser.error("--index/--search-params are for dense retrieval (not bm25, hybrid or "
                      "--rerank)")
@@ -210,10 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                progress=not ns.no_progress)
     else:
         try:
-            encoder = Encoder.load(_model_args(ns), onnx=ns.onnx).to(process_device())
+            encoder = Encoder.load(_model_args(ns), onnx=ns.onnx, serving_precision=(
+                "bf16" if ns.onnx and ns.bf16 else "f32")).to(process_device())
         except FileNotFoundError as err:  # --onnx names a file the model folder lacks
             parser.error(str(err))
-        encoder.encode_bf16, encoder.encode_compile = ns.bf16, ns.compile
+        encoder.encode_bf16 = ns.bf16 and not ns.onnx  # OpenVINO's bf16 is its own precision
+        encoder.encode_compile = ns.compile
         if ns.system == "hybrid":
             result = evaluate_hybrid(encoder, data, k=depth, fusion=ns.fusion or "rrf",
                                      dense_weight=0.5 if ns.dense_weight is None

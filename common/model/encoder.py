@@ -27,7 +27,7 @@ from twotower.common.model.dropout import restored
 from twotower.common.model.export import DOC_TOWER_DIR, save_router, save_tower
 from twotower.common.model.loading import (load_config, load_pretrained, resolve_model_path,
                                            sentence_transformers_defaults)
-from twotower.common.model.serving import OnnxTower, onnx_file, tower_folders
+from twotower.common.model.serving import onnx_file, served_tower, tower_folders
 from twotower.common.recipe.args import ModelArgs
 from twotower.common.recipe.config import RecipeError
 
@@ -51,7 +51,7 @@ class Encoder(nn.Module):
         self._active: dict = {}  # tower -> module used by _forward_rows instead of the tower
         self._compiled_weights: dict = {}  # id(tower) -> (data_ptr, version) of its weights
         self._train_compiled: dict = {}  # tower -> compiled wrapper run in training mode
-        self._serving: dict = {}  # tower -> OnnxTower run in evaluation mode (load(onnx=...))
+        self._serving: dict = {}  # tower -> ONNX/OpenVINO tower in evaluation (load(onnx=))
         self.checkpoint_dropout: dict = {}  # config field -> checkpoint's value (load sets it)
         self.query_model = query_model
         # a separate document tower only when asked; shared towers are one module, not two copies
@@ -72,10 +72,12 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, args: ModelArgs | str, onnx: str | None = None) -> "Encoder":
-        """`onnx`: a file of the model's onnx/ folders (`twotower export`), e.g. model.onnx or
-        model_qint8_avx512_vnni.onnx, which encoding then runs in onnxruntime (each tower's own
-        file); training still uses the torch towers."""
+    def load(cls, args: ModelArgs | str, onnx: str | None = None,
+             serving_precision: str = "f32") -> "Encoder":
+        """`onnx`: a file of the model's onnx/ or openvino/ folders (`twotower export`), e.g.
+        model.onnx, model_qint8_avx512_vnni.onnx or openvino_model.xml, which encoding then runs
+        in onnxruntime or OpenVINO (each tower's own file; OpenVINO at `serving_precision`, f32 or
+        bf16); training still uses the torch towers."""
         args = ModelArgs(name_or_path=args) if isinstance(args, str) else copy.deepcopy(args)
         path = resolve_model_path(args.name_or_path)
         saved = Path(path) / SETTINGS_FILE
@@ -105,7 +107,7 @@ class Encoder(nn.Module):
         if onnx:
             folders = tower_folders(Path(path), doc_model is not None, DOC_TOWER_DIR)
             files = {name: onnx_file(folder, onnx) for name, folder in folders.items()}
-            sessions = {f: OnnxTower(f) for f in set(files.values())}
+            sessions = {f: served_tower(f, serving_precision) for f in set(files.values())}
             encoder._serving = {name: sessions[f] for name, f in files.items()}
             log.info("encoding with %s", ", ".join(sorted(str(f) for f in sessions)))
         return encoder
@@ -214,7 +216,8 @@ class Encoder(nn.Module):
             self.encode_bf16, self.encode_compile = before
 
     def serving_digest(self, tower: str) -> str | None:
-        """sha256 of the ONNX file encoding runs for `tower` (load(onnx=...)); None: torch."""
+        """sha256 of the exported file encoding runs for `tower` (load(onnx=...); with
+        OpenVINO's precision); None: torch."""
         session = self._serving.get(tower)
         return session.digest if session is not None else None
 

@@ -2,10 +2,12 @@
 
     twotower export runs/fewshot_scifact/model --int8 dynamic static --calibration scifact
     twotower export bundled:all-MiniLM-L6-v2 --output models/minilm --int8 dynamic
+    twotower export runs/fewshot_scifact/model --int8 static --calibration scifact --openvino
 
 writes `onnx/model.onnx` (and `onnx/model_qint8_avx512_vnni.onnx`, `onnx/model_qint8_static.onnx`)
 in each tower folder (common/model/serving.py), where `SentenceTransformer(path, backend="onnx")`
-and `twotower evaluate --model PATH --onnx FILE` find them. `--output DIR` first saves the model
+and `twotower evaluate --model PATH --onnx FILE` find them; `--openvino` also converts model.onnx
+(and the static int8 file) to OpenVINO's IR in `openvino/`. `--output DIR` first saves the model
 there (both layouts), for a hub id or the bundled model. Files already there are refused unless
 `--overwrite`; every file is written beside its target and moved into place.
 """
@@ -23,7 +25,8 @@ from twotower.common.data.resolve import resolve_data
 from twotower.common.model.encoder import Encoder, doc_text
 from twotower.common.model.export import DOC_TOWER_DIR
 from twotower.common.model.loading import resolve_model_path
-from twotower.common.model.serving import (FP32_FILE, INT8_FILES, ONNX_DIR, export_tower,
+from twotower.common.model.serving import (FP32_FILE, INT8_FILES, ONNX_DIR, OPENVINO_DIR,
+                                           OPENVINO_FILES, export_openvino, export_tower,
                                            quantize_int8, tower_folders)
 
 
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibrate --int8 static")
     p.add_argument("--calibration-texts", type=int, default=256,
                    help="texts sampled from it (seed 0)")
+    p.add_argument("--openvino", action="store_true", help="also OpenVINO IR files in openvino/ "
+                   "(of model.onnx and, with --int8 static, of the static int8 file)")
     p.add_argument("--overwrite", action="store_true", help="replace existing ONNX files")
     return p
 
@@ -72,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         encoder.save(folder)
     towers = tower_folders(folder, encoder.doc_model is not None, DOC_TOWER_DIR)
     names = [FP32_FILE, *(INT8_FILES[m] for m in ns.int8)]
-    found = [str(f / ONNX_DIR / n) for f in set(towers.values()) for n in names
-             if (f / ONNX_DIR / n).exists()]
+    converted = [n for n in names if n in OPENVINO_FILES] if ns.openvino else []
+    targets = [*(Path(ONNX_DIR, n) for n in names),
+               *(Path(OPENVINO_DIR, OPENVINO_FILES[n]) for n in converted)]
+    found = [str(f / t) for f in set(towers.values()) for t in targets if (f / t).exists()]
     if found and not ns.overwrite:
         parser.error(f"{', '.join(sorted(found))} already exist; pass --overwrite to replace them")
     try:
@@ -89,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefixed = [encoder.prefix(tower) + t for t in texts]
         written += [quantize_int8(path, mode, encoder.tokenizer, prefixed, length)
                     for mode in ns.int8]
+        written += [export_openvino(path, name, encoder.tokenizer, length) for name in converted]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

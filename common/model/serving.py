@@ -10,10 +10,16 @@ quantisation: dynamic (weights int8, activations quantised per call) into
 `onnx/model_qint8_avx512_vnni.onnx`, the name sentence-transformers' own dynamic export gives;
 static (activations calibrated on corpus texts, QDQ format) into `onnx/model_qint8_static.onnx`.
 
-`OnnxTower` runs one of those files in onnxruntime behind the transformers call signature, so
+OpenVINO (`twotower export --openvino`): the fp32 and static-int8 ONNX files converted to
+OpenVINO's IR in `openvino/openvino_model.xml` and `openvino/openvino_model_qint8_static.xml`
+(+ .bin), the folder sentence-transformers' OpenVINO backend reads; run with an explicit
+inference precision, f32 or bf16 (AMX here). OpenVINO's own CPU default on AMX machines is bf16:
+it is never left to that default, so "fp32" means fp32.
+
+`OnnxTower` / `OpenVinoTower` run one of those files behind the transformers call signature, so
 the Encoder pools, chunks and batches exactly as with the torch tower (`Encoder.load(...,
-onnx=FILE)`; the evaluation CLI's `--onnx FILE`). onnx, onnxscript and onnxruntime are the
-`serve` extra: imported here only when an export or a session is asked for.
+onnx=FILE)`; the evaluation CLI's `--onnx FILE`). onnx, onnxscript, onnxruntime and openvino
+are the `serve` extra: imported here only when an export or a session is asked for.
 """
 from __future__ import annotations
 
@@ -34,6 +40,12 @@ from torch import nn
 ONNX_DIR = "onnx"
 FP32_FILE = "model.onnx"
 INT8_FILES = {"dynamic": "model_qint8_avx512_vnni.onnx", "static": "model_qint8_static.onnx"}
+OPENVINO_DIR = "openvino"
+# the ONNX files OpenVINO converts (its CPU plugin runs static QDQ int8 as int8; onnxruntime's
+# dynamic-int8 operators have no OpenVINO equivalent), and the IR file each becomes
+OPENVINO_FILES = {FP32_FILE: "openvino_model.xml",
+                  INT8_FILES["static"]: "openvino_model_qint8_static.xml"}
+PRECISIONS = ("f32", "bf16")  # OpenVINO's INFERENCE_PRECISION_HINT
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # the exported graph is checked against the torch tower on a long and a short text: hidden states
 # differ by float rounding only (measured 1e-4 on all-MiniLM-L6-v2 at 256 tokens)
@@ -51,6 +63,14 @@ def _onnxruntime():
     except ImportError as exc:
         raise ImportError(SERVE_EXTRA) from exc
     return onnxruntime
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ImportError(SERVE_EXTRA.replace("onnxruntime:", "onnxruntime, openvino:")) from exc
+    return openvino
 
 
 def _quantization():
@@ -93,7 +113,7 @@ def _replace_files(built: Path, target: Path) -> None:
     """Move every file of `built` into `target` (the model file last: a reader never finds a
     model file whose external data is not there yet)."""
     target.mkdir(parents=True, exist_ok=True)
-    files = sorted(built.iterdir(), key=lambda p: p.suffix == ".onnx")
+    files = sorted(built.iterdir(), key=lambda p: p.suffix in (".onnx", ".xml"))
     for file in files:
         os.replace(file, target / file.name)
 
@@ -186,9 +206,32 @@ def quantize_int8(folder: Path, mode: str, tokenizer=None, texts: Sequence[str] 
     return target
 
 
-class OnnxTower(nn.Module):
-    """A tower in onnxruntime behind the transformers call: `model(input_ids=...,
+class _ServedTower(nn.Module):
+    """A tower run outside torch behind the transformers call: `model(input_ids=...,
     attention_mask=...).last_hidden_state` (a CPU float32 tensor)."""
+
+    names: list[str]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        if "token_type_ids" in self.names and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = torch.zeros_like(input_ids)
+        arrays = {n: feeds[n].detach().cpu().numpy().astype(np.int64) for n in self.names}
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(self.run(arrays)))
+
+    def run(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _sha256(*paths: Path, extra: str = "") -> str:
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+class OnnxTower(_ServedTower):
+    """An ONNX file in onnxruntime (fp32 or int8, as the file is)."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 0):
         super().__init__()
@@ -200,15 +243,69 @@ class OnnxTower(nn.Module):
         self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         # what it computes, whatever the file is called (common/eval/embed_cache.py keys on it)
-        self.digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.digest = _sha256(Path(path))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra):
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-        if "token_type_ids" in self.names and "token_type_ids" not in feeds:
-            feeds["token_type_ids"] = torch.zeros_like(input_ids)
-        arrays = {n: feeds[n].detach().cpu().numpy().astype(np.int64) for n in self.names}
-        hidden = self.session.run(["last_hidden_state"], arrays)[0]
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+    def run(self, arrays):
+        return self.session.run(["last_hidden_state"], arrays)[0]
+
+
+class OpenVinoTower(_ServedTower):
+    """An OpenVINO IR file on the CPU plugin at an explicit inference precision (f32 or bf16)."""
+
+    def __init__(self, path: str | os.PathLike, precision: str = "f32", threads: int = 0):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
+        ov = _openvino()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        self.path, self.precision = str(path), precision
+        self.compiled = core.compile_model(core.read_model(self.path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output = self.compiled.output("last_hidden_state")
+        self.digest = _sha256(Path(path), Path(path).with_suffix(".bin"), extra=precision)
+
+    def run(self, arrays):
+        return np.array(self.request.infer(arrays)[self.output], dtype=np.float32, copy=True)
+
+
+def served_tower(path: Path, precision: str = "f32") -> _ServedTower:
+    """The tower for an exported file: .xml in OpenVINO at `precision`, .onnx in onnxruntime
+    (fp32 only: its precision is the file's)."""
+    if path.suffix == ".xml":
+        return OpenVinoTower(path, precision)
+    if precision != "f32":
+        raise ValueError(f"{path.name} runs in onnxruntime at the precision it was exported "
+                         f"with; {precision} needs an OpenVINO file (twotower export --openvino)")
+    return OnnxTower(path)
+
+
+def export_openvino(folder: Path, onnx_name: str, tokenizer, max_length: int) -> Path:
+    """`folder/openvino/<IR>.xml` (+ .bin) from `folder/onnx/<onnx_name>`, fp32 weights (the
+    precision is chosen when it runs); the fp32 file is checked against onnxruntime."""
+    ov = _openvino()
+    source = folder / ONNX_DIR / onnx_name
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist: export it first")
+    target = folder / OPENVINO_DIR / OPENVINO_FILES[onnx_name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".partial-") as tmp:
+        built = Path(tmp) / target.name
+        ov.save_model(ov.convert_model(str(source)), str(built), compress_to_fp16=False)
+        if onnx_name == FP32_FILE:
+            reference = OnnxTower(source)
+            sample = _sample(tokenizer, reference.names, max_length)
+            arrays = {n: v.numpy().astype(np.int64) for n, v in sample.items()}
+            error = float(np.abs(OpenVinoTower(built).run(arrays) - reference.run(arrays)).max())
+            if not error <= CHECK_ATOL:
+                raise RuntimeError(f"the OpenVINO {target.name} differs from {source} by "
+                                   f"{error:.2e} (> {CHECK_ATOL}); nothing was written")
+        _replace_files(Path(tmp), target.parent)
+    log.info("wrote %s", target)
+    return target
 
 
 def tower_folders(path: Path, separate: bool, doc_dir: str) -> dict[str, Path]:
@@ -216,12 +313,14 @@ def tower_folders(path: Path, separate: bool, doc_dir: str) -> dict[str, Path]:
 
 
 def onnx_file(folder: Path, name: str) -> Path:
-    """`name` (a file name such as model.onnx, or a path) inside a tower's onnx/ folder."""
+    """`name` (a file name such as model.onnx or openvino_model.xml, or a path) inside a tower's
+    onnx/ folder (.onnx) or openvino/ folder (.xml)."""
     candidate = Path(name)
-    found = candidate if candidate.is_absolute() else folder / ONNX_DIR / candidate.name
+    sub, pattern = (OPENVINO_DIR, "*.xml") if candidate.suffix == ".xml" else (ONNX_DIR, "*.onnx")
+    found = candidate if candidate.is_absolute() else folder / sub / candidate.name
     if not found.is_file():
-        present = sorted(p.name for p in (folder / ONNX_DIR).glob("*.onnx"))
-        raise FileNotFoundError(f"{found} does not exist; {folder / ONNX_DIR} holds "
-                                f"{', '.join(present) or 'no ONNX file'} (twotower export)")
+        present = sorted(p.name for p in (folder / sub).glob(pattern))
+        raise FileNotFoundError(f"{found} does not exist; {folder / sub} holds "
+                                f"{', '.join(present) or 'no such file'} (twotower export)")
     return found
 
