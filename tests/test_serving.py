@@ -5,8 +5,10 @@ check writes nothing."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 
 from twotower.common.eval.cli import main as evaluate_main
@@ -45,6 +47,11 @@ def test_exported_towers_encode_as_torch_and_int8_stays_close(separate):
             q = Encoder.load(str(separate), onnx=name).encode(TEXTS, tower=tower, progress=False)
             cos = (q * want).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(want, axis=1)
             assert cos.min() > 0.98, (tower, name, cos)
+    # eager attention: no IsNaN + Where guard over every attention matrix (30-40% of the time
+    # of the scaled_dot_product_attention export), and the caller's model keeps its attention
+    ops = Counter(n.op_type for n in onnx.load(str(separate / "onnx" / "model.onnx")).graph.node)
+    assert ops["Softmax"] == 2 and ops["IsNaN"] == 0 and ops["Where"] <= 1, ops  # Where: the mask
+    assert torch_enc.query_model.config._attn_implementation != "eager"
     # the two towers differ, and each runs its own file
     q = Encoder.load(str(separate), onnx="model.onnx")
     assert not np.allclose(q.encode(TEXTS, tower="query", progress=False),
