@@ -78,8 +78,8 @@ def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
 
 def test_the_embedding_cache_keeps_onnx_and_torch_apart(separate, tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
-    for onnx in (None, "model_qint8_avx512_vnni.onnx", "model_qint8_static.onnx", None):
-        cache.encode(Encoder.load(str(separate), onnx=onnx), TEXTS, progress=False)
+    for file in (None, "model_qint8_avx512_vnni.onnx", "model_qint8_static.onnx", None):
+        cache.encode(Encoder.load(str(separate), onnx=file), TEXTS, progress=False)
     assert (cache.misses, cache.hits) == (3, 1)  # the second torch encoding is the only hit
 
 
