@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.perf_encode import SYSTEMS, bench_encode, scifact_corpus
-from benchmarks.perf_train import DROPOUT, MODEL, bench_train, build, load_average, timed, twotower_run
+from benchmarks.perf_train import (DROPOUT, MODEL, bench_train, build, load_average, timed,
+                                   twotower_run)
 from twotower.common.model.encoder import Encoder
 from twotower.common.model.grad_cache import GradCache
 from twotower.common.recipe.args import ModelArgs

@@ -24,7 +24,7 @@ from twotower.common.model.encoder import Encoder, doc_text
 from twotower.common.model.export_cli import main as export_main
 from twotower.common.recipe.args import ModelArgs
 
-# key -> (what it is, exported file or None for torch, OpenVINO precision)
+# system -> (the exported file it encodes with, OpenVINO's precision; onnxruntime: f32)
 SERVED = {"onnx fp32": ("model.onnx", "f32"),
           "onnx int8 dynamic": ("model_qint8_avx512_vnni.onnx", "f32"),
           "onnx int8 static": ("model_qint8_static.onnx", "f32"),
