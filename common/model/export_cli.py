@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="texts sampled from it (seed 0)")
     p.add_argument("--openvino", action="store_true", help="also OpenVINO IR files in openvino/ "
                    "(of model.onnx and, with --int8 static, of the static int8 file)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing ONNX files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing ONNX / OpenVINO files")
     return p
 
 

@@ -133,10 +133,11 @@ def export_tower(model: nn.Module, tokenizer, folder: Path, max_length: int) -> 
     names = _input_names(model, tokenizer)
     sample = _sample(tokenizer, names, max_length)
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
-    model = copy.deepcopy(model).eval()  # the caller's model keeps its attention
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(EXPORT_ATTENTION)
-    wrapped = _LastHidden(model)
+    reference = _LastHidden(model.eval())  # the check: the caller's model, its own attention
+    exported = copy.deepcopy(model)  # the caller's model keeps its attention
+    if hasattr(exported, "set_attn_implementation"):
+        exported.set_attn_implementation(EXPORT_ATTENTION)
+    wrapped = _LastHidden(exported)
     target = folder / ONNX_DIR
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".partial-") as tmp:
@@ -149,7 +150,7 @@ def export_tower(model: nn.Module, tokenizer, folder: Path, max_length: int) -> 
                                        providers=["CPUExecutionProvider"])
         got = session.run(None, {n: sample[n].numpy() for n in names})[0]
         with torch.no_grad():
-            want = wrapped(*(sample[n] for n in names)).numpy()
+            want = reference(*(sample[n] for n in names)).numpy()
         error = float(np.abs(got - want).max())
         if not error <= CHECK_ATOL:
             raise RuntimeError(f"the exported {FP32_FILE} differs from the torch model by "
@@ -261,16 +262,14 @@ class OnnxTower(_ServedTower):
 class OpenVinoTower(_ServedTower):
     """An OpenVINO IR file on the CPU plugin at an explicit inference precision (f32 or bf16)."""
 
-    def __init__(self, path: str | os.PathLike, precision: str = "f32", threads: int = 0):
+    def __init__(self, path: str | os.PathLike, precision: str = "f32"):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
         ov = _openvino()
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
-        self.path, self.precision = str(path), precision
+        self.path = str(path)
         self.compiled = core.compile_model(core.read_model(self.path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.names = [i.get_any_name() for i in self.compiled.inputs]
