@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from twotower.common.data import check_teacher_scores, column
+from twotower.common.data import check_teacher_scores
+from twotower.common.data.ids import IdIndex
 from twotower.common.model.encoder import doc_text
 
 log = logging.getLogger("twotower.finetune")
@@ -35,39 +36,41 @@ class TrainGroup:
 
 
 class TextStore:
-    """id -> text for documents or queries, backed by a dict or a (memory-mapped) datasets table."""
+    """id -> text for documents or queries: a dict, or a (memory-mapped) datasets table read on
+    demand through an on-disk id index (twotower.common.data.ids), so a collection of millions
+    of passages costs no per-process Python dict or id list."""
 
-    def __init__(self, ids: Sequence[str], fetch: Callable[[int], str]):
-        self.ids = list(ids)
-        self.row = {i: r for r, i in enumerate(self.ids)}
-        if len(self.row) != len(self.ids):
-            raise ValueError("duplicate ids in a text store")
-        self._fetch = fetch
+    def __init__(self, ids: Sequence[str], row: Callable[[str], int], fetch: Callable[[int], str],
+                 contains: Callable[[str], bool]):
+        self.ids = ids  # row -> id, a sequence (a list, or the table's id column read on demand)
+        self._row, self._fetch, self._contains = row, fetch, contains
 
     @classmethod
     def from_dict(cls, texts: Dict[str, str]) -> "TextStore":
         ids = list(texts)
-        return cls(ids, lambda r: texts[ids[r]])
+        row = {i: r for r, i in enumerate(ids)}
+        return cls(ids, row.__getitem__, lambda r: texts[ids[r]], row.__contains__)
 
     @classmethod
     def from_table(cls, table, with_title: bool) -> "TextStore":
         """A datasets.Dataset with id, text (and title): texts are read on demand."""
-        ids = column(table, "id")
+        index = IdIndex(table)
         if with_title:
-            return cls(ids, lambda r: doc_text(table[int(r)]))
-        return cls(ids, lambda r: table[int(r)]["text"])
+            return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__)
+        return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.row
+        return self._contains(key)
 
     def __getitem__(self, key: str) -> str:
         try:
-            return self._fetch(self.row[key])
+            row = self._row(key)
         except KeyError:
             raise KeyError(f"id {key!r} is not in the text store") from None
+        return self._fetch(row)
 
 
 @dataclass

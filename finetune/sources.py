@@ -110,8 +110,7 @@ def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     docs = TextStore.from_table(D.load_msmarco_collection(_file(root, data.collection), **read), True)
     queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries), **read), False)
     if data.qrels:
-        qrels = D.load_qrels(_file(root, data.qrels), query_ids=set(queries.ids),
-                             doc_ids=set(docs.ids), **read)
+        qrels = D.load_qrels(_file(root, data.qrels), query_ids=queries, doc_ids=docs, **read)
         groups = _groups_from_qrels(queries.ids, qrels, data.min_relevance, str(root))
     elif not data.hard_negatives:
         raise D.DataError("msmarco data needs data.qrels or data.hard_negatives (for positives)",
@@ -125,7 +124,8 @@ def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
             raise D.DataError(f"query {g.qid!r} has no text in {data.queries}", path=root)
 
     def mining_data():  # every judged query of the file, as before the dev and few-shot cuts
-        kept = [i for i, q in enumerate(queries.ids) if q in {g.qid for g in groups}]
+        judged = {g.qid for g in groups}
+        kept = [i for i, q in enumerate(queries.ids) if q in judged]
         table = D.load_msmarco_queries(_file(root, data.queries), **read).select(kept)
         return D.RetrievalData(
             corpus=D.load_msmarco_collection(_file(root, data.collection), **read), queries=table,

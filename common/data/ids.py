@@ -1,0 +1,201 @@
+"""Id → row lookup for a ``datasets`` table without a Python dict per process.
+
+A ``{id: row}`` dict over MS MARCO's 8.8 M passage ids costs about 1 GB in every process (a
+``str`` object per id plus the dict), and as many times over as there are processes on the node.
+:class:`IdIndex` keeps two numpy arrays instead: the 64-bit hashes of the ids, sorted, and the row
+of each. For a table cached on disk (what every reader here returns) they are ``.npy`` files next
+to the table's Arrow cache, memory-mapped, so every process and every later run shares one copy in
+the page cache; an in-memory table gets in-memory arrays.
+
+* Built once per table: the file name carries the table's ``datasets`` fingerprint, which changes
+  whenever the source file, the reader options or a ``select``/``filter`` change (see
+  ``twotower.common.data.build``), so a stale index is never found, let alone read.
+* Written to temporary names and renamed, the rows file last; on open the files must be valid
+  ``.npy`` arrays of the table's length with matching hashes, rows and a small header record
+  (version, row count, hash function), else they are rebuilt (a half-written or corrupt index is
+  never read).
+* Exact: a lookup hashes the key, binary-searches the hashes and compares the id stored in the
+  table at each candidate row, so a hash collision can cost a comparison, never a wrong row.
+
+Hashes are the first 8 bytes of BLAKE2b (``hashlib``; the same in every process and Python,
+unlike ``hash()``), computed over the id column in blocks so building stays bounded in memory too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+INDEX_VERSION = 1
+_BLOCK = 1 << 20  # ids hashed per step while building
+_HASH = "blake2b-64 of the UTF-8 id, little-endian"
+
+
+def hash_id(key: str) -> int:
+    """The 64-bit hash every index and lookup shares."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def hash_ids(ids: Sequence[str]) -> np.ndarray:
+    return np.fromiter((hash_id(k) for k in ids), dtype=np.uint64, count=len(ids))
+
+
+class IdColumn(Sequence):
+    """The ``id`` column of a table as a read-only sequence of ``str``, read from Arrow on demand
+    (a ``select``/``filter`` index mapping is respected)."""
+
+    def __init__(self, table):
+        self._ids: pa.ChunkedArray = table.data.column("id")
+        mapping = getattr(table, "_indices", None)  # datasets' select/filter row mapping
+        self._rows = None if mapping is None else mapping.column(0).to_numpy()
+        self._n = len(table)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(self._n))]
+        row = int(row)
+        if row < 0:
+            row += self._n
+        if not 0 <= row < self._n:
+            raise IndexError(f"row {row} out of range for {self._n} ids")
+        physical = row if self._rows is None else int(self._rows[row])
+        return self._ids[physical].as_py()
+
+    def blocks(self, size: int = _BLOCK) -> Iterator[list[str]]:
+        """The ids in order, ``size`` at a time (a Python list per block only)."""
+        for start in range(0, self._n, size):
+            stop = min(start + size, self._n)
+            if self._rows is None:
+                yield self._ids.slice(start, stop - start).to_pylist()
+            else:
+                yield self._ids.take(pa.array(self._rows[start:stop])).to_pylist()
+
+    def __iter__(self) -> Iterator[str]:
+        for block in self.blocks():
+            yield from block
+
+
+class IdIndex:
+    """Row of each id of ``table`` (a ``datasets.Dataset`` with a string ``id`` column)."""
+
+    def __init__(self, table, cache_dir: str | os.PathLike | None = None):
+        self.ids = IdColumn(table)
+        self.path = self._cache_path(table, cache_dir)
+        loaded = self._load() if self.path is not None else None
+        if loaded is None:
+            loaded = self._build()
+            if self.path is not None:
+                self._save(*loaded)
+                loaded = self._load()
+                if loaded is None:  # cannot happen unless the disk lies: fail loudly
+                    raise OSError(f"{self.path}: the id index just written does not read back")
+        self.hashes, self.rows = loaded
+
+    # ---------------------------------------------------------------------------- lookup
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, key: str) -> int:
+        """The row of ``key``; ``KeyError`` when the table has no such id."""
+        key = str(key)
+        h = np.uint64(hash_id(key))
+        i = int(np.searchsorted(self.hashes, h, side="left"))
+        while i < len(self.hashes) and self.hashes[i] == h:
+            row = int(self.rows[i])
+            if self.ids[row] == key:
+                return row
+            i += 1
+        raise KeyError(key)
+
+    def get(self, key: str, default=None):
+        try:
+            return self.row(key)
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+    # ---------------------------------------------------------------------------- building
+    @staticmethod
+    def _cache_path(table, cache_dir) -> Path | None:
+        if cache_dir is not None:
+            folder = Path(cache_dir)
+        elif table.cache_files:
+            folder = Path(table.cache_files[0]["filename"]).parent
+        else:
+            return None  # an in-memory table: the index lives in memory too
+        return folder / f"twotower-ids-v{INDEX_VERSION}-{table._fingerprint}"
+
+    def _build(self) -> tuple[np.ndarray, np.ndarray]:
+        hashes = np.empty(len(self.ids), dtype=np.uint64)
+        start = 0
+        for block in self.ids.blocks():
+            hashes[start:start + len(block)] = hash_ids(block)
+            start += len(block)
+        order = np.argsort(hashes, kind="stable")
+        hashes = hashes[order]
+        for i in np.flatnonzero(hashes[1:] == hashes[:-1]):  # equal hashes: a collision or a repeat
+            first, second = self.ids[int(order[i])], self.ids[int(order[i + 1])]
+            if first == second:
+                raise ValueError(f"duplicate id {first!r} (rows {int(order[i])} and "
+                                 f"{int(order[i + 1])})")
+        return hashes, order.astype(np.int64)
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        return (self.path.with_suffix(".hashes.npy"), self.path.with_suffix(".rows.npy"),
+                self.path.with_suffix(".json"))
+
+    def _header(self) -> dict:
+        return {"version": INDEX_VERSION, "rows": len(self.ids), "hash": _HASH}
+
+    def _save(self, hashes: np.ndarray, rows: np.ndarray) -> None:
+        hashes_file, rows_file, header_file = self._files()
+        hashes_file.parent.mkdir(parents=True, exist_ok=True)
+        for target, write in ((hashes_file, lambda f: np.save(f, hashes)),
+                              (header_file, lambda f: f.write(json.dumps(self._header()).encode())),
+                              (rows_file, lambda f: np.save(f, rows))):  # rows last: "complete"
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The saved arrays, memory-mapped; None when missing, stale or damaged (then rebuilt)."""
+        hashes_file, rows_file, header_file = self._files()
+        try:
+            if json.loads(header_file.read_text()) != self._header():
+                return None
+            hashes = np.load(hashes_file, mmap_mode="r")
+            rows = np.load(rows_file, mmap_mode="r")
+        except (OSError, ValueError):  # missing, truncated or not an .npy / JSON file
+            return None
+        n = len(self.ids)
+        if (hashes.shape != (n,) or rows.shape != (n,) or hashes.dtype != np.uint64
+                or rows.dtype != np.int64):
+            return None
+        if n and not self._spot_check(hashes, rows):
+            return None
+        return hashes, rows
+
+    def _spot_check(self, hashes: np.ndarray, rows: np.ndarray) -> bool:
+        """A few entries re-hashed from the table: catches bytes changed inside the files."""
+        picks = np.unique(np.linspace(0, len(hashes) - 1, num=min(len(hashes), 64)).astype(int))
+        if not (0 <= rows[picks]).all() or not (rows[picks] < len(hashes)).all():
+            return False
+        expected = hash_ids([self.ids[int(r)] for r in rows[picks]])
+        return bool((np.asarray(hashes[picks]) == expected).all()
+                    and (np.diff(np.asarray(hashes[picks])) >= 0).all())

@@ -1,0 +1,129 @@
+"""The on-disk id index (twotower.common.data.ids) and the TextStore built on it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import pytest
+
+from twotower.common.data import load_msmarco_collection
+from twotower.common.data.ids import IdIndex
+from twotower.finetune.data import TextStore
+
+
+def _collection(path, n, start=0):
+    path.write_text("".join(f"{start + i}\tpassage number {start + i}\n" for i in range(n)))
+    return path
+
+
+def test_every_id_finds_its_row_and_unknown_ids_are_absent(tmp_path):
+    table = load_msmarco_collection(_collection(tmp_path / "collection.tsv", 500),
+                                    cache_dir=tmp_path / "cache")
+    index = IdIndex(table)
+    assert index.path.parent == Path(table.cache_files[0]["filename"]).parent
+    for row in range(len(table)):
+        assert index.row(table[row]["id"]) == row
+    assert list(index.ids) == [str(i) for i in range(500)]
+    assert "500" not in index and "-1" not in index and "" not in index
+    with pytest.raises(KeyError):
+        index.row("x")
+    # a select / filter view: rows are the view's rows, ids outside it are absent
+    view = table.select([7, 3, 400])
+    sub = IdIndex(view)
+    assert [sub.row(i) for i in ("7", "3", "400")] == [0, 1, 2] and "4" not in sub
+    assert sub.path != index.path and list(sub.ids) == ["7", "3", "400"]
+
+
+def test_the_saved_index_is_read_back_memory_mapped_not_rebuilt(tmp_path, monkeypatch):
+    table = load_msmarco_collection(_collection(tmp_path / "c.tsv", 300), cache_dir=tmp_path / "k")
+    IdIndex(table)
+    monkeypatch.setattr(IdIndex, "_build", lambda self: pytest.fail("rebuilt a valid index"))
+    again = IdIndex(table)
+    assert isinstance(again.hashes, np.memmap) and isinstance(again.rows, np.memmap)
+    assert again.row("299") == 299
+
+
+def test_a_changed_data_file_never_reuses_the_old_index(tmp_path):
+    path = _collection(tmp_path / "c.tsv", 100)
+    old = IdIndex(load_msmarco_collection(path, cache_dir=tmp_path / "k"))
+    _collection(path, 100, start=1000)  # the file rewritten with other ids
+    new_table = load_msmarco_collection(path, cache_dir=tmp_path / "k")
+    new = IdIndex(new_table)
+    assert new.path != old.path
+    assert "5" not in new and new.row("1005") == 5 and new_table[5]["id"] == "1005"
+
+
+@pytest.mark.parametrize("damage", ["truncate_hashes", "flip_hash_bytes", "drop_rows_file",
+                                    "header_rows"])
+def test_a_corrupt_or_half_written_index_is_rebuilt_not_read(tmp_path, damage):
+    table = load_msmarco_collection(_collection(tmp_path / "c.tsv", 2000),
+                                    cache_dir=tmp_path / "k")
+    index = IdIndex(table)
+    hashes_file, rows_file, header_file = index._files()
+    if damage == "truncate_hashes":
+        hashes_file.write_bytes(hashes_file.read_bytes()[:-100])
+    elif damage == "flip_hash_bytes":
+        raw = bytearray(hashes_file.read_bytes())
+        header = len(raw) - 8 * 2000
+        for offset in range(header, len(raw)):
+            raw[offset] ^= 0xFF
+        hashes_file.write_bytes(bytes(raw))
+    elif damage == "drop_rows_file":  # a crash before the last rename
+        rows_file.unlink()
+    else:
+        header_file.write_text(json.dumps({**json.loads(header_file.read_text()), "rows": 5}))
+    built = []
+    original = IdIndex._build
+
+    def spy(self):
+        built.append(True)
+        return original(self)
+    IdIndex._build = spy
+    try:
+        again = IdIndex(table)
+    finally:
+        IdIndex._build = original
+    assert built == [True]
+    assert all(again.row(str(i)) == i for i in range(0, 2000, 37))
+
+
+def test_duplicate_ids_are_an_error_naming_the_id():
+    table = datasets.Dataset.from_dict({"id": ["a", "b", "a"], "text": ["x", "y", "z"]})
+    with pytest.raises(ValueError, match="duplicate id 'a'"):
+        IdIndex(table)
+
+
+def test_text_store_from_table_reads_texts_by_id_without_a_python_id_list(tmp_path):
+    table = load_msmarco_collection(_collection(tmp_path / "c.tsv", 50), cache_dir=tmp_path / "k")
+    store = TextStore.from_table(table, with_title=True)
+    assert not isinstance(store.ids, list) and len(store) == 50
+    assert store["17"] == "passage number 17" and store.ids[17] == "17"
+    assert "17" in store and "50" not in store
+    with pytest.raises(KeyError, match="not in the text store"):
+        store["50"]
+
+
+def test_two_processes_read_one_index(tmp_path):
+    path = _collection(tmp_path / "c.tsv", 1000)
+    first = IdIndex(load_msmarco_collection(path, cache_dir=tmp_path / "k"))
+    files = first._files()
+    stamps = [f.stat().st_mtime_ns for f in files]
+    script = textwrap.dedent(f"""
+        from twotower.common.data import load_msmarco_collection
+        from twotower.common.data.ids import IdIndex
+        IdIndex._build = lambda self: (_ for _ in ()).throw(AssertionError("rebuilt"))
+        index = IdIndex(load_msmarco_collection({str(path)!r}, cache_dir={str(tmp_path / 'k')!r}))
+        assert index.row("999") == 999
+        print(index.path)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert {o[0].strip() for o in outs} == {str(first.path)}
+    assert [f.stat().st_mtime_ns for f in files] == stamps
