@@ -41,9 +41,11 @@ class TextStore:
     of passages costs no per-process Python dict or id list."""
 
     def __init__(self, ids: Sequence[str], row: Callable[[str], int], fetch: Callable[[int], str],
-                 contains: Callable[[str], bool]):
+                 contains: Callable[[str], bool], table=None, with_title: bool = False):
         self.ids = ids  # row -> id, a sequence (a list, or the table's id column read on demand)
         self._row, self._fetch, self._contains = row, fetch, contains
+        # the backing datasets table (None for a dict): twotower.finetune.tokens tokenises it whole
+        self.table, self.with_title = table, with_title
 
     @classmethod
     def from_dict(cls, texts: Dict[str, str]) -> "TextStore":
@@ -56,8 +58,17 @@ class TextStore:
         """A datasets.Dataset with id, text (and title): texts are read on demand."""
         index = IdIndex(table)
         if with_title:
-            return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__)
-        return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__)
+            return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__,
+                       table, True)
+        return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__,
+                   table, False)
+
+    def row(self, key: str) -> int:
+        """The row of `key` in the ids (and the backing table)."""
+        try:
+            return self._row(key)
+        except KeyError:
+            raise KeyError(f"id {key!r} is not in the text store") from None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,11 +77,7 @@ class TextStore:
         return self._contains(key)
 
     def __getitem__(self, key: str) -> str:
-        try:
-            row = self._row(key)
-        except KeyError:
-            raise KeyError(f"id {key!r} is not in the text store") from None
-        return self._fetch(row)
+        return self._fetch(self.row(key))
 
 
 @dataclass

@@ -111,6 +111,8 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     tokens = None
     if stage.data.pretokenize:
         tokens = TokenCache(encoder, pool)
+        with state.main_process_first():  # one cached token table per data file, shared
+            tokens.tokenize_tables()
         tokens.pretokenize(progress=state.is_main_process)
     dataset = GroupDataset(pool, stage.data.n_negatives, stage.data.n_neg_queries,
                            with_teacher=with_teacher, short_pool=stage.data.short_pool,

@@ -2,6 +2,13 @@
 groups can draw (queries, positives, the hard-negative pools, negative queries) are computed
 before the first step and kept; a step only pads (`data.pretokenize`, on by default).
 
+Texts read from a cached datasets table (a corpus or queries file: TextStore.from_table) are
+tokenised whole, once per table, tokenizer and tower settings, into a cached Arrow table beside it
+(`tokenize_tables`, which the main process runs first): every process and every later run maps
+that one file, a row found through the store's on-disk id index, so a warm start of an 8.8 M
+passage collection tokenises nothing and keeps no per-process copy. Texts of dict-backed stores
+(triples, JSONL groups, pseudo-queries) are tokenised per process as below.
+
 A text outside those pools -- a random corpus document filling a short negative pool
 (`data.short_pool=random`) -- is tokenised the first time a step meets it and kept, and counted
 (`computed_in_steps`, by the process that collates: a DataLoader worker keeps its own count).
@@ -12,16 +19,35 @@ token; `data.pretokenize=false` tokenises in the collator instead and keeps noth
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Dict, Iterable, List, Sequence
 
+import datasets
 import numpy as np
 from tqdm.auto import tqdm
+
+from twotower.common.model.encoder import doc_text
+from twotower.pretrain.chunks import tokenizer_key
 
 log = logging.getLogger("twotower.finetune")
 
 TOWER_OF_STORE = {"queries": "query", "docs": "doc"}
+TABLE_TOKENS_VERSION = "1"  # bump when what the cached table holds changes
+_List = getattr(datasets, "List", None) or datasets.Sequence
+
+
+class _TowerTokens:
+    """datasets.map function: a table's texts -> `Encoder.token_ids` of one tower."""
+
+    def __init__(self, encoder, tower: str, with_title: bool):
+        self.encoder, self.tower, self.with_title = encoder, tower, with_title
+
+    def __call__(self, batch: dict) -> dict:
+        texts = ([doc_text({"title": t, "text": x}) for t, x in zip(batch["title"], batch["text"])]
+                 if self.with_title else batch["text"])
+        return {"input_ids": self.encoder.token_ids(texts, tower=self.tower)}
 
 
 class TokenCache:
@@ -33,9 +59,29 @@ class TokenCache:
         self.ids: Dict[str, Dict[str, np.ndarray]] = {"query": {}, "doc": {}}
         self.dtype = np.uint16 if len(encoder.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
         self.computed_in_steps = 0
+        self.tables: Dict[str, object] = {}  # tower -> the input_ids column of its cached table
+
+    def tokenize_tables(self) -> None:
+        """Tokenise each table-backed store whole into a cached Arrow table (built by the first
+        process to call, read by the others: call it under main_process_first)."""
+        for tower, store in self.stores.items():
+            table = getattr(store, "table", None)
+            if table is None or not table.cache_files:  # in-memory tables: per process, below
+                continue
+            key = hashlib.sha256("|".join([
+                TABLE_TOKENS_VERSION, tower, table._fingerprint, tokenizer_key(self.encoder.tokenizer),
+                repr(self.encoder.prefix(tower)), str(self.encoder.max_length(tower)),
+                str(store.with_title), np.dtype(self.dtype).name]).encode()).hexdigest()[:32]
+            features = datasets.Features({"input_ids": _List(datasets.Value(np.dtype(self.dtype).name))})
+            tokenized = table.map(_TowerTokens(self.encoder, tower, store.with_title), batched=True,
+                                  batch_size=self.batch_size, remove_columns=table.column_names,
+                                  features=features, new_fingerprint=key,
+                                  desc=f"tokenise {tower} table (cached)")
+            self.tables[tower] = tokenized.data.column("input_ids")
 
     def reachable(self) -> Dict[str, List[str]]:
-        """The ids the pool's groups can draw, per tower, in first-seen order."""
+        """The ids the pool's groups can draw, per tower, in first-seen order (towers whose
+        whole table is tokenised are left out)."""
         queries: Dict[str, None] = {}
         docs: Dict[str, None] = {}
         for group in self.pool.groups:
@@ -44,7 +90,8 @@ class TokenCache:
             docs.update(dict.fromkeys(group.negatives))
             for positive in group.positives:
                 queries.update(dict.fromkeys(self.pool.neg_queries.get(positive, ())))
-        return {"query": list(queries), "doc": list(docs)}
+        out = {"query": list(queries), "doc": list(docs)}
+        return {tower: ids for tower, ids in out.items() if tower not in self.tables}
 
     def pretokenize(self, progress: bool = False) -> int:
         """Tokenise every reachable text once; returns how many were tokenised."""
@@ -62,6 +109,8 @@ class TokenCache:
         return total
 
     def _add(self, tower: str, ids: Iterable[str]) -> int:
+        if tower in self.tables:
+            return 0
         missing = [i for i in dict.fromkeys(ids) if i not in self.ids[tower]]
         if missing:
             store = self.stores[tower]
@@ -74,13 +123,17 @@ class TokenCache:
         """input_ids + attention_mask of the texts `ids` of `tower`, padded to the longest: the
         tensors `Encoder.tokenize` makes from their texts."""
         self.computed_in_steps += self._add(tower, ids)
-        kept = self.ids[tower]
-        return self.encoder.pad([kept[i].tolist() for i in ids])
+        return self.encoder.pad([self._ids(tower, i).tolist() for i in ids])
+
+    def _ids(self, tower: str, text_id: str) -> np.ndarray:
+        if tower in self.tables:
+            return self.tables[tower][self.stores[tower].row(text_id)].values.to_numpy()
+        return self.ids[tower][text_id]
 
     def length(self, tower: str, text_id: str) -> int:
         """Tokens of one text, special tokens included (tokenised now if not kept yet)."""
         self.computed_in_steps += self._add(tower, [text_id])
-        return len(self.ids[tower][text_id])
+        return len(self._ids(tower, text_id))
 
     def kept_tokens(self) -> int:
         return sum(len(t) for by_id in self.ids.values() for t in by_id.values())

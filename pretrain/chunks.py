@@ -11,6 +11,7 @@ chunk -- and so no positive pair -- joins the end of one document to the start o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -60,7 +61,11 @@ def tokenizer_key(tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        # without the truncation / padding state, which every call with other settings rewrites
+        # (the same tokenizer would otherwise key differently before and after a first use)
+        state = {k: v for k, v in json.loads(backend.to_str()).items()
+                 if k not in ("truncation", "padding")}
+        digest.update(json.dumps(state, sort_keys=True).encode())
     else:
         digest.update(f"{tokenizer.name_or_path}:{len(tokenizer)}".encode())
     return digest.hexdigest()[:16]

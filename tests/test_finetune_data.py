@@ -330,3 +330,49 @@ def test_a_teacher_dual_pool_keeps_only_anchored_positives_up_front(caplog):
     assert ds[0]["neg_queries"] == ["query 1"]
     with pytest.raises(ValueError, match="set data.n_neg_queries=0"):  # nothing anchored
         GroupDataset(make_pool(n=5, teacher=True), 1, n_neg_queries=1, with_teacher=True, seed=0)
+
+
+def test_table_backed_texts_are_tokenised_once_into_a_shared_cached_table(tiny_encoder_factory,
+                                                                           tmp_path, monkeypatch):
+    """A corpus / queries file is tokenised whole into a cached Arrow table beside it (a warm
+    start tokenises nothing), and the collator's tensors equal tokenising each batch's texts."""
+    from twotower.common.data import load_msmarco_collection, load_msmarco_queries
+    from twotower.finetune import tokens as T
+
+    enc = tiny_encoder_factory(query_prefix="query: ", doc_prefix="passage: ",
+                               max_query_length=12, max_doc_length=20)
+    (tmp_path / "c.tsv").write_text("".join(
+        f"{100 + i}\tpassage {i} " + "word " * (i % 30) + "\n" for i in range(60)))
+    (tmp_path / "q.tsv").write_text("".join(f"{i}\tquestion {i} about things\n" for i in range(20)))
+
+    def pool():
+        docs = TextStore.from_table(load_msmarco_collection(tmp_path / "c.tsv",
+                                                            cache_dir=tmp_path / "k"), True)
+        queries = TextStore.from_table(load_msmarco_queries(tmp_path / "q.tsv",
+                                                            cache_dir=tmp_path / "k"), False)
+        groups = [TrainGroup(str(i), [str(100 + 3 * i)], [str(101 + 3 * i), str(102 + 3 * i)])
+                  for i in range(20)]
+        return TrainingPool(groups, queries, docs)
+
+    cold = T.TokenCache(enc, pool())
+    cold.tokenize_tables()
+    assert set(cold.tables) == {"query", "doc"} and cold.pretokenize() == 0
+    warm = T.TokenCache(enc, pool())
+    monkeypatch.setattr(T._TowerTokens, "__call__", lambda *a: pytest.fail("tokenised again"))
+    warm.tokenize_tables()
+    monkeypatch.undo()
+    ds = GroupDataset(warm.pool, 2, seed=0)
+    plain, cached = GroupCollator(enc.tokenize), GroupCollator(enc.tokenize, warm)
+    for start in range(0, len(ds), 4):
+        items = [ds[i] for i in range(start, start + 4)]
+        a, b = plain(items), cached(items)
+        for key in a:
+            if torch.is_tensor(a[key]):
+                assert torch.equal(a[key], b[key]), (start, key)
+    assert warm.computed_in_steps == 0 and warm.length("doc", "129") == len(
+        enc.token_ids(["passage 29 " + "word " * 29], tower="doc")[0])
+    # other tower settings (a longer document limit) are another cached table, not a stale one
+    longer = T.TokenCache(tiny_encoder_factory(query_prefix="query: ", doc_prefix="passage: ",
+                                               max_query_length=12, max_doc_length=30), pool())
+    longer.tokenize_tables()
+    assert longer.length("doc", "129") > warm.length("doc", "129")

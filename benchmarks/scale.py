@@ -1,0 +1,169 @@
+"""How the data path grows with the collection: MS MARCO-shaped data at 0.1 M, 1 M, 8.8 M passages.
+
+    TWOTOWER_DATA=../shared/data python -m benchmarks.scale [--sizes 100000 1000000 8841823]
+        [--parts data train bm25 search random_search] [--work /tmp/twotower-scale]
+
+Data: benchmarks/scale_data.py (what it imitates is said there), written once per size under
+--work. Every measurement runs in a child process, watched every 0.2 s: wall seconds, the peak
+RSS of its largest process and the peak total PSS of its processes (a page shared by two
+processes counts half in each, so PSS says what a second process really adds). Parts:
+  data           cold (empty datasets cache) and warm: read the collection, the training queries,
+                 qrels and hard negatives into cached Arrow tables and their id indexes;
+  train          finetune/run.py --recipe msmarco_mnrl_cpu on the data with a tiny random BERT (the
+                 data path is measured, not the model): 1 step cold and warm, on 1 and 2
+                 processes (gloo), then 21 steps warm (steps/s = 20 / the difference);
+  bm25           BM25 index of the collection + top-20 of 10k training queries;
+  search         the tiny encoder encodes the collection into fp16 shards, exact top-100 of 1k dev
+                 queries streamed shard by shard (twotower.common.eval.shards);
+  random_search  the same search over random 768-dim fp16 vectors, one per passage.
+Results: scale.json and scale.md in benchmarks/results (merged per size and part); each row
+also shows its growth over the previous size (x prev).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from benchmarks.rehearse import launch_prefix
+from benchmarks.scale_data import write_msmarco
+from benchmarks.synthetic_data import write_model
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+PARTS = ("data", "train", "bm25", "search", "random_search")
+
+
+def watch(cmd: list[str], env: dict, log: Path) -> dict:
+    """Run `cmd`, sampling its process tree: wall s, peak RSS of one process, peak total PSS."""
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak_rss = peak_pss = 0
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            pss = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    info = p.memory_full_info()
+                    peak_rss, pss = max(peak_rss, info.rss), pss + info.pss
+            except psutil.Error:
+                pass
+            peak_pss = max(peak_pss, pss)
+            time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
+    return {"s": round(time.time() - start, 1), "rss_gb": round(peak_rss / 2**30, 2),
+            "pss_gb": round(peak_pss / 2**30, 2)}
+
+
+def child(part: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.scale_child", part, *args]
+
+
+def train_cmd(root: Path, model: Path, out: Path, steps: int, processes: int) -> list[str]:
+    prefix = [sys.executable] if processes == 1 else launch_prefix()
+    return [*prefix, str(REPO / "finetune" / "run.py"), "--recipe", "msmarco_mnrl_cpu",
+            f"data.path={root}", "data.queries=queries.train.tsv", "data.qrels=qrels.train.tsv",
+            "data.hard_negatives=msmarco-hard-negatives.jsonl.gz", f"model.name_or_path={model}",
+            "eval.data=", f"train.max_steps={steps}", "train.log_every=1",
+            f"train.output_dir={out}"]
+
+
+def measure(size: int, parts, work: Path, env: dict) -> dict:
+    root = write_msmarco(work / f"msmarco_{size}", size)
+    model = write_model("bert", work / "tiny_bert")
+    cache = work / f"cache_{size}"
+    env = {**env, "HF_DATASETS_CACHE": str(cache)}
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    rows = {}
+
+    def run(name, cmd, cold=False):
+        if cold:
+            shutil.rmtree(cache, ignore_errors=True)
+        rows[name] = watch(cmd, env, logs / f"{size}_{name.replace(' ', '_')}.log")
+        print(f"{size:>9,} {name:<28} {rows[name]}", flush=True)
+
+    if "data" in parts:
+        run("data cold", child("data", str(root)), cold=True)
+        run("data warm", child("data", str(root)))
+    if "train" in parts:
+        for processes in (1, 2):
+            out = work / "runs" / f"{size}_{processes}"
+            shutil.rmtree(out.parent, ignore_errors=True)
+            run(f"first step cold x{processes}", train_cmd(root, model, out, 1, processes),
+                cold=True)
+            shutil.rmtree(out.parent, ignore_errors=True)
+            run(f"first step warm x{processes}", train_cmd(root, model, out, 1, processes))
+            shutil.rmtree(out.parent, ignore_errors=True)
+            run(f"21 steps warm x{processes}", train_cmd(root, model, out, 21, processes))
+            rows[f"steps/s x{processes}"] = round(
+                20 / max(1e-9, rows[f"21 steps warm x{processes}"]["s"]
+                         - rows[f"first step warm x{processes}"]["s"]), 2)
+    if "bm25" in parts:
+        run("bm25 build + 10k top-20", child("bm25", str(root)))
+    if "search" in parts:
+        run("encode + shards + 1k exact", child("search", str(root), str(model),
+                                                  str(work / f"shards_{size}")))
+    if "random_search" in parts:
+        folder = str(work / f"random_{size}")
+        run("768-d fp16 write", child("random_write", str(size), folder))
+        run("768-d fp16 1k exact", child("random_search", folder))
+    return rows
+
+
+def growth_table(results: dict) -> str:
+    sizes = sorted(results, key=int)
+    names = list(dict.fromkeys(n for s in sizes for n in results[s]))
+    lines = ["| measure | " + " | ".join(f"{int(s):,}" for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for name in names:
+        cells, prev = [], None
+        for s in sizes:
+            v = results[s].get(name)
+            if v is None:
+                cells.append("–")
+                continue
+            text = (f"{v['s']} s, {v['rss_gb']} GB RSS, {v['pss_gb']} GB PSS"
+                    if isinstance(v, dict) else f"{v}")
+            now = v["s"] if isinstance(v, dict) else v
+            if prev:
+                text += f" (×{now / prev:.1f} time)"
+            cells.append(text)
+            prev = now
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/twotower-scale"))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    path = args.results / "scale.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for size in args.sizes:
+        rows = measure(size, args.parts, args.work, env)
+        results.setdefault(str(size), {}).update(rows)
+        args.results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        (args.results / "scale.md").write_text(
+            f"Command: python -m benchmarks.scale --sizes {' '.join(map(str, args.sizes))} "
+            f"--parts {' '.join(args.parts)}\n\n" + growth_table(results))
+    print(growth_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One measured step of benchmarks/scale.py, run in its own process (so its peak memory is its own).
+
+    python -m benchmarks.scale_child data ROOT | bm25 ROOT | search ROOT MODEL SHARDS
+        | random_write ROWS FOLDER | random_search FOLDER
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from twotower.common.data import (column, load_hard_negatives, load_msmarco_collection,
+                                  load_msmarco_queries, load_qrels)
+from twotower.common.eval.bm25 import BM25Index
+from twotower.common.eval.shards import open_shards, run_from_rows, search_shards, write_shards
+from twotower.common.model.encoder import Encoder
+from twotower.finetune.data import TextStore
+
+BLOCK = 8192  # passages encoded / vectors written per step
+
+
+def data(root: str) -> None:
+    root = Path(root)
+    docs = TextStore.from_table(load_msmarco_collection(root / "collection.tsv"), with_title=True)
+    queries = TextStore.from_table(load_msmarco_queries(root / "queries.train.tsv"), False)
+    qrels = load_qrels(root / "qrels.train.tsv", query_ids=queries, doc_ids=docs)
+    negatives = load_hard_negatives(root / "msmarco-hard-negatives.jsonl.gz")
+    print(f"{len(docs)} passages, {len(queries)} queries, {len(qrels)} judged, "
+          f"{len(negatives)} hard-negative lines")
+
+
+def bm25(root: str) -> None:
+    root = Path(root)
+    index = BM25Index(load_msmarco_collection(root / "collection.tsv"), progress=False)
+    queries = load_msmarco_queries(root / "queries.train.tsv")
+    n = min(10_000, len(queries))
+    started = time.time()
+    run = index.search(column(queries, "id")[:n], column(queries, "text")[:n], k=20)
+    print(f"top-20 of {n} queries in {time.time() - started:.1f} s, "
+          f"{sum(map(len, run.values()))} hits")
+
+
+def search(root: str, model: str, shards: str) -> None:
+    root = Path(root)
+    encoder = Encoder.load(model)
+    corpus = load_msmarco_collection(root / "collection.tsv")
+
+    def blocks():
+        for start in range(0, len(corpus), BLOCK):
+            yield encoder.encode(corpus[start:start + BLOCK]["text"], tower="doc",
+                                 batch_size=256, progress=False)
+    write_shards(blocks(), shards, dtype="float16", shard_rows=1 << 20, overwrite=True)
+    dev = load_msmarco_queries(root / "queries.dev.small.tsv").select(range(1000))
+    queries = encoder.encode(column(dev, "text"), progress=False)
+    started = time.time()
+    scores, rows = search_shards(queries, open_shards(shards), k=100)
+    ids = TextStore.from_table(corpus, with_title=True).ids
+    run = run_from_rows(scores, rows, column(dev, "id"), ids)
+    print(f"exact top-100 of 1000 queries in {time.time() - started:.1f} s ({len(run)} queries)")
+
+
+def random_write(rows: str, folder: str) -> None:
+    rows, rng = int(rows), np.random.default_rng(0)
+    blocks = (rng.standard_normal((min(1 << 16, rows - s), 768), dtype=np.float32)
+              for s in range(0, rows, 1 << 16))
+    write_shards(blocks, folder, dtype="float16", shard_rows=1 << 20, overwrite=True)
+
+
+def random_search(folder: str) -> None:
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((1000, 768), dtype=np.float32)
+    started = time.time()
+    shards = open_shards(folder)
+    search_shards(queries, shards, k=100)
+    print(f"exact top-100 of 1000 queries over {shards.rows} x 768 fp16 in "
+          f"{time.time() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    {"data": data, "bm25": bm25, "search": search, "random_write": random_write,
+     "random_search": random_search}[
+        sys.argv[1]](*sys.argv[2:])
