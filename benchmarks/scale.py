@@ -1,21 +1,25 @@
 """How the data path grows with the collection: MS MARCO-shaped data at 0.1 M, 1 M, 8.8 M passages.
 
     TWOTOWER_DATA=../shared/data python -m benchmarks.scale [--sizes 100000 1000000 8841823]
-        [--parts data train bm25 search random_search] [--work /tmp/twotower-scale]
+        [--parts data train bm25 search random_search stream] [--tokens 10000000 100000000]
+        [--work /tmp/twotower-scale]
 
 Data: benchmarks/scale_data.py (what it imitates is said there), written once per size under
 --work. Every measurement runs in a child process, watched every 0.2 s: wall seconds, the peak
-RSS of its largest process and the peak total PSS of its processes (a page shared by two
-processes counts half in each, so PSS says what a second process really adds). Parts:
+RSS of its largest process, the peak total PSS of its processes (a page shared by two processes
+counts half in each) and the peak total USS (pages private to a process: what is copied, not
+shared; memory-mapped files count in RSS and PSS, not in USS). Parts:
   data           cold (empty datasets cache) and warm: read the collection, the training queries,
                  qrels and hard negatives into cached Arrow tables and their id indexes;
   train          finetune/run.py --recipe msmarco_mnrl_cpu on the data with a tiny random BERT (the
                  data path is measured, not the model): 1 step cold and warm, on 1 and 2
-                 processes (gloo), then 21 steps warm (steps/s = 20 / the difference);
+                 processes (gloo), then 101 steps warm (steps/s = 100 / the difference);
   bm25           BM25 index of the collection + top-20 of 10k training queries;
   search         the tiny encoder encodes the collection into fp16 shards, exact top-100 of 1k dev
                  queries streamed shard by shard (twotower.common.eval.shards);
-  random_search  the same search over random 768-dim fp16 vectors, one per passage.
+  random_search  the same search over random 768-dim fp16 vectors, one per passage;
+  stream         (--tokens, not --sizes) pretraining's token stream of a Wikipedia-like corpus of
+                 that many tokens, cold (tokenised, written) and warm (mapped), 10k chunks read.
 Results: scale.json and scale.md in benchmarks/results (merged per size and part); each row
 also shows its growth over the previous size (x prev).
 """
@@ -33,12 +37,13 @@ from pathlib import Path
 import psutil
 
 from benchmarks.rehearse import launch_prefix
-from benchmarks.scale_data import write_msmarco
+from benchmarks.scale_data import WORDPIECES, write_msmarco, write_pretraining_corpus
+from benchmarks.synthetic_data import _minilm_path as _minilm
 from benchmarks.synthetic_data import write_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-PARTS = ("data", "train", "bm25", "search", "random_search")
+PARTS = ("data", "train", "bm25", "search", "random_search", "stream")
 
 
 def watch(cmd: list[str], env: dict, log: Path) -> dict:
@@ -46,22 +51,22 @@ def watch(cmd: list[str], env: dict, log: Path) -> dict:
     start = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak_rss = peak_pss = 0
+        peak_rss = peak_pss = peak_uss = 0
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            pss = 0
+            pss = uss = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
                     info = p.memory_full_info()
-                    peak_rss, pss = max(peak_rss, info.rss), pss + info.pss
+                    peak_rss, pss, uss = max(peak_rss, info.rss), pss + info.pss, uss + info.uss
             except psutil.Error:
                 pass
-            peak_pss = max(peak_pss, pss)
+            peak_pss, peak_uss = max(peak_pss, pss), max(peak_uss, uss)
             time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     return {"s": round(time.time() - start, 1), "rss_gb": round(peak_rss / 2**30, 2),
-            "pss_gb": round(peak_pss / 2**30, 2)}
+            "pss_gb": round(peak_pss / 2**30, 2), "uss_gb": round(peak_uss / 2**30, 2)}
 
 
 def child(part: str, *args: str) -> list[str]:
@@ -104,9 +109,9 @@ def measure(size: int, parts, work: Path, env: dict) -> dict:
             shutil.rmtree(out.parent, ignore_errors=True)
             run(f"first step warm x{processes}", train_cmd(root, model, out, 1, processes))
             shutil.rmtree(out.parent, ignore_errors=True)
-            run(f"21 steps warm x{processes}", train_cmd(root, model, out, 21, processes))
+            run(f"101 steps warm x{processes}", train_cmd(root, model, out, 101, processes))
             rows[f"steps/s x{processes}"] = round(
-                20 / max(1e-9, rows[f"21 steps warm x{processes}"]["s"]
+                100 / max(1e-9, rows[f"101 steps warm x{processes}"]["s"]
                          - rows[f"first step warm x{processes}"]["s"]), 2)
     if "bm25" in parts:
         run("bm25 build + 10k top-20", child("bm25", str(root)))
@@ -117,6 +122,19 @@ def measure(size: int, parts, work: Path, env: dict) -> dict:
         folder = str(work / f"random_{size}")
         run("768-d fp16 write", child("random_write", str(size), folder))
         run("768-d fp16 1k exact", child("random_search", folder))
+    return rows
+
+
+def measure_stream(tokens: int, work: Path, env: dict) -> dict:
+    corpus = write_pretraining_corpus(work / f"wiki_{tokens}.jsonl", round(tokens / WORDPIECES))
+    cache = work / f"stream_cache_{tokens}"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**env, "HF_DATASETS_CACHE": str(cache / "datasets")}
+    rows = {}
+    for name in ("stream cold", "stream warm"):
+        rows[name] = watch(child("stream", str(corpus), _minilm(), str(cache)), env,
+                           work / "logs" / f"{tokens}_{name.replace(' ', '_')}.log")
+        print(f"{tokens:>11,} tokens {name:<18} {rows[name]}", flush=True)
     return rows
 
 
@@ -132,8 +150,8 @@ def growth_table(results: dict) -> str:
             if v is None:
                 cells.append("–")
                 continue
-            text = (f"{v['s']} s, {v['rss_gb']} GB RSS, {v['pss_gb']} GB PSS"
-                    if isinstance(v, dict) else f"{v}")
+            text = (f"{v['s']} s, RSS {v['rss_gb']} / PSS {v['pss_gb']} / USS "
+                    f"{v.get('uss_gb', '–')} GB" if isinstance(v, dict) else f"{v}")
             now = v["s"] if isinstance(v, dict) else v
             if prev:
                 text += f" (×{now / prev:.1f} time)"
@@ -147,6 +165,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/twotower-scale"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -154,14 +173,19 @@ def main(argv=None) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     path = args.results / "scale.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for size in args.sizes:
-        rows = measure(size, args.parts, args.work, env)
+    (args.work / "logs").mkdir(exist_ok=True)
+    todo = [(size, measure) for size in args.sizes if set(args.parts) - {"stream"}]
+    todo += [(tokens, lambda n, parts, work, env: measure_stream(n, work, env))
+             for tokens in args.tokens if "stream" in args.parts]
+    for size, run in todo:
+        rows = run(size, args.parts, args.work, env)
         results.setdefault(str(size), {}).update(rows)
         args.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
         (args.results / "scale.md").write_text(
             f"Command: python -m benchmarks.scale --sizes {' '.join(map(str, args.sizes))} "
-            f"--parts {' '.join(args.parts)}\n\n" + growth_table(results))
+            f"--parts {' '.join(args.parts)} --tokens {' '.join(map(str, args.tokens))}\n\n"
+            + growth_table(results))
     print(growth_table(results))
 
 

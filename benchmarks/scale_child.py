@@ -1,7 +1,7 @@
 """One measured step of benchmarks/scale.py, run in its own process (so its peak memory is its own).
 
     python -m benchmarks.scale_child data ROOT | bm25 ROOT | search ROOT MODEL SHARDS
-        | random_write ROWS FOLDER | random_search FOLDER
+        | stream CORPUS MODEL CACHE | random_write ROWS FOLDER | random_search FOLDER
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower.common.data import (column, load_hard_negatives, load_msmarco_collection,
-                                  load_msmarco_queries, load_qrels)
+from twotower.common.data import (column, load_corpus, load_hard_negatives,
+                                  load_msmarco_collection, load_msmarco_queries, load_qrels)
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.eval.shards import open_shards, run_from_rows, search_shards, write_shards
 from twotower.common.model.encoder import Encoder
 from twotower.finetune.data import TextStore
+from twotower.pretrain.chunks import Chunker, token_documents
 
 BLOCK = 8192  # passages encoded / vectors written per step
 
@@ -61,6 +62,17 @@ def search(root: str, model: str, shards: str) -> None:
     print(f"exact top-100 of 1000 queries in {time.time() - started:.1f} s ({len(run)} queries)")
 
 
+def stream(corpus: str, model: str, cache: str) -> None:
+    """The pretraining token stream of a corpus (built on the first call), and 10k chunks read."""
+    tokenizer = Encoder.load(model).tokenizer
+    tokens, lengths = token_documents([load_corpus(corpus)], tokenizer, cache_dir=cache)
+    chunker = Chunker(tokens, 256, seed=0)
+    rng = np.random.default_rng(0)
+    total = sum(int(chunker.chunk(0, int(i)).sum() % 7) for i in rng.integers(chunker.num_chunks,
+                                                                           size=10_000))
+    print(f"{len(tokens)} tokens, {len(lengths)} documents, {chunker.num_chunks} chunks ({total})")
+
+
 def random_write(rows: str, folder: str) -> None:
     rows, rng = int(rows), np.random.default_rng(0)
     blocks = (rng.standard_normal((min(1 << 16, rows - s), 768), dtype=np.float32)
@@ -79,6 +91,6 @@ def random_search(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    {"data": data, "bm25": bm25, "search": search, "random_write": random_write,
+    {"data": data, "bm25": bm25, "search": search, "stream": stream, "random_write": random_write,
      "random_search": random_search}[
         sys.argv[1]](*sys.argv[2:])

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 FULL_PASSAGES, FULL_QUERIES, FULL_JUDGED, FULL_QRELS = 8_841_823, 808_731, 502_939, 532_761
+WORDPIECES = 1.3  # WordPiece tokens per word of this text, about
 DEV_QUERIES, NEG_SYSTEMS, NEGS_PER_SYSTEM = 6_980, ("bm25", "msmarco-distilbert-base-v3"), 50
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -105,34 +106,92 @@ def tokenize_corpus(corpus: datasets.Dataset, tokenizer, cache_dir: str = "",
                       cache_dir, batch_size)
 
 
-def _list_column(tokenized: datasets.Dataset, column: str):
-    table = tokenized.with_format("arrow")[:][column]
-    return table.combine_chunks() if hasattr(table, "combine_chunks") else table
+def _list_chunks(tokenized: datasets.Dataset, column: str):
+    """The record batches of a list column, in row order, as Arrow ListArrays (no copy of the
+    whole column: a `select`/`filter` mapping is flattened first)."""
+    if getattr(tokenized, "_indices", None) is not None:
+        tokenized = tokenized.flatten_indices()
+    return tokenized.data.column(column).chunks
 
 
 def flatten_ids(tokenized: datasets.Dataset, column: str = "input_ids") -> np.ndarray:
-    """All token ids of a list column, concatenated in row order (through Arrow, no Python loop)."""
-    values = _list_column(tokenized, column)
-    return np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+    """All token ids of a list column, concatenated in row order, in memory."""
+    parts = [np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+             for c in _list_chunks(tokenized, column)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def row_lengths(tokenized: datasets.Dataset, column: str = "input_ids") -> np.ndarray:
     """The length of each row of a list column (its documents' token counts)."""
-    offsets = _list_column(tokenized, column).offsets.to_numpy(zero_copy_only=False)
-    return np.diff(offsets).astype(np.int64)
+    parts = [np.diff(c.offsets.to_numpy(zero_copy_only=False)).astype(np.int64)
+             for c in _list_chunks(tokenized, column)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _stream_file(tokenized: Sequence[datasets.Dataset], cache_dir: str) -> Path | None:
+    """Where the concatenated stream of these token tables is kept: beside them (or in
+    cache_dir), named by their fingerprints; None when a table lives in memory only."""
+    if not tokenized or not all(t.cache_files for t in tokenized):
+        return None
+    key = hashlib.sha256("|".join([CACHE_VERSION, "stream", *(t._fingerprint for t in tokenized)])
+                         .encode()).hexdigest()[:32]
+    folder = Path(cache_dir) if cache_dir else Path(tokenized[0].cache_files[0]["filename"]).parent
+    return folder / f"token-stream-{key}.npy"
+
+
+def _write_stream(tokenized: Sequence[datasets.Dataset], path: Path, total: int) -> None:
+    """The int32 stream as one .npy file, written a record batch at a time (bounded memory) to a
+    temporary name and renamed: a crash never leaves a partial file under the real name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int32).str,
+                                                     "fortran_order": False, "shape": (total,)})
+            for t in tokenized:
+                for chunk in _list_chunks(t, "input_ids"):
+                    f.write(np.asarray(chunk.flatten().to_numpy(zero_copy_only=False),
+                                       dtype=np.int32).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mapped_stream(tokenized: Sequence[datasets.Dataset], path: Path, total: int) -> np.ndarray:
+    """The stream file memory-mapped (shared by every process and run), written first when it
+    is missing or does not hold exactly `total` int32 tokens (truncated, damaged, foreign)."""
+    for attempt in range(2):
+        try:
+            stream = np.load(path, mmap_mode="r")
+            if stream.shape == (total,) and stream.dtype == np.int32:
+                return stream
+        except (OSError, ValueError):  # missing, truncated, not an .npy file
+            pass
+        if attempt == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_stream(tokenized, path, total)
+    raise OSError(f"{path}: the token stream just written does not read back")
 
 
 def token_documents(corpora: Sequence[datasets.Dataset], tokenizer, cache_dir: str = "",
                     batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """The tokens of every document of every corpus, concatenated (contriever's layout), and
-    each document's token count (in the same order), which marks where documents end."""
+    each document's token count (in the same order), which marks where documents end.
+
+    The stream of cached corpora is a memory-mapped int32 .npy file beside the token tables,
+    written once (a record batch at a time), so a process holds pages of it, not a copy, and
+    its memory does not grow with the corpus; in-memory corpora give an in-memory array."""
     tokenized = [tokenize_corpus(c, tokenizer, cache_dir, batch_size) for c in corpora]
-    parts = [flatten_ids(t) for t in tokenized]
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     lengths = (np.concatenate([row_lengths(t) for t in tokenized]) if tokenized
                else np.zeros(0, dtype=np.int64))
-    log.info("token stream: %d tokens, %d documents from %d corpora", len(stream), len(lengths),
-             len(parts))
+    path = _stream_file(tokenized, cache_dir)
+    if path is None:
+        parts = [flatten_ids(t) for t in tokenized]
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    else:
+        stream = _mapped_stream(tokenized, path, int(lengths.sum()))
+    log.info("token stream: %d tokens, %d documents from %d corpora%s", len(stream),
+             len(lengths), len(tokenized), f" (memory-mapped {path})" if path else "")
     return stream, lengths
 
 
@@ -166,7 +225,7 @@ class Chunker:
 
     def chunk(self, epoch: int, index: int) -> np.ndarray:
         start = self.start(epoch, index)
-        return self.stream[start:start + self.chunk_length]
+        return np.array(self.stream[start:start + self.chunk_length])  # a copy, not a view of the map
 
 
 class DocumentChunker:
@@ -206,4 +265,4 @@ class DocumentChunker:
 
     def chunk(self, epoch: int, index: int) -> np.ndarray:
         start = self.start(epoch, index)
-        return self.stream[start:int(self.ends[index])]
+        return np.array(self.stream[start:int(self.ends[index])])  # a copy, not a view of the map

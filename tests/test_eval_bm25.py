@@ -1,6 +1,8 @@
 """twotower.common.eval.bm25: ranking on a toy corpus and the Lucene BM25 formula recomputed by hand."""
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from twotower.common.eval.bm25 import BM25Args, BM25Index, bm25_search
@@ -92,3 +94,47 @@ def test_long_bm25_steps_show_progress_without_flooding_a_log(capsys):
     quiet = BM25Index(corpus, progress=False)
     quiet.search(["q"], ["topic 1"], 10)
     assert "BM25" not in capsys.readouterr().err
+
+
+def _table_corpus(tmp_path, n=300):
+    from twotower.common.data import load_corpus
+    path = tmp_path / "corpus.jsonl"
+    words = ["protein", "cell", "gene", "virus", "membrane", "signal", "tumour", "neuron"]
+    path.write_text("".join(
+        f'{{"_id": "d{i}", "title": "doc {i}", "text": "{words[i % 8]} {words[(i * 3) % 8]} '
+        f'{words[(i * 5 + 1) % 8]} number{i}"}}\n' for i in range(n)))
+    return load_corpus(path, cache_dir=tmp_path / "cache")
+
+
+def test_a_table_corpus_is_indexed_once_saved_and_loaded_memory_mapped(tmp_path, monkeypatch):
+    """The index of a cached table: the same run as the in-memory path, saved beside the table,
+    loaded (memory-mapped) by the next index instead of rebuilt; other settings, another index."""
+    table = _table_corpus(tmp_path)
+    queries = ["gene virus", "membrane signal number7", "tumour"]
+    qids = [f"q{i}" for i in range(len(queries))]
+    expected = BM25Index(table.to_list(), progress=False).search(qids, queries, k=50)
+    built = BM25Index(table, progress=False)
+    assert built.path.is_dir() and built.path.parent == Path(table.cache_files[0]["filename"]).parent
+    assert built.search(qids, queries, k=50) == expected
+    monkeypatch.setattr(BM25Index, "_build_saved", lambda *a: pytest.fail("rebuilt a saved index"))
+    loaded = BM25Index(table, progress=False)
+    assert isinstance(loaded.retriever.scores["data"], np.memmap)
+    assert loaded.search(qids, queries, k=50) == expected
+    cand = {q: list(expected[q])[:5] + ["d0"] for q in qids}
+    assert loaded.score_candidates(qids, queries, cand) == BM25Index(
+        table.to_list(), progress=False).score_candidates(qids, queries, cand)
+    monkeypatch.undo()
+    other = BM25Index(table, BM25Args(k1=0.9, b=0.4), progress=False)
+    assert other.path != built.path
+
+
+def test_an_incomplete_saved_index_is_rebuilt_not_read(tmp_path):
+    table = _table_corpus(tmp_path, n=50)
+    index = BM25Index(table, progress=False)
+    (index.path / "twotower_bm25.json").unlink()  # as a crash before the folder was complete
+    for f in index.path.glob("*.npy"):
+        f.write_bytes(b"junk")
+    again = BM25Index(table, progress=False)
+    assert (again.path / "twotower_bm25.json").exists()
+    assert again.search(["q"], ["gene"], k=5) == BM25Index(table.to_list(), progress=False).search(
+        ["q"], ["gene"], k=5)

@@ -1,5 +1,6 @@
 """Pair construction: chunks re-cut per epoch, crops, multi-pair batches, ICT, Punkt offline,
 and the cached tokenisation."""
+import json
 import logging
 
 import datasets
@@ -307,3 +308,32 @@ def test_corpora_resolve_to_their_corpus_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="without corpus.jsonl or collection.tsv"):
         corpus_file(tmp_path / "empty")
+
+
+def test_the_token_stream_of_a_cached_corpus_is_memory_mapped_and_rebuilt_when_damaged(tmp_path,
+                                                                                      encoder):
+    """The stream is one int32 .npy file beside the token tables, memory-mapped (processes share
+    its pages), equal to the in-memory concatenation; a truncated file is written again."""
+    from twotower.common.data import load_corpus
+    from twotower.pretrain import chunks
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"_id": str(i), "title": f"t{i}", "text": t}) + "\n"
+                            for i, t in enumerate(TEXTS * 3)))
+    corpus = load_corpus(path, cache_dir=tmp_path / "k")
+    tok = encoder.tokenizer
+    stream, lengths = chunks.token_documents([corpus], tok, cache_dir=str(tmp_path / "t"))
+    assert isinstance(stream, np.memmap) and stream.dtype == np.int32
+    in_memory = chunks.flatten_ids(chunks.tokenize_corpus(corpus, tok, str(tmp_path / "t")))
+    assert np.array_equal(stream, in_memory) and lengths.sum() == len(stream)
+    assert not isinstance(chunks.Chunker(stream, 4, 0).chunk(0, 1), np.memmap)
+    (file,) = (tmp_path / "t").glob("token-stream-*.npy")
+    file.write_bytes(file.read_bytes()[:-12])  # a crash mid-write or a damaged disk
+    again, _ = chunks.token_documents([corpus], tok, cache_dir=str(tmp_path / "t"))
+    assert np.array_equal(again, in_memory)
+    # a corpus of other texts is another stream, not the old one
+    path.write_text("".join(json.dumps({"_id": str(i), "title": "", "text": t}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    other, _ = chunks.token_documents([load_corpus(path, cache_dir=tmp_path / "k")], tok,
+                                      cache_dir=str(tmp_path / "t"))
+    assert len(list((tmp_path / "t").glob("token-stream-*.npy"))) == 2 and len(other) < len(again)

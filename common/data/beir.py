@@ -17,6 +17,7 @@ import datasets
 from .corpus import column, load_corpus, load_queries
 from .errors import DataError, SkipReport, check_on_error
 from .resolve import resolve_data
+from .ids import IdIndex
 from .trec import load_qrels
 
 
@@ -71,7 +72,7 @@ def load_beir(path_or_name: str | os.PathLike, split: str = "test", *,
                            cache_dir=cache_dir)
     query_ids = column(queries, "id")
     qrels = load_qrels(qrels_path, query_ids=set(query_ids),
-                       doc_ids=set(column(corpus, "id")), on_error=on_error, report=report)
+                       doc_ids=IdIndex(corpus), on_error=on_error, report=report)
     judged = [i for i, qid in enumerate(query_ids) if qid in qrels]
     return RetrievalData(corpus=corpus, queries=queries.select(judged), qrels=qrels,
                          name=folder.resolve().name, split=split, report=report)

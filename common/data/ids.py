@@ -116,6 +116,8 @@ class IdIndex:
             i += 1
         raise KeyError(key)
 
+    __getitem__ = row
+
     def get(self, key: str, default=None):
         try:
             return self.row(key)

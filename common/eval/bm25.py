@@ -11,19 +11,35 @@ title + " " + text, as for the dense encoders.
 
 Documents that share no term with the query score 0 and are not returned (a Lucene index would
 not match them either); a query left without terms after stopwording returns nothing.
+
+A corpus that is a cached datasets table (what every reader returns) gets its index built once,
+a block of documents at a time, and saved beside the table (bm25s' own files, in a folder named by
+the table's fingerprint, the settings and bm25s' version, renamed into place when complete);
+every later index of that table, in any process or run, loads it memory-mapped, with the ids
+read through the on-disk id index (common/data/ids.py), so N processes do not hold N indexes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Sequence
 
 import bm25s
 import numpy as np
 import Stemmer
+from bm25s.tokenization import Tokenized
 
+from twotower.common.data.ids import IdIndex
 from twotower.common.data.progress import progress_bar
 
 Run = Dict[str, Dict[str, float]]
+INDEX_VERSION = 1  # bump when what a saved index holds changes
+_BLOCK = 50_000  # documents tokenised per step while building from a table
+_COMPLETE = "twotower_bm25.json"  # written last: a folder without it is not an index
 
 
 @dataclass
@@ -55,18 +71,78 @@ class BM25Index:
 
     def __init__(self, corpus: Iterable[Mapping[str, str]], args: BM25Args | None = None,
                  progress: bool = True):
-        """progress: tokenising, indexing and every search show progress (common/data/progress.py)."""
+        """progress: tokenising, indexing and every search show progress (common/data/progress.py).
+        A cached datasets table is indexed once and the index saved beside it (module docstring)."""
         self.args, self.progress = args or BM25Args(), progress
+        language = self.args.stemmer_language
+        self._stemmer = Stemmer.Stemmer(language) if language else None
+        self.path = None
+        if getattr(corpus, "cache_files", None):
+            for field in ("id", "text"):
+                if field not in corpus.column_names:
+                    raise KeyError(f"corpus has no field {field!r} (has {corpus.column_names})")
+            index = IdIndex(corpus)
+            if not len(index):
+                raise ValueError("BM25 needs a non-empty corpus")
+            self.doc_ids, self.row_of = index.ids, index
+            self.path = self._saved_path(corpus)
+            self.retriever = self._load() or self._build_saved(corpus)
+            return
         rows = _rows(corpus, ("id",), "corpus")
         self.doc_ids = [str(r["id"]) for r in rows]
         if not self.doc_ids:
             raise ValueError("BM25 needs a non-empty corpus")
         self.row_of = {d: i for i, d in enumerate(self.doc_ids)}
-        language = self.args.stemmer_language
-        self._stemmer = Stemmer.Stemmer(language) if language else None
         tokens = self._tokenize([doc_text(r) for r in rows])
         self.retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
         self.retriever.index(tokens, show_progress=progress)
+
+    # ------------------------------------------------------------------ saved indexes
+    def _saved_path(self, table) -> Path:
+        key = hashlib.sha256(json.dumps({
+            "v": INDEX_VERSION, "table": table._fingerprint, "args": asdict(self.args),
+            "bm25s": bm25s.__version__}, sort_keys=True).encode()).hexdigest()[:32]
+        return Path(table.cache_files[0]["filename"]).parent / f"twotower-bm25-{key}"
+
+    def _load(self):
+        """The saved index, memory-mapped; None when absent or incomplete (then built)."""
+        try:
+            done = json.loads((self.path / _COMPLETE).read_text())
+        except (OSError, ValueError):
+            return None
+        if done.get("documents") != len(self.doc_ids):
+            return None
+        return bm25s.BM25.load(str(self.path), mmap=True, show_progress=False)
+
+    def _build_saved(self, table):
+        """Tokenise the table a block at a time (one shared vocabulary), index, save to a
+        temporary folder and rename it into place, then load the saved copy memory-mapped."""
+        shutil.rmtree(self.path, ignore_errors=True)  # an incomplete folder of an earlier crash
+        vocab: Dict[str, int] = {}
+        ids: List[List[int]] = []
+        has_title = "title" in table.column_names
+        bar = progress_bar(len(table), "BM25 tokenise", "doc", self.progress)
+        for start in range(0, len(table), _BLOCK):
+            block = table[start:start + _BLOCK]
+            titles = block["title"] if has_title else [""] * len(block["text"])
+            texts = [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]
+            for tokens in self._tokenize(texts):
+                ids.append([vocab.setdefault(t, len(vocab)) for t in tokens])
+            bar.update(len(texts))
+        bar.close()
+        retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
+        retriever.index(Tokenized(ids=ids, vocab=vocab), show_progress=self.progress)
+        del ids
+        tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        retriever.save(str(tmp), show_progress=False)
+        (tmp / _COMPLETE).write_text(json.dumps({"documents": len(self.doc_ids),
+                                                 "args": asdict(self.args)}))
+        try:
+            os.replace(tmp, self.path)
+        except OSError:  # another process saved the same index first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self._load() or retriever
 
     def _tokenize(self, texts: List[str]) -> List[List[str]]:
         return bm25s.tokenize(

@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Sequence
 
 from twotower.common.data import (RetrievalData, column, load_beir, load_msmarco_collection,
                                   load_msmarco_queries, load_qrels, resolve_data)
+from twotower.common.data.ids import IdIndex
 from twotower.common.eval.bm25 import BM25Args, BM25Index
 from twotower.common.eval.embed_cache import EmbeddingCache
 from twotower.common.eval.fusion import fuse
@@ -53,8 +54,7 @@ def load_eval_data(name_or_path: str | Path, split: str) -> RetrievalData:
     corpus = load_msmarco_collection(root / "collection.tsv")
     queries = load_msmarco_queries(root / "queries.tsv")
     query_ids = column(queries, "id")
-    qrels = load_qrels(root / "qrels.tsv", query_ids=set(query_ids),
-                       doc_ids=set(column(corpus, "id")))
+    qrels = load_qrels(root / "qrels.tsv", query_ids=set(query_ids), doc_ids=IdIndex(corpus))
     judged = [i for i, qid in enumerate(query_ids) if qid in qrels]  # as load_beir does
     return RetrievalData(corpus=corpus, queries=queries.select(judged), qrels=qrels,
                            name=root.resolve().name, split=split)
