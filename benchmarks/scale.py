@@ -82,7 +82,7 @@ def train_cmd(root: Path, model: Path, out: Path, steps: int, processes: int) ->
             f"train.output_dir={out}"]
 
 
-def measure(size: int, parts, work: Path, env: dict) -> dict:
+def measure(size: int, parts, work: Path, env: dict, save, cold=(1, 2)) -> dict:
     root = write_msmarco(work / f"msmarco_{size}", size)
     model = write_model("bert", work / "tiny_bert")
     cache = work / f"cache_{size}"
@@ -96,6 +96,7 @@ def measure(size: int, parts, work: Path, env: dict) -> dict:
             shutil.rmtree(cache, ignore_errors=True)
         rows[name] = watch(cmd, env, logs / f"{size}_{name.replace(' ', '_')}.log")
         print(f"{size:>9,} {name:<28} {rows[name]}", flush=True)
+        save(rows)
 
     if "data" in parts:
         run("data cold", child("data", str(root)), cold=True)
@@ -104,15 +105,17 @@ def measure(size: int, parts, work: Path, env: dict) -> dict:
         for processes in (1, 2):
             out = work / "runs" / f"{size}_{processes}"
             shutil.rmtree(out.parent, ignore_errors=True)
-            run(f"first step cold x{processes}", train_cmd(root, model, out, 1, processes),
-                cold=True)
-            shutil.rmtree(out.parent, ignore_errors=True)
+            if processes in cold:
+                run(f"first step cold x{processes}", train_cmd(root, model, out, 1, processes),
+                    cold=True)
+                shutil.rmtree(out.parent, ignore_errors=True)
             run(f"first step warm x{processes}", train_cmd(root, model, out, 1, processes))
             shutil.rmtree(out.parent, ignore_errors=True)
             run(f"101 steps warm x{processes}", train_cmd(root, model, out, 101, processes))
             rows[f"steps/s x{processes}"] = round(
                 100 / max(1e-9, rows[f"101 steps warm x{processes}"]["s"]
                          - rows[f"first step warm x{processes}"]["s"]), 2)
+            save(rows)
     if "bm25" in parts:
         run("bm25 build + 10k top-20", child("bm25", str(root)))
     if "search" in parts:
@@ -125,7 +128,7 @@ def measure(size: int, parts, work: Path, env: dict) -> dict:
     return rows
 
 
-def measure_stream(tokens: int, work: Path, env: dict) -> dict:
+def measure_stream(tokens: int, work: Path, env: dict, save) -> dict:
     corpus = write_pretraining_corpus(work / f"wiki_{tokens}.jsonl", round(tokens / WORDPIECES))
     cache = work / f"stream_cache_{tokens}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -135,6 +138,7 @@ def measure_stream(tokens: int, work: Path, env: dict) -> dict:
         rows[name] = watch(child("stream", str(corpus), _minilm(), str(cache)), env,
                            work / "logs" / f"{tokens}_{name.replace(' ', '_')}.log")
         print(f"{tokens:>11,} tokens {name:<18} {rows[name]}", flush=True)
+        save(rows)
     return rows
 
 
@@ -166,27 +170,42 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--tokens", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    ap.add_argument("--cold", type=int, nargs="*", choices=(1, 2), default=[1, 2],
+                    help="process counts whose first step is also measured cold (the cold 8.8 M "
+                         "start tokenises the collection: ~35 min here, so once is enough)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/twotower-scale"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "logs").mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     path = args.results / "scale.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    (args.work / "logs").mkdir(exist_ok=True)
-    todo = [(size, measure) for size in args.sizes if set(args.parts) - {"stream"}]
-    todo += [(tokens, lambda n, parts, work, env: measure_stream(n, work, env))
-             for tokens in args.tokens if "stream" in args.parts]
-    for size, run in todo:
-        rows = run(size, args.parts, args.work, env)
-        results.setdefault(str(size), {}).update(rows)
-        args.results.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
-        (args.results / "scale.md").write_text(
-            f"Command: python -m benchmarks.scale --sizes {' '.join(map(str, args.sizes))} "
-            f"--parts {' '.join(args.parts)} --tokens {' '.join(map(str, args.tokens))}\n\n"
-            + growth_table(results))
-    print(growth_table(results))
+    command = " ".join(["python -m benchmarks.scale", *(argv if argv is not None else sys.argv[1:])])
+
+    def saver(table: str, n: int):
+        def save(rows: dict) -> None:  # after every measurement: a killed run keeps its rows
+            results.setdefault(table, {}).setdefault(str(n), {}).update(rows)
+            path.write_text(json.dumps(results, indent=1))
+            (args.results / "scale.md").write_text(report(results, command))
+        return save
+
+    if set(args.parts) - {"stream"}:
+        for size in args.sizes:
+            measure(size, args.parts, args.work, env, saver("passages", size), cold=args.cold)
+    if "stream" in args.parts:
+        for tokens in args.tokens:
+            measure_stream(tokens, args.work, env, saver("tokens", tokens))
+    print(report(results, command))
+
+
+def report(results: dict, command: str) -> str:
+    text = f"Last command: {command}\n\nPassages (MS MARCO-shaped collection):\n\n"
+    text += growth_table(results.get("passages", {}))
+    if results.get("tokens"):
+        text += "\nPretraining token stream (tokens):\n\n" + growth_table(results["tokens"])
+    return text
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python -m twotower.common.eval.evaluate --model M --data msmarco_sample --split dev --rerank bm25_top20.trec
     accelerate launch --multi_gpu --num_processes 2 -m twotower.common.eval.evaluate --model M --data scifact
         (the corpus is encoded in 2 shards; one process writes the outputs)
+    python -m twotower.common.eval.evaluate --model M --data msmarco --split dev --shards DIR
+        (a corpus past RAM: embeddings on disk, exact search streamed, common/eval/corpus_shards.py)
     python -m twotower.common.eval.evaluate --model M --qa-passages psgs_w100.tsv --qa-questions nq-test.qa.csv
         (open-domain QA top-k answer accuracy as in DPR, common/eval/qa.py; also --system bm25)
 """
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="dense retrieval: flat (exact, default) | hnsw | ivf | a faiss "
                    "index_factory string such as IVF4096,PQ64")
     p.add_argument("--search-params", help="faiss parameters, e.g. efSearch=512 or nprobe=64")
+    p.add_argument("--shards", metavar="DIR", help="dense or hybrid retrieval of a corpus too "
+                   "large for RAM: its embeddings encoded a block at a time into on-disk shards "
+                   "in DIR, searched exactly shard by shard (reused while model, corpus and "
+                   "settings match; an error if DIR holds others)")
+    p.add_argument("--shards-dtype", choices=("float16", "float32"),
+                   help="of --shards (default float16: half the disk; its nDCG effect is in "
+                        "docs/results.md)")
     p.add_argument("--metrics", nargs="+",
                    help="default: nDCG@10 MRR@10 MAP@100 R@10 R@100 R@1000 (any ir_measures name)")
     p.add_argument("--max-queries", type=int, default=0, help="sample this many judged queries")
@@ -131,6 +140,12 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
     if (ns.system != "dense" or ns.rerank) and given("index", "search_params"):
         parser.error("--index/--search-params are for dense retrieval (not bm25, hybrid or "
                      "--rerank)")
+    if given("shards", "shards_dtype") and (ns.system == "bm25" or ns.rerank or ns.index
+                                             or ns.qa_passages):
+        parser.error("--shards is for dense or hybrid retrieval from the corpus (exact): not "
+                     "with --system bm25, --rerank, --index or --qa-*")
+    if ns.shards_dtype and not ns.shards:
+        parser.error("--shards-dtype needs --shards")
     fusion_flags = given("fusion", "dense_weight", "rrf_k")
     if fusion_flags and ns.system != "hybrid":
         parser.error(f"{', '.join(fusion_flags)} need --system hybrid")
@@ -220,13 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(err))
         encoder.encode_bf16 = ns.bf16 and not ns.onnx  # OpenVINO's bf16 is its own precision
         encoder.encode_compile = ns.compile
+        shards = ({"shards": ns.shards, "shards_dtype": ns.shards_dtype or "float16"}
+                  if ns.shards else {})
         if ns.system == "hybrid":
             result = evaluate_hybrid(encoder, data, k=depth, fusion=ns.fusion or "rrf",
                                      dense_weight=0.5 if ns.dense_weight is None
                                      else ns.dense_weight, rrf_k=ns.rrf_k or 60,
                                      batch_size=ns.batch_size, bm25_args=bm25_args,
                                      measures=ns.metrics, progress=not ns.no_progress,
-                                     shard=several, ignore_identical_ids=ns.ignore_identical_ids)
+                                     shard=several, ignore_identical_ids=ns.ignore_identical_ids,
+                                     **shards)
         elif candidates is not None:
             result = evaluate_rerank(encoder, data, candidates, batch_size=ns.batch_size,
                                      measures=ns.metrics, progress=not ns.no_progress,
@@ -235,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = evaluate_dense(encoder, data, k=depth, batch_size=ns.batch_size,
                                     index=ns.index or "flat", search_params=ns.search_params,
                                     measures=ns.metrics, progress=not ns.no_progress,
-                                    shard=several, ignore_identical_ids=ns.ignore_identical_ids)
+                                    shard=several, ignore_identical_ids=ns.ignore_identical_ids,
+                                    **shards)
 
     if not is_main():  # every process has the result; one writes it
         return 0

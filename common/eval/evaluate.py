@@ -25,6 +25,7 @@ from twotower.common.data import (RetrievalData, column, load_beir, load_msmarco
                                   load_msmarco_queries, load_qrels, resolve_data)
 from twotower.common.data.ids import IdIndex
 from twotower.common.eval.bm25 import BM25Args, BM25Index
+from twotower.common.eval.corpus_shards import retrieve_from_shards
 from twotower.common.eval.embed_cache import EmbeddingCache
 from twotower.common.eval.fusion import fuse
 from twotower.common.eval.metrics import aggregate, per_query
@@ -200,14 +201,28 @@ def evaluate_dense(encoder, data: RetrievalData, k: int = 1000, batch_size: int 
                    index: str = "flat", search_params: str | None = None,
                    measures: Sequence[str] | None = None, progress: bool = True,
                    cache_dir: str | Path | None = None, shard: bool = False,
-                   ignore_identical_ids: bool = True) -> EvalResult:
+                   ignore_identical_ids: bool = True, shards: str | Path | None = None,
+                   shards_dtype: str = "float16") -> EvalResult:
     """Encode corpus and judged queries, retrieve the top k by inner product, score.
     cache_dir: keep corpus embeddings on disk (common/eval/embed_cache.py) for re-evaluations.
     shard: every process of a multi-process launch encodes a slice of the corpus (all processes
     must call this; each gets the full result). ignore_identical_ids: BEIR's protocol
-    (drop_identical_ids), as in evaluate_rerank and evaluate_bm25."""
+    (drop_identical_ids), as in evaluate_rerank and evaluate_bm25. shards: a folder for the corpus
+    embeddings as on-disk shards, encoded a block at a time and searched exactly shard by shard
+    (common/eval/corpus_shards.py: memory bounded by a block, not the corpus; reused when they
+    match; every process of a launch encodes its slice)."""
     started = time.perf_counter()
     qids, qtexts = judged_queries(data)
+    if shards is not None:
+        if index != "flat" or cache_dir is not None:
+            raise ValueError("shards: exact search of on-disk embeddings (which are their own "
+                             "cache): not with an approximate index or cache_dir")
+        run, timing = retrieve_from_shards(encoder, data.corpus, qids, qtexts, shards, k,
+                                           batch_size=batch_size, dtype=shards_dtype,
+                                           progress=progress)
+        info = {**_encoder_info(encoder), "mode": "retrieve", "k": k, "index": "shards",
+                "n_docs": len(data.corpus), "timing": timing}
+        return _finish(data, run, info, measures, started, ignore_identical_ids)
     doc_ids, rows = _corpus_rows(data)
     doc_emb, query_emb, timing = _encode(encoder, rows, qtexts, batch_size, progress, cache_dir,
                                          shard)
@@ -288,15 +303,18 @@ def evaluate_hybrid(encoder, data: RetrievalData, k: int = 1000, fusion: str = "
                     dense_weight: float = 0.5, rrf_k: int = 60, batch_size: int = 64,
                     bm25_args: BM25Args | None = None, measures: Sequence[str] | None = None,
                     progress: bool = True, cache_dir: str | Path | None = None,
-                    shard: bool = False, ignore_identical_ids: bool = True) -> EvalResult:
+                    shard: bool = False, ignore_identical_ids: bool = True,
+                    shards: str | Path | None = None, shards_dtype: str = "float16") -> EvalResult:
     """BM25 and dense retrieval, each to depth k, fused (common/eval/fusion.py: rrf or wsum with
-    `dense_weight`) and cut to k. info["parts"] keeps each system's own metrics."""
+    `dense_weight`) and cut to k. info["parts"] keeps each system's own metrics. shards: the
+    dense part's corpus embeddings on disk (evaluate_dense)."""
     started = time.perf_counter()
     parts = {"bm25": evaluate_bm25(data, k=k, args=bm25_args, measures=measures,
                                    ignore_identical_ids=ignore_identical_ids, progress=progress),
              "dense": evaluate_dense(encoder, data, k=k, batch_size=batch_size, measures=measures,
                                      progress=progress, cache_dir=cache_dir, shard=shard,
-                                     ignore_identical_ids=ignore_identical_ids)}
+                                     ignore_identical_ids=ignore_identical_ids, shards=shards,
+                                     shards_dtype=shards_dtype)}
     run = fuse(parts["bm25"].run, parts["dense"].run, fusion, dense_weight, rrf_k, depth=k)
     info = {**parts["dense"].info, "system": "hybrid", "mode": "retrieve", "k": k,
             "fusion": {"method": fusion, "rrf_k": rrf_k} if fusion == "rrf"

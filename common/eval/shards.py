@@ -331,10 +331,10 @@ def search_shards(query_emb: np.ndarray, shards: ShardSet, k: int, *, block_rows
             keep_scores, keep = torch.topk(merged_scores, k, dim=1)
             best_scores[q0:q1], best_rows[q0:q1] = keep_scores, merged_rows.gather(1, keep)
         del docs, block  # free this block before the next one is read
-    return _sort_hits(best_scores, best_rows)
+    return sort_hits(best_scores, best_rows)
 
 
-def _sort_hits(scores: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def sort_hits(scores: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Score descending, equal scores by lower row (a stable sort of a row-sorted order)."""
     rows, order = torch.sort(rows, dim=1)
     scores = scores.gather(1, order)

@@ -34,6 +34,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait until every process gets here (no-op on one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def use_cpu(device: str) -> bool:
     """Accelerate only picks gloo for several CPU processes when told to run on the CPU; without a
     GPU, `accelerate launch --multi_gpu --num_processes 2` (or torchrun) would otherwise give N
