@@ -23,7 +23,8 @@ False-negative filters (each optional):
   --max-score S       keep d- only if s(q, d-) < S (an absolute similarity ceiling)
 
 Dense encoding: --bf16 (bf16 autocast) and --compile (torch.compile with weight freezing), as in
-the evaluation CLI.
+the evaluation CLI; --shards DIR keeps the corpus embeddings on disk (a corpus past RAM, e.g. all of
+MS MARCO: common/eval/corpus_shards.py).
 """
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from twotower.common.data.io import write_text_atomic
+from twotower.common.data.ids import IdColumn, IdIndex
 from twotower.common.eval.bm25 import BM25Index
+from twotower.common.eval.corpus_shards import encode_corpus_shards, search_parts, take_rows
 from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
 from twotower.common.eval.fusion import fuse
 from twotower.common.eval.search import dense_search
 from twotower.common.eval.sharded import encode_sharded, join_processes, process_device
+from twotower.common.eval.shards import run_from_rows
 from twotower.common.model.distributed import broadcast_object, is_distributed, is_main, world_size
 from twotower.common.model.encoder import Encoder
 from twotower.finetune.args import TeacherArgs
@@ -74,6 +78,8 @@ class MineArgs:
     batch_size: int = 64
     bf16: bool = False  # dense: encode under bf16 autocast
     compile: bool = False  # dense: encode with torch.compile + weight freezing
+    shards: str = ""  # dense: corpus embeddings as on-disk shards here (common/eval/corpus_shards)
+    shards_dtype: str = "float16"
     stats: Dict[str, int] = field(default_factory=dict)
 
 
@@ -86,6 +92,8 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
     if args.retriever != "bm25" and not args.model:
         raise ValueError(f"--retriever {args.retriever} needs --model")
     if args.retriever == "bm25":
+        if args.shards:
+            raise ValueError("--shards holds dense embeddings: not with --retriever bm25")
         index = BM25Index(data.corpus)
         return (index.search(qids, qtexts, args.depth),
                 index.score_candidates(qids, qtexts, positives))
@@ -104,6 +112,8 @@ def retrieve(data, qids: List[str], qtexts: List[str], args: MineArgs, positives
 def _dense(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
     encoder = Encoder.load(args.model).to(process_device())
     encoder.encode_bf16, encoder.encode_compile = args.bf16, args.compile
+    if args.shards:
+        return _dense_shards(encoder, data, qids, qtexts, args, positives)
     doc_ids, rows = _corpus_rows(data)
     # under `accelerate launch` every process encodes its slice of the corpus and of the queries
     doc_emb = encode_sharded(lambda part: encoder.encode_corpus(part, batch_size=args.batch_size), rows)
@@ -116,6 +126,28 @@ def _dense(data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
     row = {d: i for i, d in enumerate(doc_ids)}
     pos_scores = {q: {p: float(doc_emb[row[p]] @ query_emb[i]) for p in positives[q]}
                   for i, q in enumerate(qids)}
+    return run, pos_scores
+
+
+def _dense_shards(encoder, data, qids: List[str], qtexts: List[str], args: MineArgs, positives):
+    """_dense for a corpus past RAM: its embeddings on disk (reused while they match), searched
+    exactly shard by shard; the positives' embeddings read back from the shards."""
+    parts, _ = encode_corpus_shards(encoder, data.corpus, args.shards, batch_size=args.batch_size,
+                                    dtype=args.shards_dtype)
+    query_emb = encode_sharded(
+        lambda part: encoder.encode_queries(part, batch_size=args.batch_size), qtexts)
+    scores, rows = search_parts(query_emb, parts, args.depth, similarity=encoder.similarity)
+    run = run_from_rows(scores, rows, qids, IdColumn(data.corpus))
+    row_of = IdIndex(data.corpus)
+    pairs = [(i, p) for i, q in enumerate(qids) for p in positives[q]]
+    emb = take_rows(parts, [row_of[p] for _, p in pairs])  # every positive in one read
+    queries = query_emb
+    if encoder.similarity == "cos":
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+        queries = query_emb / np.linalg.norm(query_emb, axis=1, keepdims=True).clip(1e-12)
+    pos_scores: Dict[str, Dict[str, float]] = {q: {} for q in qids}
+    for (i, p), e in zip(pairs, emb):
+        pos_scores[qids[i]][p] = float(e @ queries[i])
     return run, pos_scores
 
 
@@ -233,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="dense: encode under bf16 autocast")
     p.add_argument("--compile", action="store_true",
                    help="dense: encode with torch.compile + weight freezing (README, Performance)")
+    p.add_argument("--shards", default="", metavar="DIR",
+                   help="dense/hybrid: corpus embeddings as on-disk shards in DIR, searched "
+                        "exactly shard by shard (a corpus past RAM; reused while they match)")
+    p.add_argument("--shards-dtype", choices=("float16", "float32"), default="float16")
     return p
 
 

@@ -237,3 +237,12 @@ def test_search_memory_is_bounded_by_a_block_not_the_corpus(tmp_path):
     # a block is 16384 x 768: 48 MB in float32 (+24 MB read buffer); the shards are 400 MB
     assert search_growth < 150, (search_growth, size_mb)
     assert write_growth < 150, (write_growth, size_mb)
+
+
+def test_take_reads_the_given_rows_across_shards(tmp_path, data):
+    docs = data[1]
+    shards = open_shards(write_shards(docs, tmp_path / "s", dtype="float32", shard_rows=7))
+    rows = [12, 0, 6, 7, 12, len(docs) - 1]
+    np.testing.assert_array_equal(shards.take(rows), docs[rows])
+    with pytest.raises(IndexError):
+        shards.take([len(docs)])

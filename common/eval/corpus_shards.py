@@ -147,3 +147,18 @@ def retrieve_from_shards(encoder, corpus, query_ids: list[str], query_texts: lis
     if not reused:
         timing["docs_per_s"] = round(len(corpus) / max(t_docs, 1e-9), 2)
     return run, timing
+
+
+def take_rows(parts: list[ShardSet], rows) -> np.ndarray:
+    """float32 [len(rows), dim] of global rows over parts taken in order (ShardSet.take)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((rows.size, parts[0].dim), dtype=np.float32)
+    offset, found = 0, np.zeros(rows.size, dtype=bool)
+    for part in parts:
+        mine = (rows >= offset) & (rows < offset + len(part))
+        if mine.any():
+            out[mine], found[mine] = part.take(rows[mine] - offset), True
+        offset += len(part)
+    if not found.all():
+        raise IndexError(f"row {int(rows[~found][0])} is out of range for {offset} rows")
+    return out

@@ -257,6 +257,22 @@ class ShardSet:
                     yield shard.start + first, _as_float32(raw)
 
 
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """float32 [len(rows), dim]: the given global rows, read through a memory map of each
+        shard they fall in (for a few rows: positives' embeddings, not a scan)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"row out of range for {self.rows} embedding rows")
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        for shard in self.shards:
+            mine = (rows >= shard.start) & (rows < shard.start + shard.rows)
+            if mine.any():
+                mapped = np.load(shard.path, mmap_mode="r")
+                out[mine] = mapped[rows[mine] - shard.start]
+                del mapped
+        return out
+
+
 def _as_float32(raw: np.ndarray) -> np.ndarray:
     out = np.empty(raw.shape, dtype=np.float32)
     torch.from_numpy(out).copy_(torch.from_numpy(raw))  # a multi-threaded cast
