@@ -132,9 +132,15 @@ class MiningArgs:
     max_score: Optional[float] = None
     bf16: bool = False  # dense: encode under bf16 autocast
     compile: bool = False  # dense: encode with torch.compile + weight freezing
+    # dense, hybrid: a folder for the corpus embeddings as on-disk shards, searched exactly shard
+    # by shard (a corpus past RAM, e.g. all of MS MARCO; reused while model and corpus match)
+    shards: str = ""
 
     def validate(self) -> None:
         _choice("data.mine.retriever", self.retriever, ("", "bm25", "dense", "hybrid"))
+        if self.shards and self.retriever not in ("dense", "hybrid"):
+            raise RecipeError("'data.mine.shards' holds dense embeddings: it needs "
+                              "'data.mine.retriever' dense or hybrid")
         _choice("data.mine.fusion", self.fusion, METHODS)
         if not 0.0 <= self.dense_weight <= 1.0:
             raise RecipeError(

@@ -146,7 +146,7 @@ def _mine_negatives(pool: TrainingPool, data: DataArgs) -> None:
                     dense_weight=m.dense_weight, depth=m.depth, skip_top=m.skip_top,
                     window=m.window, n=m.n, seed=data.sample_seed,
                     max_pos_ratio=m.max_pos_ratio, max_score=m.max_score, bf16=m.bf16,
-                    compile=m.compile)
+                    compile=m.compile, shards=m.shards)
     mined = mine_together(pool.mining_data(), args)
     pool.mining_data = None  # the corpus table is not needed by training
     for g in pool.groups:

@@ -293,3 +293,16 @@ def test_dense_mining_through_on_disk_shards_equals_in_ram(tmp_path, normalize):
     assert mine(data, on_disk) == expected  # the shards are reused
     with pytest.raises(ValueError, match="not with --retriever bm25"):
         mine(data, MineArgs(retriever="bm25", shards=str(tmp_path / "emb")))
+
+
+def test_recipe_mining_shards_reach_the_miner(tmp_path):
+    from twotower.finetune.args import DataArgs, MiningArgs
+    from twotower.finetune.sources import build_pool
+
+    write_beir(tmp_path / "beir")
+    tiny_bert(dropout=0.0).save(tmp_path / "model")
+    build_pool(DataArgs(kind="beir", path=str(tmp_path / "beir"), mine=MiningArgs(
+        retriever="dense", model=str(tmp_path / "model"), n=3, shards=str(tmp_path / "emb"))))
+    assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["rows"] == 41
+    with pytest.raises(RecipeError, match="data.mine.shards"):
+        MiningArgs(retriever="bm25", shards=str(tmp_path / "emb")).validate()
