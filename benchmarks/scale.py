@@ -7,8 +7,9 @@
 Data: benchmarks/scale_data.py (what it imitates is said there), written once per size under
 --work. Every measurement runs in a child process, watched every 0.2 s: wall seconds, the peak
 RSS of its largest process, the peak total PSS of its processes (a page shared by two processes
-counts half in each) and the peak total USS (pages private to a process: what is copied, not
-shared; memory-mapped files count in RSS and PSS, not in USS). Parts:
+counts half in each), the peak total USS (pages no other process maps: a file mapped by one
+process alone counts too) and the peak total anonymous RSS (RssAnon: heap and other memory that
+is the process's own, never a mapped file: what the process copied). Parts:
   data           cold (empty datasets cache) and warm: read the collection, the training queries,
                  qrels and hard negatives into cached Arrow tables and their id indexes;
   train          finetune/run.py --recipe msmarco_mnrl_cpu on the data with a tiny random BERT (the
@@ -51,22 +52,34 @@ def watch(cmd: list[str], env: dict, log: Path) -> dict:
     start = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak_rss = peak_pss = peak_uss = 0
+        peak_rss = peak_pss = peak_uss = peak_anon = 0
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            pss = uss = 0
+            pss = uss = anon = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
                     info = p.memory_full_info()
                     peak_rss, pss, uss = max(peak_rss, info.rss), pss + info.pss, uss + info.uss
-            except psutil.Error:
+                    anon += rss_anon(p.pid)
+            except (psutil.Error, OSError):
                 pass
             peak_pss, peak_uss = max(peak_pss, pss), max(peak_uss, uss)
+            peak_anon = max(peak_anon, anon)
             time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     return {"s": round(time.time() - start, 1), "rss_gb": round(peak_rss / 2**30, 2),
-            "pss_gb": round(peak_pss / 2**30, 2), "uss_gb": round(peak_uss / 2**30, 2)}
+            "pss_gb": round(peak_pss / 2**30, 2), "uss_gb": round(peak_uss / 2**30, 2),
+            "anon_gb": round(peak_anon / 2**30, 2)}
+
+
+def rss_anon(pid: int) -> int:
+    """RssAnon of /proc/PID/status in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def child(part: str, *args: str) -> list[str]:
@@ -155,7 +168,8 @@ def growth_table(results: dict) -> str:
                 cells.append("–")
                 continue
             text = (f"{v['s']} s, RSS {v['rss_gb']} / PSS {v['pss_gb']} / USS "
-                    f"{v.get('uss_gb', '–')} GB" if isinstance(v, dict) else f"{v}")
+                    f"{v.get('uss_gb', '–')} / anon {v.get('anon_gb', '–')} GB"
+                    if isinstance(v, dict) else f"{v}")
             now = v["s"] if isinstance(v, dict) else v
             if prev:
                 text += f" (×{now / prev:.1f} time)"

@@ -70,8 +70,10 @@ class IdColumn(Sequence):
         physical = row if self._rows is None else int(self._rows[row])
         return self._ids[physical].as_py()
 
-    def blocks(self, size: int = _BLOCK) -> Iterator[list[str]]:
-        """The ids in order, ``size`` at a time (a Python list per block only)."""
+    def blocks(self, size: int | None = None) -> Iterator[list[str]]:
+        """The ids in order, ``size`` (default ``_BLOCK``) at a time (a Python list per block
+        only)."""
+        size = size or _BLOCK
         for start in range(0, self._n, size):
             stop = min(start + size, self._n)
             if self._rows is None:

@@ -37,6 +37,7 @@ from twotower.common.model.encoder import doc_text
 
 BLOCK_ROWS = 8192  # corpus rows read and encoded per step
 SHARD_ROWS = 1 << 20  # rows per shard file: 1.5 GB at 768 dims in float16
+SEARCH_ROWS = 65536  # embedding rows scored per step of the search (192 MB at 768 dims, float32)
 
 
 def corpus_blocks(corpus, start: int = 0, stop: int | None = None,
@@ -115,7 +116,7 @@ def search_parts(query_emb: np.ndarray, parts: list[ShardSet], k: int,
     `search_shards` over one: scores [nq, k] descending and their rows."""
     scores, rows, offset = [], [], 0
     for part in parts:
-        s, r = search_shards(query_emb, part, k, similarity=similarity)
+        s, r = search_shards(query_emb, part, k, similarity=similarity, block_rows=SEARCH_ROWS)
         scores.append(torch.from_numpy(s))
         rows.append(torch.from_numpy(np.where(r >= 0, r + offset, -1)))
         offset += len(part)
