@@ -22,8 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from twotower.common.data import check_teacher_scores
-from twotower.common.data.ids import IdIndex
-from twotower.common.model.encoder import doc_text
+from twotower.finetune.stores import TextStore
 
 log = logging.getLogger("twotower.finetune")
 
@@ -32,52 +31,8 @@ log = logging.getLogger("twotower.finetune")
 class TrainGroup:
     qid: str
     positives: List[str]  # doc ids
-    negatives: List[str] = field(default_factory=list)  # doc ids: the pool hard negatives come from
-
-
-class TextStore:
-    """id -> text for documents or queries: a dict, or a (memory-mapped) datasets table read on
-    demand through an on-disk id index (twotower.common.data.ids), so a collection of millions
-    of passages costs no per-process Python dict or id list."""
-
-    def __init__(self, ids: Sequence[str], row: Callable[[str], int], fetch: Callable[[int], str],
-                 contains: Callable[[str], bool], table=None, with_title: bool = False):
-        self.ids = ids  # row -> id, a sequence (a list, or the table's id column read on demand)
-        self._row, self._fetch, self._contains = row, fetch, contains
-        # the backing datasets table (None for a dict): twotower.finetune.tokens tokenises it whole
-        self.table, self.with_title = table, with_title
-
-    @classmethod
-    def from_dict(cls, texts: Dict[str, str]) -> "TextStore":
-        ids = list(texts)
-        row = {i: r for r, i in enumerate(ids)}
-        return cls(ids, row.__getitem__, lambda r: texts[ids[r]], row.__contains__)
-
-    @classmethod
-    def from_table(cls, table, with_title: bool) -> "TextStore":
-        """A datasets.Dataset with id, text (and title): texts are read on demand."""
-        index = IdIndex(table)
-        if with_title:
-            return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__,
-                       table, True)
-        return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__,
-                   table, False)
-
-    def row(self, key: str) -> int:
-        """The row of `key` in the ids (and the backing table)."""
-        try:
-            return self._row(key)
-        except KeyError:
-            raise KeyError(f"id {key!r} is not in the text store") from None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, key: str) -> bool:
-        return self._contains(key)
-
-    def __getitem__(self, key: str) -> str:
-        return self._fetch(self.row(key))
+    # doc ids: the pool hard negatives come from (a list, or RowIds: doc rows stored as int32)
+    negatives: Sequence[str] = field(default_factory=list)
 
 
 @dataclass

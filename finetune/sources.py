@@ -19,12 +19,14 @@ from twotower.common.model.encoder import doc_text
 from twotower.common.recipe.config import RecipeError
 from twotower.finetune.args import DataArgs
 from twotower.finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
+from twotower.finetune.stores import RowIds
 from twotower.finetune.data_files import _file, data_file, data_root
 from twotower.finetune.mine import MineArgs, mine_together
 from twotower.finetune.pseudo import pseudo_label_pool
 from twotower.finetune.sentence_queries import sentences_pool
 
 log = logging.getLogger("twotower.finetune")
+NEGATIVES_BLOCK = 4096  # hard-negative lines whose passage ids are looked up together
 
 
 def text_id(prefix: str, text: str) -> str:
@@ -50,45 +52,53 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                       docs: TextStore, teacher: Dict[str, Dict[str, float]], read: Dict,
                       use_file_positives: bool = False) -> List[TrainGroup]:
     """Negatives (and, for msmarco without qrels, positives) from a hard-negatives jsonl, with
-    the per-system cap and the teacher-margin false-negative filter of the recipe."""
+    the per-system cap and the teacher-margin false-negative filter of the recipe. The file is
+    read a block of lines at a time, every passage id of a block looked up in one call, and each
+    pool kept as int32 rows of the corpus (RowIds), not a list of strings."""
     if not data.hard_negatives:
         return groups
     path = D.resolve_data(_file(root, data.hard_negatives) if root else data.hard_negatives)
     table = D.load_hard_negatives(path, systems=data.negative_systems or None, **read)
     by_qid = {g.qid: g for g in groups}
     dropped = 0
-    for row in table:
-        unknown = [p for p in list(row["pos"]) + list(row["neg"]) if p not in docs]
-        if unknown:
-            D.BadLinePolicy(**read).handle(D.DataError(  # raised, or counted when skipping
-                f"query {row['qid']!r}: passage {unknown[0]!r} is not in the corpus",
-                path=path, reason="unknown passage"))
-            continue
-        group = by_qid.get(row["qid"])
-        if group is None:
-            if not use_file_positives:
-                continue  # negatives of a query outside this split / few-shot sample
-            group = by_qid[row["qid"]] = TrainGroup(row["qid"], list(row["pos"]))
-            groups.append(group)
-        bound = None
-        if data.teacher_margin is not None:
-            scores = teacher.get(row["qid"], {})
-            missing = [p for p in group.positives + list(row["neg"]) if p not in scores]
-            if missing:
-                raise D.DataError(f"data.teacher_margin: no teacher score for query "
-                                  f"{row['qid']!r}, passage {missing[0]!r}", path=data.teacher_scores)
-            bound = min(scores[p] for p in group.positives) - data.teacher_margin
-        taken: Dict[str, int] = {}
-        negatives = []
-        for pid, system in zip(row["neg"], row["neg_system"]):
-            if bound is not None and teacher[row["qid"]][pid] > bound:
-                dropped += 1
+    for block in table.iter(batch_size=NEGATIVES_BLOCK):
+        lines = list(zip(block["qid"], block["pos"], block["neg"], block["neg_system"]))
+        rows = docs.rows_of([p for _, pos, neg, _ in lines for p in (*pos, *neg)])
+        at = 0
+        for qid, pos, neg, systems in lines:
+            known = rows[at:at + len(pos) + len(neg)]
+            neg_rows, at = known[len(pos):], at + len(pos) + len(neg)
+            if (known < 0).any():
+                unknown = (list(pos) + list(neg))[int(np.flatnonzero(known < 0)[0])]
+                D.BadLinePolicy(**read).handle(D.DataError(  # raised, or counted when skipping
+                    f"query {qid!r}: passage {unknown!r} is not in the corpus",
+                    path=path, reason="unknown passage"))
                 continue
-            if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:
-                continue
-            taken[system] = taken.get(system, 0) + 1
-            negatives.append(pid)
-        group.negatives = negatives
+            group = by_qid.get(qid)
+            if group is None:
+                if not use_file_positives:
+                    continue  # negatives of a query outside this split / few-shot sample
+                group = by_qid[qid] = TrainGroup(qid, list(pos))
+                groups.append(group)
+            bound = None
+            if data.teacher_margin is not None:
+                scores = teacher.get(qid, {})
+                missing = [p for p in group.positives + list(neg) if p not in scores]
+                if missing:
+                    raise D.DataError(f"data.teacher_margin: no teacher score for query "
+                                      f"{qid!r}, passage {missing[0]!r}", path=data.teacher_scores)
+                bound = min(scores[p] for p in group.positives) - data.teacher_margin
+            taken: Dict[str, int] = {}
+            kept = []
+            for pid, system, row in zip(neg, systems, neg_rows.tolist()):
+                if bound is not None and teacher[qid][pid] > bound:
+                    dropped += 1
+                    continue
+                if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:
+                    continue
+                taken[system] = taken.get(system, 0) + 1
+                kept.append(row)
+            group.negatives = RowIds(np.array(kept, dtype=np.int32), docs.ids)
     if dropped:
         log.info("%s: teacher margin %.2f removed %d likely false negatives", path,
                  data.teacher_margin, dropped)

@@ -84,12 +84,16 @@ class TokenCache:
         whole table is tokenised are left out)."""
         queries: Dict[str, None] = {}
         docs: Dict[str, None] = {}
-        for group in self.pool.groups:
-            queries[group.qid] = None
-            docs.update(dict.fromkeys(group.positives))
-            docs.update(dict.fromkeys(group.negatives))
-            for positive in group.positives:
-                queries.update(dict.fromkeys(self.pool.neg_queries.get(positive, ())))
+        # a tower whose table is tokenised whole needs no list (MS MARCO: 50 M negative ids)
+        want_queries, want_docs = "query" not in self.tables, "doc" not in self.tables
+        for group in self.pool.groups if want_queries or want_docs else ():
+            if want_queries:
+                queries[group.qid] = None
+                for positive in group.positives:
+                    queries.update(dict.fromkeys(self.pool.neg_queries.get(positive, ())))
+            if want_docs:
+                docs.update(dict.fromkeys(group.positives))
+                docs.update(dict.fromkeys(group.negatives))
         out = {"query": list(queries), "doc": list(docs)}
         return {tower: ids for tower, ids in out.items() if tower not in self.tables}
 

@@ -127,3 +127,28 @@ def test_two_processes_read_one_index(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert {o[0].strip() for o in outs} == {str(first.path)}
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_rows_of_many_ids_equals_row_of_each(tmp_path):
+    table = load_msmarco_collection(_collection(tmp_path / "c.tsv", 300), cache_dir=tmp_path / "k")
+    index = IdIndex(table)
+    keys = ["5", "299", "x", "0", "5", "300", "", "17"]
+    assert index.rows_of(keys).tolist() == [index.get(k, -1) for k in keys]
+    assert index.rows_of(keys).tolist() == [5, 299, -1, 0, 5, -1, -1, 17]
+    assert index.rows_of([]).tolist() == []
+    view = IdIndex(table.select([7, 3, 400 % 300]))  # rows of the view
+    assert view.rows_of(["3", "7", "100", "8"]).tolist() == [1, 0, 2, -1]
+    assert view.ids.take([2, 0]) == ["100", "7"]
+
+
+def test_rows_of_is_exact_when_every_hash_collides(tmp_path, monkeypatch):
+    """The stored id is compared at each candidate row: with every id hashed alike (a forced
+    collision) each still finds its own row, and an absent id none."""
+    import twotower.common.data.ids as ids
+
+    monkeypatch.setattr(ids, "hash_id", lambda key: 42)
+    table = datasets.Dataset.from_dict({"id": [f"d{i}" for i in range(20)],
+                                        "text": ["t"] * 20})
+    index = IdIndex(table)
+    keys = [f"d{i}" for i in (19, 0, 7)] + ["d20"]
+    assert index.rows_of(keys).tolist() == [19, 0, 7, -1]

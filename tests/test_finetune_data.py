@@ -376,3 +376,34 @@ def test_table_backed_texts_are_tokenised_once_into_a_shared_cached_table(tiny_e
                                                max_query_length=12, max_doc_length=30), pool())
     longer.tokenize_tables()
     assert longer.length("doc", "129") > warm.length("doc", "129")
+
+
+def test_row_ids_behave_as_the_list_of_their_ids(tmp_path):
+    from twotower.common.data import load_msmarco_collection
+    from twotower.finetune.stores import RowIds
+
+    (tmp_path / "c.tsv").write_text("".join(f"p{i}\tpassage {i}\n" for i in range(10)))
+    store = TextStore.from_table(load_msmarco_collection(tmp_path / "c.tsv",
+                                                         cache_dir=tmp_path / "k"), True)
+    for ids in (store.ids, [f"p{i}" for i in range(10)]):  # an Arrow id column, or a list
+        negatives = RowIds(np.array([3, 0, 9]), ids)
+        assert negatives == ["p3", "p0", "p9"] and list(negatives) == ["p3", "p0", "p9"]
+        assert len(negatives) == 3 and negatives[1] == "p0" and negatives[-1] == "p9"
+        assert negatives[1:] == ["p0", "p9"] and "p9" in negatives and "p1" not in negatives
+        assert ["p5"] + negatives == ["p5", "p3", "p0", "p9"] and negatives.rows.dtype == np.int32
+    assert store.rows_of(["p3", "nope", "p0"]).tolist() == [3, -1, 0]
+    assert TextStore.from_dict({"a": "x", "b": "y"}).rows_of(["b", "c"]).tolist() == [1, -1]
+
+
+def test_hard_negative_pools_are_kept_as_corpus_rows(shared_data_root):
+    """MS MARCO-layout pools are RowIds over the collection (4 bytes a negative, not a str)."""
+    from twotower.finetune.stores import RowIds
+
+    pool = build_pool(DataArgs(kind="msmarco", path=str(shared_data_root / "msmarco_sample"),
+                               queries="queries.tsv", qrels="qrels.tsv",
+                               hard_negatives="hard_negatives.jsonl", teacher_scores="",
+                               teacher_margin=None, negatives_per_system=0))
+    with_negatives = [g for g in pool.groups if len(g.negatives)]
+    assert with_negatives and all(isinstance(g.negatives, RowIds) for g in with_negatives)
+    for g in with_negatives[:20]:
+        assert [pool.docs.row(p) for p in g.negatives] == g.negatives.rows.tolist()

@@ -85,6 +85,14 @@ class IdColumn(Sequence):
         for block in self.blocks():
             yield from block
 
+    def take(self, rows) -> list[str]:
+        """The ids of many rows in one Arrow read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self._n):
+            raise IndexError(f"row out of range for {self._n} ids")
+        physical = rows if self._rows is None else self._rows[rows]
+        return self._ids.take(pa.array(physical)).to_pylist()
+
 
 class IdIndex:
     """Row of each id of ``table`` (a ``datasets.Dataset`` with a string ``id`` column)."""
@@ -119,6 +127,23 @@ class IdIndex:
         raise KeyError(key)
 
     __getitem__ = row
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """``row`` of many keys at once (int64, -1 where the table has no such id): the hashes
+        are searched together and the stored ids read in one Arrow call."""
+        keys = [str(k) for k in keys]
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if not keys or not len(self.hashes):
+            return out
+        wanted = hash_ids(keys)
+        at = np.searchsorted(self.hashes, wanted, side="left")
+        candidate = np.flatnonzero(at < len(self.hashes))
+        candidate = candidate[np.asarray(self.hashes[at[candidate]]) == wanted[candidate]]
+        rows = np.asarray(self.rows[at[candidate]])
+        for i, row, stored in zip(candidate.tolist(), rows.tolist(), self.ids.take(rows)):
+            # the first row of an equal hash is this id, or a collision: then the slow path
+            out[i] = row if stored == keys[i] else self.get(keys[i], -1)
+        return out
 
     def get(self, key: str, default=None):
         try:

@@ -1,0 +1,111 @@
+"""Where fine-tuning reads texts by id: TextStore (a dict, or a memory-mapped datasets table with an
+on-disk id index), and RowIds, a list of ids kept as int32 rows of a store.
+
+RowIds is how the hard-negative pools are held: MS MARCO's hard-negatives file lists ~100 passages
+for each of ~500k queries, 50 M ids; as Python strings in lists that is ~3 GB per process, as
+int32 rows 200 MB. An id is read back from the store's id column when the pool is iterated.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from twotower.common.data.ids import IdIndex
+from twotower.common.model.encoder import doc_text
+
+
+class RowIds(Sequence):
+    """A read-only list of ids stored as rows of `ids` (a store's id sequence); equal to any
+    sequence of the same ids in the same order."""
+
+    __slots__ = ("rows", "ids")
+    __hash__ = None  # a list, not a key
+
+    def __init__(self, rows: np.ndarray, ids: Sequence[str]):
+        self.rows, self.ids = np.asarray(rows, dtype=np.int32), ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._list(self.rows[i])
+        return self.ids[int(self.rows[i])]
+
+    def _list(self, rows: np.ndarray) -> List[str]:
+        take = getattr(self.ids, "take", None)  # IdColumn: one Arrow read for all of them
+        return take(rows) if take is not None else [self.ids[int(r)] for r in rows]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._list(self.rows))
+
+    def __contains__(self, key) -> bool:
+        return key in self._list(self.rows)
+
+    def __add__(self, other) -> List[str]:
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> List[str]:
+        return list(other) + list(self)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (RowIds, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"RowIds({list(self)!r})"
+
+
+class TextStore:
+    """id -> text for documents or queries: a dict, or a (memory-mapped) datasets table read on
+    demand through an on-disk id index (twotower.common.data.ids), so a collection of millions
+    of passages costs no per-process Python dict or id list."""
+
+    def __init__(self, ids: Sequence[str], row: Callable[[str], int], fetch: Callable[[int], str],
+                 contains: Callable[[str], bool], table=None, with_title: bool = False,
+                 rows_of: Optional[Callable[[Sequence[str]], np.ndarray]] = None):
+        self.ids = ids  # row -> id, a sequence (a list, or the table's id column read on demand)
+        self._row, self._fetch, self._contains = row, fetch, contains
+        self._rows_of = rows_of
+        # the backing datasets table (None for a dict): twotower.finetune.tokens tokenises it whole
+        self.table, self.with_title = table, with_title
+
+    @classmethod
+    def from_dict(cls, texts: Dict[str, str]) -> "TextStore":
+        ids = list(texts)
+        row = {i: r for r, i in enumerate(ids)}
+        return cls(ids, row.__getitem__, lambda r: texts[ids[r]], row.__contains__)
+
+    @classmethod
+    def from_table(cls, table, with_title: bool) -> "TextStore":
+        """A datasets.Dataset with id, text (and title): texts are read on demand."""
+        index = IdIndex(table)
+        if with_title:
+            return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__,
+                       table, True, index.rows_of)
+        return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__,
+                   table, False, index.rows_of)
+
+    def row(self, key: str) -> int:
+        """The row of `key` in the ids (and the backing table)."""
+        try:
+            return self._row(key)
+        except KeyError:
+            raise KeyError(f"id {key!r} is not in the text store") from None
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """The rows of many ids at once (int64), -1 for an id the store lacks."""
+        if self._rows_of is not None:
+            return self._rows_of(keys)
+        return np.array([self._row(k) if self._contains(k) else -1 for k in keys], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key: str) -> bool:
+        return self._contains(key)
+
+    def __getitem__(self, key: str) -> str:
+        return self._fetch(self.row(key))
