@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +21,7 @@ import datasets
 import numpy as np
 
 from twotower.common.data import load_corpus, load_msmarco_collection, resolve_data
+from twotower.common.data.io import write_bytes_atomic
 from twotower.common.model.encoder import doc_text
 
 log = logging.getLogger("twotower.pretrain")
@@ -142,19 +142,14 @@ def _stream_file(tokenized: Sequence[datasets.Dataset], cache_dir: str) -> Path 
 def _write_stream(tokenized: Sequence[datasets.Dataset], path: Path, total: int) -> None:
     """The int32 stream as one .npy file, written a record batch at a time (bounded memory) to a
     temporary name and renamed: a crash never leaves a partial file under the real name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int32).str,
-                                                     "fortran_order": False, "shape": (total,)})
-            for t in tokenized:
-                for chunk in _list_chunks(t, "input_ids"):
-                    f.write(np.asarray(chunk.flatten().to_numpy(zero_copy_only=False),
-                                       dtype=np.int32).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int32).str,
+                                                 "fortran_order": False, "shape": (total,)})
+        for t in tokenized:
+            for chunk in _list_chunks(t, "input_ids"):
+                f.write(np.asarray(chunk.flatten().to_numpy(zero_copy_only=False),
+                                   dtype=np.int32).tobytes())
+    write_bytes_atomic(path, write)
 
 
 def _mapped_stream(tokenized: Sequence[datasets.Dataset], path: Path, total: int) -> np.ndarray:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from .io import write_bytes_atomic
 
 INDEX_VERSION = 1
 _BLOCK = 1 << 20  # ids hashed per step while building
@@ -193,14 +194,7 @@ class IdIndex:
         for target, write in ((hashes_file, lambda f: np.save(f, hashes)),
                               (header_file, lambda f: f.write(json.dumps(self._header()).encode())),
                               (rows_file, lambda f: np.save(f, rows))):  # rows last: "complete"
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_bytes_atomic(target, write)
 
     def _load(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The saved arrays, memory-mapped; None when missing, stale or damaged (then rebuilt)."""

@@ -246,11 +246,22 @@ def unique_records(path: Path, lines: Iterable[tuple[int, str]], parse, what: st
 
 def write_text_atomic(path: Path, write) -> None:
     """Write a text file via a temporary file in the same folder, then ``os.replace`` it."""
+    _write_atomic(path, write, binary=False)
+
+
+def write_bytes_atomic(path: Path, write) -> None:
+    """``write(f)`` on a binary file via a temporary file in the same folder, then
+    ``os.replace``: a crash never leaves a partial file under the real name."""
+    _write_atomic(path, write, binary=True)
+
+
+def _write_atomic(path: Path, write, binary: bool) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with io.open(fd, "w", encoding="utf-8", newline="\n") as f:
+        with (os.fdopen(fd, "wb") if binary
+              else io.open(fd, "w", encoding="utf-8", newline="\n")) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from twotower.common.data.io import write_bytes_atomic
 
 KEY_VERSION = 1  # bump when the layout or the meaning of a key changes
 
@@ -83,19 +84,8 @@ class EmbeddingCache:
         emb = encoder.encode(texts, tower=tower, batch_size=batch_size, max_length=max_length,
                              progress=progress, bf16=bf16)
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda f: np.save(f, emb))
+        write_bytes_atomic(path, lambda f: np.save(f, emb))
         meta = {"model": getattr(encoder.args, "name_or_path", ""), "model_fingerprint": model_fp,
                 "data_fingerprint": data_fp, "n_texts": len(texts), "settings": settings}
-        _write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        write_bytes_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return emb
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
