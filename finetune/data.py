@@ -12,7 +12,6 @@ for the next epoch's order, which is reshuffled).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -62,10 +61,6 @@ class Sample:
 def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
-
-def text_digest(text: str) -> int:
-    """64 bits of BLAKE2b: equal texts, equal digests, in every process and run."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class GroupDataset(Dataset):
@@ -118,10 +113,10 @@ class GroupDataset(Dataset):
         pool = [p for p in group.negatives if p not in excluded]
         if self.with_teacher:
             pool = self._scored(group.qid, pool)
-        banned_texts = {docs[p] for p in group.positives}
+        banned_texts = {docs.digest(p) for p in group.positives}  # texts compared by digest
         chosen, texts = [], set()
         for j in rng.permutation(len(pool)):
-            text = docs[pool[j]]
+            text = docs.digest(pool[j])
             if text not in banned_texts and text not in texts:  # duplicate passages exist
                 chosen.append(pool[j])
                 texts.add(text)
@@ -135,10 +130,10 @@ class GroupDataset(Dataset):
         pool = [q for q in self.pool.neg_queries.get(positive, []) if q != group.qid]
         if self.with_teacher:
             pool = [q for q in pool if positive in self.pool.teacher.get(q, {})]
-        own = queries[group.qid]
+        own = queries.digest(group.qid)
         chosen, texts = [], set()
         for j in rng.permutation(len(pool)):
-            text = queries[pool[j]]
+            text = queries.digest(pool[j])
             if text != own and text not in texts:
                 chosen.append(pool[j])
                 texts.add(text)
@@ -168,7 +163,7 @@ class GroupDataset(Dataset):
                 raise ValueError(f"{self.pool.source}: cannot find {want} distinct random {what} "
                                  f"for query {group.qid!r} (only {len(store)} entries)")
             candidate = store.ids[int(rng.integers(len(store)))]
-            text = store[candidate]
+            text = store.digest(candidate)
             if candidate in excluded or text in banned_texts or text in texts:
                 continue
             chosen.append(candidate)
@@ -183,8 +178,8 @@ class GroupDataset(Dataset):
         queries, teacher = self.pool.queries, self.pool.teacher
 
         def anchored(group: TrainGroup, p: str) -> bool:
-            own = queries[group.qid]
-            return any(q != group.qid and p in teacher.get(q, {}) and queries[q] != own
+            own = queries.digest(group.qid)
+            return any(q != group.qid and p in teacher.get(q, {}) and queries.digest(q) != own
                        for q in self.pool.neg_queries.get(p, []))
 
         kept, positives_left_out = [], 0
@@ -211,10 +206,11 @@ class GroupDataset(Dataset):
                              source=f"{self.pool.source} (teacher scores)")
 
     # ---------------------------------------------------------------------- epoch order
-    def texts_of(self, s: Sample) -> List[str]:
+    def texts_of(self, s: Sample) -> List[int]:
+        """The digests (TextStore.digest) of a sample's texts: equal texts, equal digests."""
         q, d = self.pool.queries, self.pool.docs
-        return ([q[s.qid], d[s.positive]] + [d[p] for p in s.negatives]
-                + [q[x] for x in s.neg_queries])
+        return ([q.digest(s.qid), d.digest(s.positive)] + [d.digest(p) for p in s.negatives]
+                + [q.digest(x) for x in s.neg_queries])
 
     def epoch_order(self, epoch: int, seed: int) -> List[int]:
         """Group indices for `epoch`: global batches without a repeated text (module docstring)."""
@@ -230,9 +226,8 @@ class GroupDataset(Dataset):
             return self._length_grouped_order(epoch, seed, size)
         remaining = dict.fromkeys(np.random.default_rng([seed, epoch]).permutation(len(self)).tolist())
         # 64-bit digests, not the texts: 500k MS MARCO groups would hold ~1.5 M passages here;
-        # blake2b is the same in every process (str hash() is not), so every rank builds one order
-        texts = {i: {text_digest(t) for t in self.texts_of(self.sample(i, epoch))}
-                 for i in remaining}
+        # BLAKE2b is the same in every process (str hash() is not), so every rank builds one order
+        texts = {i: set(self.texts_of(self.sample(i, epoch))) for i in remaining}
         order: List[int] = []
         left_out: List[int] = []
         while len(remaining) >= size:

@@ -98,6 +98,8 @@ def build_stage(recipe: FinetuneRecipe, stage: StageArgs, model_path: str, num_p
     with state.main_process_first():  # the main process reads first (and fills any file cache)
         pool = build_pool(stage.data, teacher=teacher, report=report,
                           exclude=dev_queries(recipe, stage), finish=False, candidates=candidates)
+        pool.docs.open_digests()  # the texts' digests the sampler compares: built once, shared
+        pool.queries.open_digests()
     # mining is collective (dense: one slice of the corpus per process), so not one at a time
     finish_pool(pool, stage.data)
     # the main process computes teacher scores into the cache first; the others then read them

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from twotower.common.data.ids import IdIndex
+from twotower.common.data.ids import IdIndex, RowDigests, hash_id
 from twotower.common.model.encoder import doc_text
 
 
@@ -65,10 +65,11 @@ class TextStore:
 
     def __init__(self, ids: Sequence[str], row: Callable[[str], int], fetch: Callable[[int], str],
                  contains: Callable[[str], bool], table=None, with_title: bool = False,
-                 rows_of: Optional[Callable[[Sequence[str]], np.ndarray]] = None):
+                 rows_of: Optional[Callable[[Sequence[str]], np.ndarray]] = None,
+                 digests: Optional[RowDigests] = None):
         self.ids = ids  # row -> id, a sequence (a list, or the table's id column read on demand)
         self._row, self._fetch, self._contains = row, fetch, contains
-        self._rows_of = rows_of
+        self._rows_of, self._digests = rows_of, digests
         # the backing datasets table (None for a dict): twotower.finetune.tokens tokenises it whole
         self.table, self.with_title = table, with_title
 
@@ -83,10 +84,12 @@ class TextStore:
         """A datasets.Dataset with id, text (and title): texts are read on demand."""
         index = IdIndex(table)
         if with_title:
+            digests = RowDigests(table, "doc_text", _doc_texts)
             return cls(index.ids, index.row, lambda r: doc_text(table[int(r)]), index.__contains__,
-                       table, True, index.rows_of)
+                       table, True, index.rows_of, digests)
+        digests = RowDigests(table, "text", lambda block: block["text"])
         return cls(index.ids, index.row, lambda r: table[int(r)]["text"], index.__contains__,
-                   table, False, index.rows_of)
+                   table, False, index.rows_of, digests)
 
     def row(self, key: str) -> int:
         """The row of `key` in the ids (and the backing table)."""
@@ -101,6 +104,18 @@ class TextStore:
             return self._rows_of(keys)
         return np.array([self._row(k) if self._contains(k) else -1 for k in keys], dtype=np.int64)
 
+    def digest(self, key: str) -> int:
+        """A 64-bit digest of `self[key]` (equal texts, equal digests, in every process): read
+        from the table's cached digests when there is a table, without reading the text."""
+        if self._digests is None:
+            return hash_id(self[key])
+        return self._digests[self.row(key)]
+
+    def open_digests(self) -> None:
+        """Build (first caller) or map the table's digests now, not at a first `digest`."""
+        if self._digests is not None:
+            self._digests.open()
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -109,3 +124,9 @@ class TextStore:
 
     def __getitem__(self, key: str) -> str:
         return self._fetch(self.row(key))
+
+
+def _doc_texts(block: dict) -> List[str]:
+    """doc_text of each row of a table block (title, a space, text)."""
+    titles = block["title"] if "title" in block else [""] * len(block["text"])
+    return [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]

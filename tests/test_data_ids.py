@@ -152,3 +152,36 @@ def test_rows_of_is_exact_when_every_hash_collides(tmp_path, monkeypatch):
     index = IdIndex(table)
     keys = [f"d{i}" for i in (19, 0, 7)] + ["d20"]
     assert index.rows_of(keys).tolist() == [19, 0, 7, -1]
+
+
+def test_text_digests_are_cached_beside_the_table_and_equal_hashes_of_the_texts(tmp_path,
+                                                                               monkeypatch):
+    from twotower.common.data.ids import RowDigests, hash_id
+
+    path = _collection(tmp_path / "c.tsv", 50)
+    with path.open("a") as f:
+        f.write("dup\tpassage number 7\n")  # the same text as row 7 under another id
+    table = load_msmarco_collection(path, cache_dir=tmp_path / "k")
+    store = TextStore.from_table(table, with_title=True)
+    for key in ("0", "7", "49", "dup"):
+        assert store.digest(key) == hash_id(store[key])
+    assert store.digest("dup") == store.digest("7") != store.digest("8")
+    files = list((tmp_path / "k").rglob("twotower-digests-*.npy"))
+    assert len(files) == 1
+    # read back memory-mapped, not rebuilt; a damaged file is rebuilt, never read
+    monkeypatch.setattr(RowDigests, "_build", lambda self: pytest.fail("rebuilt valid digests"))
+    again = TextStore.from_table(load_msmarco_collection(path, cache_dir=tmp_path / "k"), True)
+    assert again.digest("7") == store.digest("7")
+    assert isinstance(again._digests._digests, np.memmap)
+    monkeypatch.undo()
+    files[0].write_bytes(files[0].read_bytes()[:-8])  # truncated
+    rebuilt = TextStore.from_table(load_msmarco_collection(path, cache_dir=tmp_path / "k"), True)
+    assert rebuilt.digest("49") == hash_id(rebuilt["49"])
+    raw = bytearray(files[0].read_bytes())
+    raw[-8:] = bytes(8)  # the last row's digest zeroed: the spot check sees it
+    files[0].write_bytes(bytes(raw))
+    fixed = TextStore.from_table(load_msmarco_collection(path, cache_dir=tmp_path / "k"), True)
+    assert fixed.digest("dup") == hash_id(fixed["dup"])
+    view = TextStore.from_table(table.select([9, 2]), with_title=True)  # a view: its own rows
+    assert view.digest("2") == hash_id(view["2"]) and view.digest("9") == hash_id(view["9"])
+    assert TextStore.from_dict({"a": "x"}).digest("a") == hash_id("x")

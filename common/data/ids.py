@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,67 @@ def hash_id(key: str) -> int:
 
 def hash_ids(ids: Sequence[str]) -> np.ndarray:
     return np.fromiter((hash_id(k) for k in ids), dtype=np.uint64, count=len(ids))
+
+
+def cache_path(table, name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """``<folder>/<name>-<fingerprint>`` beside the table's Arrow cache (or in ``cache_dir``):
+    the fingerprint changes with the source file, the reader options and any select/filter, so a
+    file derived from another version of the table is never found. None for an in-memory table."""
+    if cache_dir is not None:
+        folder = Path(cache_dir)
+    elif table.cache_files:
+        folder = Path(table.cache_files[0]["filename"]).parent
+    else:
+        return None
+    return folder / f"{name}-{table._fingerprint}"
+
+
+class RowDigests:
+    """A 64-bit digest (``hash_id``) of each row's text, as ``text_of_rows`` makes it from a block
+    of the table (a dict of columns), saved as ``.npy`` beside the table and memory-mapped: what
+    fine-tuning compares to keep duplicate texts apart, without reading them. Opened (built by the
+    first caller, read by later ones) on first use; a file of the wrong shape, type or content
+    (spot-checked) is rebuilt, and written to a temporary name and renamed."""
+
+    def __init__(self, table, name: str, text_of_rows: Callable[[dict], list[str]]):
+        self.table, self.name, self.text_of_rows = table, name, text_of_rows
+        self._digests: np.ndarray | None = None
+
+    def __getitem__(self, row: int) -> int:
+        if self._digests is None:
+            self.open()
+        return int(self._digests[row])
+
+    def open(self) -> None:
+        path = cache_path(self.table, f"twotower-digests-v{INDEX_VERSION}-{self.name}")
+        if path is not None:
+            path = path.with_suffix(".npy")
+            try:
+                digests = np.load(path, mmap_mode="r")
+                if (digests.shape == (len(self.table),) and digests.dtype == np.uint64
+                        and self._spot_check(digests)):
+                    self._digests = digests
+                    return
+            except (OSError, ValueError):  # missing, truncated, not an .npy file
+                pass
+        digests = self._build()
+        if path is not None:
+            write_bytes_atomic(path, lambda f: np.save(f, digests))
+        self._digests = np.load(path, mmap_mode="r") if path is not None else digests
+
+    def _build(self) -> np.ndarray:
+        digests = np.empty(len(self.table), dtype=np.uint64)
+        for start in range(0, len(self.table), _BLOCK):
+            block = self.text_of_rows(self.table[start:start + _BLOCK])
+            digests[start:start + len(block)] = hash_ids(block)
+        return digests
+
+    def _spot_check(self, digests: np.ndarray) -> bool:
+        if not len(digests):
+            return True
+        picks = np.unique(np.linspace(0, len(digests) - 1, num=min(len(digests), 16)).astype(int))
+        texts = [self.text_of_rows(self.table[int(r):int(r) + 1])[0] for r in picks]
+        return bool((np.asarray(digests[picks]) == hash_ids(texts)).all())
 
 
 class IdColumn(Sequence):
@@ -158,13 +219,7 @@ class IdIndex:
     # ---------------------------------------------------------------------------- building
     @staticmethod
     def _cache_path(table, cache_dir) -> Path | None:
-        if cache_dir is not None:
-            folder = Path(cache_dir)
-        elif table.cache_files:
-            folder = Path(table.cache_files[0]["filename"]).parent
-        else:
-            return None  # an in-memory table: the index lives in memory too
-        return folder / f"twotower-ids-v{INDEX_VERSION}-{table._fingerprint}"
+        return cache_path(table, f"twotower-ids-v{INDEX_VERSION}", cache_dir)
 
     def _build(self) -> tuple[np.ndarray, np.ndarray]:
         hashes = np.empty(len(self.ids), dtype=np.uint64)
