@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from twotower.common.data import check_teacher_scores
-from twotower.finetune.stores import TextStore
+from twotower.finetune.stores import RowIds, TextStore
 
 log = logging.getLogger("twotower.finetune")
 
@@ -110,6 +110,8 @@ class GroupDataset(Dataset):
     def _sample_negatives(self, group: TrainGroup, positive: str, rng) -> List[str]:
         docs = self.pool.docs
         excluded = set(group.positives)
+        if isinstance(group.negatives, RowIds) and not self.with_teacher:
+            return self._sample_negative_rows(group, excluded, rng)
         pool = [p for p in group.negatives if p not in excluded]
         if self.with_teacher:
             pool = self._scored(group.qid, pool)
@@ -124,6 +126,28 @@ class GroupDataset(Dataset):
                     return chosen
         return self._fill(chosen, texts, banned_texts, group, rng, what="negatives",
                           pool_ids=pool, store=docs, excluded=excluded)
+
+    def _sample_negative_rows(self, group: TrainGroup, excluded: set, rng) -> List[str]:
+        """`_sample_negatives`' draw (the same pool order, permutation and picks) over a pool
+        of store rows: its digests read as one array, ids read for the chosen rows only (every
+        group is sampled when an epoch's order is built: 500k for MS MARCO)."""
+        docs, negatives = self.pool.docs, group.negatives
+        positive_rows = [docs.row(p) for p in group.positives]
+        rows = negatives.rows[~np.isin(negatives.rows, positive_rows)]
+        digests = docs.digests_of_rows(rows).tolist()
+        banned_texts = set(docs.digests_of_rows(positive_rows).tolist())
+        chosen, texts = [], set()
+        for j in rng.permutation(len(rows)).tolist():
+            if digests[j] not in banned_texts and digests[j] not in texts:
+                chosen.append(j)
+                texts.add(digests[j])
+                if len(chosen) == self.k:
+                    break
+        picked = list(RowIds(rows[chosen], negatives.ids))
+        if len(picked) == self.k:
+            return picked
+        return self._fill(picked, texts, banned_texts, group, rng, what="negatives",
+                          pool_ids=rows, store=docs, excluded=excluded)
 
     def _sample_neg_queries(self, group: TrainGroup, positive: str, rng) -> List[str]:
         queries = self.pool.queries

@@ -111,6 +111,13 @@ class TextStore:
             return hash_id(self[key])
         return self._digests[self.row(key)]
 
+    def digests_of_rows(self, rows) -> np.ndarray:
+        """`digest` of the ids at many rows (uint64), without reading ids or texts when the
+        table's digests are cached."""
+        if self._digests is None:
+            return np.array([hash_id(self._fetch(int(r))) for r in rows], dtype=np.uint64)
+        return self._digests.take(rows)
+
     def open_digests(self) -> None:
         """Build (first caller) or map the table's digests now, not at a first `digest`."""
         if self._digests is not None:

@@ -185,3 +185,19 @@ def test_text_digests_are_cached_beside_the_table_and_equal_hashes_of_the_texts(
     view = TextStore.from_table(table.select([9, 2]), with_title=True)  # a view: its own rows
     assert view.digest("2") == hash_id(view["2"]) and view.digest("9") == hash_id(view["9"])
     assert TextStore.from_dict({"a": "x"}).digest("a") == hash_id("x")
+
+
+def test_take_column_equals_arrows_take_a_chunk_at_a_time():
+    """Rows in any order, repeated, across chunks of uneven length, one or none."""
+    import pyarrow as pa
+
+    from twotower.common.data.ids import chunk_offsets, take_column
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 50, size=40)
+    column = pa.chunked_array([pa.array([f"id{start + i}" for i in range(n)], pa.string())
+                               for start, n in zip(np.cumsum([0, *sizes[:-1]]), sizes)])
+    offsets = chunk_offsets(column)
+    for rows in (rng.integers(len(column), size=200), [0], [len(column) - 1], [],
+                 np.arange(len(column))[::-1]):
+        assert take_column(column, rows, offsets) == column.take(
+            pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()

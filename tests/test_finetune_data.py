@@ -407,3 +407,32 @@ def test_hard_negative_pools_are_kept_as_corpus_rows(shared_data_root):
     assert with_negatives and all(isinstance(g.negatives, RowIds) for g in with_negatives)
     for g in with_negatives[:20]:
         assert [pool.docs.row(p) for p in g.negatives] == g.negatives.rows.tolist()
+
+
+@pytest.mark.parametrize("backing", ["dict", "table"])
+def test_row_pools_sample_as_the_same_pools_of_ids(tmp_path, backing):
+    """A pool held as RowIds draws the same negatives as that pool as a list of ids (the
+    positive excluded, duplicate texts skipped, a short pool filled), every group and epoch."""
+    from twotower.common.data import load_msmarco_collection
+    from twotower.finetune.stores import RowIds
+
+    rng = np.random.default_rng(3)
+    texts = [f"passage {int(rng.integers(40))}" for _ in range(60)]  # many duplicate texts
+    if backing == "table":
+        (tmp_path / "c.tsv").write_text("".join(f"p{i}\t{t}\n" for i, t in enumerate(texts)))
+        docs = TextStore.from_table(load_msmarco_collection(tmp_path / "c.tsv",
+                                                            cache_dir=tmp_path / "k"), True)
+    else:
+        docs = TextStore.from_dict({f"p{i}": t for i, t in enumerate(texts)})
+    queries = TextStore.from_dict({f"q{i}": f"query {i}" for i in range(12)})
+    as_ids, as_rows = [], []
+    for i in range(12):
+        rows = rng.choice(60, size=int(rng.integers(1, 9)), replace=False)
+        positive = f"p{int(rows[0])}" if i % 3 else f"p{int(rng.integers(60))}"
+        as_ids.append(TrainGroup(f"q{i}", [positive], [f"p{int(r)}" for r in rows]))
+        as_rows.append(TrainGroup(f"q{i}", [positive], RowIds(rows, docs.ids)))
+    a = GroupDataset(TrainingPool(as_ids, queries, docs), 3, seed=1, short_pool="random")
+    b = GroupDataset(TrainingPool(as_rows, queries, docs), 3, seed=1, short_pool="random")
+    for epoch in range(4):
+        for i in range(12):
+            assert a.sample(i, epoch) == b.sample(i, epoch)

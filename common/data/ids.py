@@ -47,6 +47,31 @@ def hash_ids(ids: Sequence[str]) -> np.ndarray:
     return np.fromiter((hash_id(k) for k in ids), dtype=np.uint64, count=len(ids))
 
 
+def chunk_offsets(column: pa.ChunkedArray) -> np.ndarray:
+    """Where each chunk of `column` starts, and its length at the end (for `take_column`)."""
+    return np.cumsum([0] + [len(c) for c in column.chunks], dtype=np.int64)
+
+
+def take_column(column: pa.ChunkedArray, rows, offsets: np.ndarray) -> list:
+    """``column.take(rows).to_pylist()``, a chunk at a time: Arrow's take over a chunked array
+    first concatenates every chunk (a table cached by ``datasets`` has one per 1,000 rows), which
+    costs the whole column on every call: ~5 ms over 2 M ids, where a chunk's take is ~5 µs."""
+    rows = np.asarray(rows, dtype=np.int64)
+    chunk = np.searchsorted(offsets, rows, side="right") - 1
+    if len(rows) == 1:
+        return [column.chunk(int(chunk[0]))[int(rows[0] - offsets[chunk[0]])].as_py()]
+    out: list = [None] * len(rows)
+    order = np.argsort(chunk, kind="stable")
+    for part in np.split(order, np.flatnonzero(np.diff(chunk[order])) + 1):
+        if not len(part):
+            continue
+        c = int(chunk[part[0]])
+        values = column.chunk(c).take(pa.array(rows[part] - offsets[c])).to_pylist()
+        for i, value in zip(part.tolist(), values):
+            out[i] = value
+    return out
+
+
 def cache_path(table, name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """``<folder>/<name>-<fingerprint>`` beside the table's Arrow cache (or in ``cache_dir``):
     the fingerprint changes with the source file, the reader options and any select/filter, so a
@@ -75,6 +100,12 @@ class RowDigests:
         if self._digests is None:
             self.open()
         return int(self._digests[row])
+
+    def take(self, rows) -> np.ndarray:
+        """The digests of many rows (uint64), in one read of the mapped array."""
+        if self._digests is None:
+            self.open()
+        return np.asarray(self._digests[np.asarray(rows, dtype=np.int64)])
 
     def open(self) -> None:
         path = cache_path(self.table, f"twotower-digests-v{INDEX_VERSION}-{self.name}")
@@ -114,6 +145,7 @@ class IdColumn(Sequence):
 
     def __init__(self, table):
         self._ids: pa.ChunkedArray = table.data.column("id")
+        self._offsets = chunk_offsets(self._ids)
         mapping = getattr(table, "_indices", None)  # datasets' select/filter row mapping
         self._rows = None if mapping is None else mapping.column(0).to_numpy()
         self._n = len(table)
@@ -153,7 +185,7 @@ class IdColumn(Sequence):
         if rows.size and (rows.min() < 0 or rows.max() >= self._n):
             raise IndexError(f"row out of range for {self._n} ids")
         physical = rows if self._rows is None else self._rows[rows]
-        return self._ids.take(pa.array(physical)).to_pylist()
+        return take_column(self._ids, physical, self._offsets)
 
 
 class IdIndex:
