@@ -80,7 +80,7 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                     continue  # negatives of a query outside this split / few-shot sample
                 group = by_qid[qid] = TrainGroup(qid, list(pos))
                 groups.append(group)
-            bound = None
+            bound, scores = None, {}
             if data.teacher_margin is not None:
                 scores = teacher.get(qid, {})
                 missing = [p for p in group.positives + list(neg) if p not in scores]
@@ -91,7 +91,7 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
             taken: Dict[str, int] = {}
             kept = []
             for pid, system, row in zip(neg, systems, neg_rows.tolist()):
-                if bound is not None and teacher[qid][pid] > bound:
+                if bound is not None and scores[pid] > bound:
                     dropped += 1
                     continue
                 if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:
@@ -268,16 +268,18 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
         raise RecipeError(f"'data.path' is empty: name the {data.kind} training data (a path, or "
                           "a name under $TWOTOWER_DATA), e.g. data.path=<folder>")
     read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
-    scores: Dict[str, Dict[str, float]] = {}
+    # the file's scores stay on disk (a cached table: MS MARCO's ~50 M pairs would be ~8 GB of
+    # dicts per process); scores added later go to its in-memory overlay
+    scores: "Dict[str, Dict[str, float]] | D.TeacherScores" = {}
     if data.teacher_scores:
-        table = D.load_teacher_scores(data_file(data, data.teacher_scores), **read)
-        scores = {q: dict(by_pid) for q, by_pid in table.items()}
+        scores = D.load_teacher_scores(data_file(data, data.teacher_scores), **read)
     if data.kind == "pseudo":
         if teacher is None:
             raise ValueError("data.kind=pseudo needs a teacher (teacher.model)")
         pool = pseudo_label_pool(data, teacher, candidates)
-        for qid, by_pid in scores.items():
-            pool.teacher.setdefault(qid, {}).update(by_pid)
+        if data.teacher_scores:  # the file's scores win over the pseudo-labeller's
+            scores.add_unscored(pool.teacher)
+            pool.teacher = scores
     else:
         pool = READERS[data.kind](data, scores, read)
     if exclude:

@@ -9,17 +9,14 @@
   ``qid, pos, neg, neg_system``: ``neg`` lists each negative pid once (first system wins) and
   ``neg_system[i]`` names the system that listed ``neg[i]``.  Negatives are not filtered
   against ``pos``; samplers should drop ``neg`` entries that are also positives;
-* teacher scores → ``{qid: {pid: score}}``: JSONL with either ``{"qid", "pid", "score"}`` or
-  ``{"qid", "scores": {pid: score}}`` per line, or the public pickle (``.pkl``/``.pkl.gz``)
-  holding ``{qid: {pid: score}}``.  All ids are returned as strings.
+* teacher scores → :mod:`twotower.common.data.scores`.  All ids are returned as strings.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import datasets
 
@@ -27,7 +24,7 @@ from .build import build_dataset
 from .corpus import load_corpus, load_queries
 from .errors import BadLinePolicy, DataError, SkipReport
 from .io import (DuplicateChecker, as_id, as_text, first_line_with, get_field, iter_lines,
-                 open_binary, parse_json_object, parse_score, split_tsv)
+                 parse_json_object, split_tsv)
 from .resolve import resolve_data
 
 _List = getattr(datasets, "List", None) or datasets.Sequence
@@ -139,116 +136,3 @@ def hard_negative_pairs(dataset) -> list[tuple[str, str]]:
         pairs.extend((row["qid"], pid) for pid in row["pos"])
         pairs.extend((row["qid"], pid) for pid in row["neg"])
     return pairs
-
-
-class _ScoresUnpickler(pickle.Unpickler):
-    """Only plain containers and numbers: a teacher-score pickle has no reason to run code."""
-
-    _ALLOWED = {("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _is_pickle(path: Path) -> bool:
-    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    return bool(suffixes) and suffixes[-1] in (".pkl", ".pickle")
-
-
-def _load_pickled_scores(path: Path) -> dict[str, dict[str, float]]:
-    try:
-        with open_binary(path) as f:
-            raw = _ScoresUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"cannot read the pickle ({type(e).__name__}: {e})", path=path,
-                        reason="bad pickle") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"expected a pickled dict qid -> {{pid: score}}, got "
-                        f"{type(raw).__name__}", path=path, reason="bad pickle")
-    scores = {}
-    for qid, by_pid in raw.items():
-        where = f"query {qid!r}"
-        if not isinstance(by_pid, dict):
-            raise DataError(f"{where}: expected a dict pid -> score, got {type(by_pid).__name__}",
-                            path=path, reason="bad pickle")
-        scores[as_id(qid, "qid", path, None)] = {
-            as_id(pid, "pid", path, None): parse_score(s, f"score of {where}, passage {pid!r}",
-                                                       path, None)
-            for pid, s in by_pid.items()}
-    return scores
-
-
-def _jsonl_scores_line(path: Path, line_no: int, line: str) -> tuple[str, dict]:
-    obj = parse_json_object(path, line_no, line)
-    qid = as_id(get_field(obj, "qid", path, line_no), "qid", path, line_no)
-    if "scores" in obj:
-        by_pid = obj["scores"]
-        if not isinstance(by_pid, dict):
-            raise DataError("field 'scores' must be an object {pid: score}", path=path,
-                            line=line_no, reason="bad scores")
-    else:
-        by_pid = {get_field(obj, "pid", path, line_no): get_field(obj, "score", path, line_no)}
-    return qid, {as_id(pid, "pid", path, line_no): parse_score(s, "score", path, line_no)
-                 for pid, s in by_pid.items()}
-
-
-def _first_line_scoring(path: Path, qid: str, pid: str) -> int | str:
-    for line_no, line in iter_lines(path):
-        try:
-            line_qid, by_pid = _jsonl_scores_line(path, line_no, line)
-        except DataError:
-            continue
-        if line_qid == qid and pid in by_pid:
-            return line_no
-    return "?"
-
-
-def load_teacher_scores(path: str | os.PathLike, *, on_error: str = "raise",
-                        report: SkipReport | None = None) -> dict[str, dict[str, float]]:
-    """Teacher (cross-encoder) scores → ``{qid: {pid: score}}``; JSONL or pickle.
-
-    A (qid, pid) pair scored twice is an error naming both lines (first wins when skipping).
-    Pickles are read with an unpickler that refuses anything but dicts, strings and numbers;
-    a bad pickle always raises (it has no lines to skip).
-    """
-    path = resolve_data(path)
-    if _is_pickle(path):
-        return _load_pickled_scores(path)
-    policy = BadLinePolicy(on_error, report)
-    policy.report.clear_file(path)
-    scores: dict[str, dict[str, float]] = {}
-    count = 0
-    for line_no, line in iter_lines(path, policy):
-        try:
-            qid, by_pid = _jsonl_scores_line(path, line_no, line)
-            known = scores.get(qid, {})
-            for pid in by_pid:
-                if pid in known:
-                    first = "an earlier line" if policy.skipping else \
-                        f"line {_first_line_scoring(path, qid, pid)}"
-                    raise DataError(f"duplicate score for query {qid!r}, passage {pid!r}: also "
-                                    f"on {first}", path=path, line=line_no,
-                                    reason="duplicate score")
-        except DataError as e:
-            policy.handle(e)
-            continue
-        scores.setdefault(qid, {}).update(by_pid)
-        count += 1
-    policy.finish_file(path, count)
-    return scores
-
-
-def check_teacher_scores(scores: Mapping[str, Mapping[str, float]],
-                         pairs: Iterable[tuple[str, str]], *, source: object = "teacher scores",
-                         max_listed: int = 5) -> None:
-    """Raise a DataError naming the count and first missing (qid, pid) pairs, if any."""
-    pairs = list(pairs)
-    missing = [(q, p) for q, p in pairs if p not in scores.get(q, {})]
-    if missing:
-        listed = ", ".join(f"({q!r}, {p!r})" for q, p in missing[:max_listed])
-        raise DataError(f"{len(missing)} of {len(pairs)} required (qid, pid) pairs have no "
-                        f"teacher score; first missing: {listed}", path=source,
-                        reason="missing teacher scores")
