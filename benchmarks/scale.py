@@ -15,6 +15,10 @@ is the process's own, never a mapped file: what the process copied). Parts:
   train          finetune/run.py --recipe msmarco_mnrl_cpu on the data with a tiny random BERT (the
                  data path is measured, not the model): 1 step cold and warm, on 1 and 2
                  processes (gloo), then 101 steps warm (steps/s = 100 / the difference);
+  teacher        cross-encoder scores of every training pair as the public pickle (~50 M at full
+                 size): the cached table built (cold) and reopened (warm), every query's scores
+                 read; then the first training step with msmarco_mnrl's teacher margin (3.0, 5
+                 negatives per system) on 1 process, its table built in the run and reused;
   bm25           BM25 index of the collection + top-20 of 10k training queries;
   search         the tiny encoder encodes the collection into fp16 shards, exact top-100 of 1k dev
                  queries streamed shard by shard (twotower.common.eval.shards);
@@ -38,13 +42,14 @@ from pathlib import Path
 import psutil
 
 from benchmarks.rehearse import launch_prefix
-from benchmarks.scale_data import WORDPIECES, write_msmarco, write_pretraining_corpus
+from benchmarks.scale_data import (WORDPIECES, write_msmarco, write_pretraining_corpus,
+                                   write_teacher_scores)
 from benchmarks.synthetic_data import _minilm_path as _minilm
 from benchmarks.synthetic_data import write_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-PARTS = ("data", "train", "bm25", "search", "random_search", "stream")
+PARTS = ("data", "train", "teacher", "bm25", "search", "random_search", "stream")
 
 
 def watch(cmd: list[str], env: dict, log: Path) -> dict:
@@ -86,13 +91,14 @@ def child(part: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "benchmarks.scale_child", part, *args]
 
 
-def train_cmd(root: Path, model: Path, out: Path, steps: int, processes: int) -> list[str]:
+def train_cmd(root: Path, model: Path, out: Path, steps: int, processes: int,
+              extra: tuple = ()) -> list[str]:
     prefix = [sys.executable] if processes == 1 else launch_prefix()
     return [*prefix, str(REPO / "finetune" / "run.py"), "--recipe", "msmarco_mnrl_cpu",
             f"data.path={root}", "data.queries=queries.train.tsv", "data.qrels=qrels.train.tsv",
             "data.hard_negatives=msmarco-hard-negatives.jsonl.gz", f"model.name_or_path={model}",
             "eval.data=", f"train.max_steps={steps}", "train.log_every=1",
-            f"train.output_dir={out}"]
+            f"train.output_dir={out}", *extra]
 
 
 def measure(size: int, parts, work: Path, env: dict, save, cold=(1, 2)) -> dict:
@@ -129,6 +135,18 @@ def measure(size: int, parts, work: Path, env: dict, save, cold=(1, 2)) -> dict:
                 100 / max(1e-9, rows[f"101 steps warm x{processes}"]["s"]
                          - rows[f"first step warm x{processes}"]["s"]), 2)
             save(rows)
+    if "teacher" in parts:
+        scores, tables = write_teacher_scores(root), work / f"teacher_cache_{size}"
+        shutil.rmtree(tables, ignore_errors=True)
+        run("teacher scores cold", child("teacher", str(scores), str(tables)))
+        run("teacher scores warm", child("teacher", str(scores), str(tables)))
+        margin = (f"data.teacher_scores={scores}", "data.teacher_margin=3.0",
+                  "data.negatives_per_system=5")
+        out = work / "runs" / f"{size}_teacher"
+        for name in ("first step + teacher margin x1 (its table cold)",
+                     "first step + teacher margin x1 warm"):
+            shutil.rmtree(out.parent, ignore_errors=True)
+            run(name, train_cmd(root, model, out, 1, 1, margin))
     if "bm25" in parts:
         run("bm25 build + 10k top-20", child("bm25", str(root)))
     if "search" in parts:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from twotower.common.data import (column, load_corpus, load_hard_negatives,
-                                  load_msmarco_collection, load_msmarco_queries, load_qrels)
+                                  load_msmarco_collection, load_msmarco_queries, load_qrels,
+                                  load_teacher_scores)
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.eval.shards import open_shards, run_from_rows, search_shards, write_shards
 from twotower.common.model.encoder import Encoder
@@ -73,6 +74,16 @@ def stream(corpus: str, model: str, cache: str) -> None:
     print(f"{len(tokens)} tokens, {len(lengths)} documents, {chunker.num_chunks} chunks ({total})")
 
 
+def teacher(path: str, cache: str) -> None:
+    """The teacher-score table (built on the first call), and every query's scores read."""
+    scores = load_teacher_scores(path, cache_dir=cache)
+    started, pairs, queries = time.time(), 0, 0
+    for qid in scores:
+        pairs += len(scores[qid])
+        queries += 1
+    print(f"{pairs} scores of {queries} queries read in {time.time() - started:.1f} s")
+
+
 def random_write(rows: str, folder: str) -> None:
     rows, rng = int(rows), np.random.default_rng(0)
     blocks = (rng.standard_normal((min(1 << 16, rows - s), 768), dtype=np.float32)
@@ -92,5 +103,5 @@ def random_search(folder: str) -> None:
 
 if __name__ == "__main__":
     {"data": data, "bm25": bm25, "search": search, "stream": stream, "random_write": random_write,
-     "random_search": random_search}[
+     "random_search": random_search, "teacher": teacher}[
         sys.argv[1]](*sys.argv[2:])

@@ -7,7 +7,11 @@ judged, with 532,761 judgements in `qrels.train.tsv` (TREC `qid 0 pid 1`); the 6
 `queries.dev.small.tsv` queries with their `qrels.dev.small.tsv`; and
 `msmarco-hard-negatives.jsonl.gz` of sentence-transformers (a line per judged training query,
 `{"qid", "pos": [pids], "neg": {system: [pids]}}`), here with 2 systems x 50 negatives drawn at
-random (the real file has more systems). Below the full size, query and judgement counts shrink
+random (the real file has more systems); on request (`write_teacher_scores`) the
+cross-encoder scores of every (query, positive) and (query, hard negative) pair of those files as
+the public pickle `cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz` holds them (`{qid (int):
+{pid (int): score}}`, ~50 M pairs at full size; positives ~ N(8, 1), negatives ~ N(2, 3) logits,
+so a 3.0 margin drops some negatives). Below the full size, query and judgement counts shrink
 in proportion to the collection (the dev set stays 6,980 queries).
 
 Texts are spans of the real Wikipedia text under $TWOTOWER_DATA/wiki, so the tokenizer sees real
@@ -19,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -115,5 +120,28 @@ def write_pretraining_corpus(path: Path, words_total: int, seed: int = 0) -> Pat
             f.write(json.dumps({"_id": str(doc), "title": f"doc {doc}",
                                 "text": _span(words, rng, n)}) + "\n")
             written, doc = written + n, doc + 1
+    os.replace(tmp, path)
+    return path
+
+
+def write_teacher_scores(root: Path, seed: int = 0) -> Path:
+    """`ce-scores.pkl.gz` beside the files of `write_msmarco` (skipped when written)."""
+    path = root / "ce-scores.pkl.gz"
+    if path.exists():
+        return path
+    rng, scores = np.random.default_rng(seed), {}
+    with open(root / "qrels.train.tsv", encoding="utf-8") as f:
+        for line in f:
+            qid, _, pid, _ = line.split("\t")
+            scores.setdefault(int(qid), {})[int(pid)] = float(rng.normal(8.0, 1.0))
+    with gzip.open(root / "msmarco-hard-negatives.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            by_pid = scores.setdefault(obj["qid"], {})
+            negs = [p for ps in obj["neg"].values() for p in ps if p not in by_pid]
+            by_pid.update(zip(negs, rng.normal(2.0, 3.0, size=len(negs)).tolist()))
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wb", compresslevel=1) as f:
+        pickle.dump(scores, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
     return path

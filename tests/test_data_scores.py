@@ -122,9 +122,8 @@ def test_no_dict_of_every_pair_is_held(tmp_path):
     """50k scored pairs: reopening the cached table holds a small fraction of what the dict of
     dicts takes (tracemalloc counts Python and numpy allocations, not mapped files)."""
     rng = np.random.default_rng(0)
-    lines = [{"qid": q, "scores": {str(p): float(s) for p, s in
-                                   zip(rng.choice(10 ** 6, 100, replace=False), rng.normal(size=100))}}
-             for q in range(500)]
+    lines = [{"qid": q, "scores": {str(p): float(s) for p, s in zip(
+        rng.choice(10 ** 6, 100, replace=False), rng.normal(size=100))}} for q in range(500)]
     path = tmp_path / "s.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     load_teacher_scores(path, cache_dir=tmp_path / "c")  # build the table and its index

@@ -256,7 +256,8 @@ class _ScoreIndex:
                 self._save(*arrays)
                 arrays = self._load()
                 if arrays is None:
-                    raise OSError(f"{self.files[0]}: the score index just written does not read back")
+                    raise OSError(f"{self.files[0]}: the score index just written does not "
+                                  "read back")
         dropped = arrays[2]
         if len(dropped):  # the skips of the duplicate check, counted on every load
             lines = self.scores._lines.take(pa.array(np.asarray(dropped, dtype=np.int64)))
