@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from .build import build_dataset
 from .errors import BadLinePolicy, DataError, SkipReport
-from .ids import INDEX_VERSION, cache_path, hash_id, hash_ids
+from .ids import INDEX_VERSION, cache_path, chunk_offsets, hash_id, hash_ids, take_column
 from .io import (as_id, get_field, iter_lines, open_binary, parse_json_object, parse_score,
                  write_bytes_atomic)
 from .resolve import resolve_data
@@ -142,8 +142,7 @@ class TeacherScores(Mapping):
 
     def __init__(self, table, path: Path, policy: BadLinePolicy):
         self.table, self.path = table, Path(path)
-        self._qids, self._lines = table.data.column("qid"), table.data.column("line")
-        self._pids, self._scores = table.data.column("pids"), table.data.column("scores")
+        self._open_columns()
         self.hashes, self.rows, dropped = _ScoreIndex(self).open(policy)
         self.dropped = len(dropped)
         self._extra: dict[str, dict[str, float]] = {}
@@ -151,10 +150,18 @@ class TeacherScores(Mapping):
         self._recent: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------------- reading
+    def _open_columns(self) -> None:
+        data = self.table.data
+        self._qids, self._lines = data.column("qid"), data.column("line")
+        self._pids, self._scores = data.column("pids"), data.column("scores")
+        self._offsets = chunk_offsets(self._qids)  # the columns are chunked alike
+
+    def _take(self, column: pa.ChunkedArray, rows) -> list:
+        return take_column(column, rows, self._offsets)
+
     def _records(self, rows) -> list[tuple[str, list[str], list[float]]]:
-        at = pa.array(np.asarray(rows, dtype=np.int64))
-        return list(zip(self._qids.take(at).to_pylist(), self._pids.take(at).to_pylist(),
-                        self._scores.take(at).to_pylist()))
+        return list(zip(self._take(self._qids, rows), self._take(self._pids, rows),
+                        self._take(self._scores, rows)))
 
     def _from_file(self, qid: str) -> dict[str, float] | None:
         if qid in self._recent:
@@ -198,8 +205,7 @@ class TeacherScores(Mapping):
         """Every qid: the file's in hash order, then those only in the overlay."""
         seen = set()
         for start in range(0, len(self.rows), _BLOCK):
-            for qid in self._qids.take(pa.array(np.asarray(self.rows[start:start + _BLOCK],
-                                                           dtype=np.int64))).to_pylist():
+            for qid in self._take(self._qids, self.rows[start:start + _BLOCK]):
                 if qid not in seen:
                     seen.add(qid)
                     yield qid
@@ -226,14 +232,13 @@ class TeacherScores(Mapping):
 
     def __getstate__(self):  # pickled for a worker: reopen the mapped index there
         state = dict(self.__dict__, _recent=OrderedDict())
-        state.update(hashes=None, rows=None, _qids=None, _lines=None, _pids=None, _scores=None)
+        state.update(hashes=None, rows=None, _qids=None, _lines=None, _pids=None, _scores=None,
+                     _offsets=None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        data = self.table.data
-        self._qids, self._lines = data.column("qid"), data.column("line")
-        self._pids, self._scores = data.column("pids"), data.column("scores")
+        self._open_columns()
         self.hashes, self.rows, _ = _ScoreIndex(self).open(BadLinePolicy("skip"))
 
 
@@ -260,8 +265,7 @@ class _ScoreIndex:
                                   "read back")
         dropped = arrays[2]
         if len(dropped):  # the skips of the duplicate check, counted on every load
-            lines = self.scores._lines.take(pa.array(np.asarray(dropped, dtype=np.int64)))
-            for line in lines.to_pylist():
+            for line in self.scores._take(self.scores._lines, dropped):
                 policy.report.add(DataError("duplicate score", path=self.scores.path, line=line,
                                             reason="duplicate score"))
             log.warning("%s: %d line(s) scoring a (qid, pid) pair scored on an earlier line "
@@ -308,7 +312,7 @@ class _ScoreIndex:
         """Replay the lines that share a pair hash in file order, as a reader keeping every
         pair would: the first line to repeat an accepted pair raises, or is dropped."""
         accepted: dict[tuple[str, str], int | None] = {}
-        lines = self.scores._lines.take(pa.array(involved)).to_pylist()
+        lines = self.scores._take(self.scores._lines, involved)
         dropped = []
         for row, line, (qid, pids, _) in zip(involved.tolist(), lines,
                                              self.scores._records(involved)):
@@ -355,7 +359,7 @@ class _ScoreIndex:
         if len(rows):
             if (rows[picks] < 0).any() or (rows[picks] >= n).any():
                 return None
-            stored = self.scores._qids.take(pa.array(np.asarray(rows[picks]))).to_pylist()
+            stored = self.scores._take(self.scores._qids, rows[picks])
             if not ((np.asarray(hashes[picks]) == hash_ids(stored)).all()
                     and (np.diff(np.asarray(hashes[picks])) >= 0).all()):
                 return None
