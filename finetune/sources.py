@@ -19,14 +19,14 @@ from twotower.common.model.encoder import doc_text
 from twotower.common.recipe.config import RecipeError
 from twotower.finetune.args import DataArgs
 from twotower.finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
-from twotower.finetune.stores import RowIds
+from twotower.finetune.stores import RowIds, listed_rows
 from twotower.finetune.data_files import _file, data_file, data_root
 from twotower.finetune.mine import MineArgs, mine_together
 from twotower.finetune.pseudo import pseudo_label_pool
 from twotower.finetune.sentence_queries import sentences_pool
 
 log = logging.getLogger("twotower.finetune")
-NEGATIVES_BLOCK = 4096  # hard-negative lines whose passage ids are looked up together
+NEGATIVES_BLOCK = 4096  # hard-negative lines read together
 
 
 def text_id(prefix: str, text: str) -> str:
@@ -52,24 +52,29 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                       docs: TextStore, teacher: Dict[str, Dict[str, float]], read: Dict,
                       use_file_positives: bool = False) -> List[TrainGroup]:
     """Negatives (and, for msmarco without qrels, positives) from a hard-negatives jsonl, with
-    the per-system cap and the teacher-margin false-negative filter of the recipe. The file is
-    read a block of lines at a time, every passage id of a block looked up in one call, and each
-    pool kept as int32 rows of the corpus (RowIds), not a list of strings."""
+    the per-system cap and the teacher-margin false-negative filter of the recipe. The passages'
+    corpus rows are looked up once per (file, collection) (listed_rows), the file read a block
+    of lines at a time, and each pool kept as int32 rows of the corpus (RowIds), not a list of
+    strings: without a filter or a cap, a view of those mapped rows."""
     if not data.hard_negatives:
         return groups
     path = D.resolve_data(_file(root, data.hard_negatives) if root else data.hard_negatives)
     table = D.load_hard_negatives(path, systems=data.negative_systems or None, **read)
     by_qid = {g.qid: g for g in groups}
     dropped = 0
-    for block in table.iter(batch_size=NEGATIVES_BLOCK):
-        lines = list(zip(block["qid"], block["pos"], block["neg"], block["neg_system"]))
-        rows = docs.rows_of([p for _, pos, neg, _ in lines for p in (*pos, *neg)])
-        at = 0
-        for qid, pos, neg, systems in lines:
-            known = rows[at:at + len(pos) + len(neg)]
-            neg_rows, at = known[len(pos):], at + len(pos) + len(neg)
+    rows, offsets = listed_rows(table, ("pos", "neg"), docs)  # looked up once per data version
+    # strings only where the recipe needs them: the teacher's scores and the per-system cap
+    columns = ["qid", "pos"] + (["neg"] if data.teacher_margin is not None else []) \
+        + (["neg_system"] if data.negatives_per_system else [])
+    read_columns = table.select_columns(columns)
+    for start in range(0, len(table), NEGATIVES_BLOCK):
+        block = read_columns[start:start + NEGATIVES_BLOCK]
+        for i, (qid, pos) in enumerate(zip(block["qid"], block["pos"])):
+            known = np.asarray(rows[offsets[start + i]:offsets[start + i + 1]])
+            neg_rows = known[len(pos):]
             if (known < 0).any():
-                unknown = (list(pos) + list(neg))[int(np.flatnonzero(known < 0)[0])]
+                line = table[start + i]
+                unknown = (line["pos"] + line["neg"])[int(np.flatnonzero(known < 0)[0])]
                 D.BadLinePolicy(**read).handle(D.DataError(  # raised, or counted when skipping
                     f"query {qid!r}: passage {unknown!r} is not in the corpus",
                     path=path, reason="unknown passage"))
@@ -80,7 +85,10 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                     continue  # negatives of a query outside this split / few-shot sample
                 group = by_qid[qid] = TrainGroup(qid, list(pos))
                 groups.append(group)
-            bound, scores = None, {}
+            if len(columns) == 2:  # no filter, no cap: the pool is the file's list
+                group.negatives = RowIds(neg_rows, docs.ids)
+                continue
+            bound, scores, neg = None, {}, block["neg"][i] if "neg" in block else None
             if data.teacher_margin is not None:
                 scores = teacher.get(qid, {})
                 missing = [p for p in group.positives + list(neg) if p not in scores]
@@ -88,10 +96,11 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                     raise D.DataError(f"data.teacher_margin: no teacher score for query "
                                       f"{qid!r}, passage {missing[0]!r}", path=data.teacher_scores)
                 bound = min(scores[p] for p in group.positives) - data.teacher_margin
+            systems = block["neg_system"][i] if "neg_system" in block else [""] * len(neg_rows)
             taken: Dict[str, int] = {}
             kept = []
-            for pid, system, row in zip(neg, systems, neg_rows.tolist()):
-                if bound is not None and scores[pid] > bound:
+            for j, (system, row) in enumerate(zip(systems, neg_rows.tolist())):
+                if bound is not None and scores[neg[j]] > bound:
                     dropped += 1
                     continue
                 if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:

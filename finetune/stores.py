@@ -4,14 +4,21 @@ on-disk id index), and RowIds, a list of ids kept as int32 rows of a store.
 RowIds is how the hard-negative pools are held: MS MARCO's hard-negatives file lists ~100 passages
 for each of ~500k queries, 50 M ids; as Python strings in lists that is ~3 GB per process, as
 int32 rows 200 MB. An id is read back from the store's id column when the pool is iterated.
+`listed_rows` finds those rows once per (file, collection) and keeps them beside the file's
+cached table: looking up 50 M ids took ~2.5 minutes of every start.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+import json
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from twotower.common.data.ids import IdIndex, RowDigests, hash_id
+from twotower.common.data.ids import IdIndex, RowDigests, cache_path, hash_id
+from twotower.common.data.io import write_bytes_atomic
+
+POOL_ROWS_VERSION = 1
+LOOKUP_BLOCK = 4096  # lines of a table whose ids are looked up together
 from twotower.common.model.encoder import doc_text
 
 
@@ -137,3 +144,55 @@ def _doc_texts(block: dict) -> List[str]:
     """doc_text of each row of a table block (title, a space, text)."""
     titles = block["title"] if "title" in block else [""] * len(block["text"])
     return [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]
+
+
+def listed_rows(table, columns: Sequence[str], store: "TextStore") -> Tuple[np.ndarray, np.ndarray]:
+    """The rows in `store` of the ids that each line of `table` lists in `columns` (list
+    columns), concatenated line by line (int32, -1 for an id the store lacks), and the offset
+    where each line starts (int64, one more than the lines). Saved once per (table, store)
+    beside the table (both fingerprints name the files) and memory-mapped by later runs and
+    processes; a file of the wrong shape or content (a few lines looked up again) is rebuilt."""
+    path = None
+    if store.table is not None:
+        path = cache_path(table, f"twotower-rows-v{POOL_ROWS_VERSION}-{'-'.join(columns)}-"
+                                 f"{store.table._fingerprint}")
+    if path is not None:
+        loaded = _load_listed_rows(path, table, columns, store)
+        if loaded is not None:
+            return loaded
+    rows, lengths = [], []
+    for block in table.select_columns(list(columns)).iter(batch_size=LOOKUP_BLOCK):
+        lines = [[i for part in parts for i in part] for parts in zip(*(block[c] for c in columns))]
+        lengths.extend(map(len, lines))
+        rows.append(store.rows_of([i for line in lines for i in line]).astype(np.int32))
+    rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    if path is None:
+        return rows, offsets
+    header = {"version": POOL_ROWS_VERSION, "lines": len(table), "ids": int(offsets[-1])}
+    write_bytes_atomic(path.with_suffix(".rows.npy"), lambda f: np.save(f, rows))
+    write_bytes_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(header).encode()))
+    write_bytes_atomic(path.with_suffix(".offsets.npy"), lambda f: np.save(f, offsets))  # last
+    loaded = _load_listed_rows(path, table, columns, store)
+    if loaded is None:  # cannot happen unless the disk lies: fail loudly
+        raise OSError(f"{path}: the rows just written do not read back")
+    return loaded
+
+
+def _load_listed_rows(path, table, columns, store) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    try:
+        header = json.loads(path.with_suffix(".json").read_text())
+        rows = np.load(path.with_suffix(".rows.npy"), mmap_mode="r")
+        offsets = np.load(path.with_suffix(".offsets.npy"), mmap_mode="r")
+    except (OSError, ValueError):  # missing, truncated, not an .npy / JSON file
+        return None
+    if (header != {"version": POOL_ROWS_VERSION, "lines": len(table), "ids": len(rows)}
+            or rows.dtype != np.int32 or offsets.dtype != np.int64
+            or offsets.shape != (len(table) + 1,) or offsets[0] != 0 or offsets[-1] != len(rows)):
+        return None
+    for line in np.unique(np.linspace(0, len(table) - 1, num=min(len(table), 8)).astype(int)):
+        record = table[int(line)]  # spot check: a few lines looked up again
+        ids = [i for c in columns for i in record[c]]
+        if not np.array_equal(rows[offsets[line]:offsets[line + 1]], store.rows_of(ids)):
+            return None
+    return rows, offsets

@@ -436,3 +436,62 @@ def test_row_pools_sample_as_the_same_pools_of_ids(tmp_path, backing):
     for epoch in range(4):
         for i in range(12):
             assert a.sample(i, epoch) == b.sample(i, epoch)
+
+
+def test_listed_rows_are_found_once_per_file_and_collection(tmp_path, monkeypatch):
+    """The rows of every id a hard-negatives line lists: equal to looking each up, saved beside
+    the file's table, reused without looking up again, rebuilt when damaged, never reused for
+    another collection."""
+    from twotower.common.data import load_hard_negatives, load_msmarco_collection
+    from twotower.finetune import stores
+
+    def collection(name, n):
+        (tmp_path / name).write_text("".join(f"p{i}\tpassage {i}\n" for i in range(n)))
+        return TextStore.from_table(load_msmarco_collection(tmp_path / name,
+                                                            cache_dir=tmp_path / "k"), True)
+
+    docs, other = collection("a.tsv", 30), collection("b.tsv", 20)
+    lines = [{"qid": q, "pos": [f"p{q}"],
+              "neg": {"bm25": [f"p{(q * 7 + j) % 30}" for j in range(q % 5)]}} for q in range(25)]
+    (tmp_path / "hn.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table = load_hard_negatives(tmp_path / "hn.jsonl", cache_dir=tmp_path / "k")
+    expected = [docs.rows_of([*x["pos"], *x["neg"]["bm25"]]).tolist() for x in lines]
+    rows, offsets = stores.listed_rows(table, ("pos", "neg"), docs)
+    assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == expected
+
+    looked_up = []
+    monkeypatch.setattr(TextStore, "rows_of", lambda self, keys: looked_up.append(len(keys))
+                        or np.array([self.row(k) if k in self else -1 for k in keys]))
+    rows, offsets = stores.listed_rows(table, ("pos", "neg"), docs)
+    assert isinstance(rows, np.memmap) and len(looked_up) <= 8  # the spot check only
+    assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == expected
+    (saved,) = (tmp_path / "k").rglob("twotower-rows-*.rows.npy")
+    data = np.load(saved)
+    np.save(saved, (data + 1).astype(np.int32))  # damaged: found by the spot check, rebuilt
+    rows, offsets = stores.listed_rows(table, ("pos", "neg"), docs)
+    assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == expected
+    rows, offsets = stores.listed_rows(table, ("pos", "neg"), other)  # pids >= 20 unknown there
+    assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == \
+        [[other.row(p) if p in other else -1 for p in [*x["pos"], *x["neg"]["bm25"]]] for x in lines]
+    assert len(list((tmp_path / "k").rglob("twotower-rows-*.rows.npy"))) == 2
+
+
+def test_a_hard_negative_outside_the_collection_is_named_or_counted(tmp_path, shared_data_root):
+    import shutil
+
+    root = tmp_path / "msmarco"
+    shutil.copytree(shared_data_root / "msmarco_sample", root)
+    lines = (root / "hard_negatives.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["neg"]["bm25"][2] = "99999999"
+    lines[1] = json.dumps(bad)
+    (root / "hard_negatives.jsonl").write_text("\n".join(lines) + "\n")
+    args = dict(kind="msmarco", path=str(root), queries="queries.tsv", qrels="qrels.tsv",
+                hard_negatives="hard_negatives.jsonl", teacher_scores="", teacher_margin=None,
+                negatives_per_system=0)
+    with pytest.raises(DataError, match=f"query '{bad['qid']}': passage '99999999' is not in "
+                                        "the corpus"):
+        build_pool(DataArgs(**args))
+    pool = build_pool(DataArgs(**args, on_error="skip"))
+    assert [len(g.negatives) for g in pool.groups if g.qid == str(bad["qid"])] == [0]
+    assert sum(len(g.negatives) > 0 for g in pool.groups) == len(lines) - 1

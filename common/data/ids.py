@@ -230,7 +230,9 @@ class IdIndex:
         if not keys or not len(self.hashes):
             return out
         wanted = hash_ids(keys)
-        at = np.searchsorted(self.hashes, wanted, side="left")
+        order = np.argsort(wanted)  # sorted needles search ~10x faster (each starts at the last)
+        at = np.empty(len(keys), dtype=np.int64)
+        at[order] = np.searchsorted(self.hashes, wanted[order], side="left")
         candidate = np.flatnonzero(at < len(self.hashes))
         candidate = candidate[np.asarray(self.hashes[at[candidate]]) == wanted[candidate]]
         rows = np.asarray(self.rows[at[candidate]])
