@@ -140,3 +140,18 @@ def test_no_dict_of_every_pair_is_held(tmp_path):
                             for o in map(json.loads, path.read_text().splitlines())})
     on_disk = held(lambda: load_teacher_scores(path, cache_dir=tmp_path / "c"))
     assert as_dict > 3_000_000 and on_disk < as_dict / 10, (on_disk, as_dict)
+
+
+def test_columns_chunked_differently_are_read_each_by_its_own_chunks():
+    import datasets
+    import pyarrow as pa
+
+    from twotower.common.data import BadLinePolicy
+    qids, pids = ["1", "2", "3", "1"], [["a"], ["b", "c"], ["d"], ["e"]]
+    scores = [[1.0], [2.0, 3.0], [4.0], [5.0]]
+    table = pa.table({"qid": pa.chunked_array([qids[:1], qids[1:]]),
+                      "line": pa.chunked_array([[1, 2, 3], [4]]),
+                      "pids": pa.chunked_array([pids[:3], pids[3:]]),
+                      "scores": pa.chunked_array([scores[:2], scores[2:]])})
+    got = TeacherScores(datasets.Dataset(table), "scores.jsonl", BadLinePolicy())
+    assert got == {"1": {"a": 1.0, "e": 5.0}, "2": {"b": 2.0, "c": 3.0}, "3": {"d": 4.0}}

@@ -31,7 +31,6 @@ from typing import Iterable, Iterator, Mapping
 
 import datasets
 import numpy as np
-import pyarrow as pa
 
 from .build import build_dataset
 from .errors import BadLinePolicy, DataError, SkipReport
@@ -151,17 +150,15 @@ class TeacherScores(Mapping):
 
     # ------------------------------------------------------------------------- reading
     def _open_columns(self) -> None:
-        data = self.table.data
-        self._qids, self._lines = data.column("qid"), data.column("line")
-        self._pids, self._scores = data.column("pids"), data.column("scores")
-        self._offsets = chunk_offsets(self._qids)  # the columns are chunked alike
+        self._columns = {name: self.table.data.column(name) for name in SCORE_FEATURES}
+        self._offsets = {name: chunk_offsets(c) for name, c in self._columns.items()}
 
-    def _take(self, column: pa.ChunkedArray, rows) -> list:
-        return take_column(column, rows, self._offsets)
+    def _take(self, name: str, rows) -> list:
+        return take_column(self._columns[name], rows, self._offsets[name])
 
     def _records(self, rows) -> list[tuple[str, list[str], list[float]]]:
-        return list(zip(self._take(self._qids, rows), self._take(self._pids, rows),
-                        self._take(self._scores, rows)))
+        return list(zip(self._take("qid", rows), self._take("pids", rows),
+                        self._take("scores", rows)))
 
     def _from_file(self, qid: str) -> dict[str, float] | None:
         if qid in self._recent:
@@ -205,7 +202,7 @@ class TeacherScores(Mapping):
         """Every qid: the file's in hash order, then those only in the overlay."""
         seen = set()
         for start in range(0, len(self.rows), _BLOCK):
-            for qid in self._take(self._qids, self.rows[start:start + _BLOCK]):
+            for qid in self._take("qid", self.rows[start:start + _BLOCK]):
                 if qid not in seen:
                     seen.add(qid)
                     yield qid
@@ -232,8 +229,7 @@ class TeacherScores(Mapping):
 
     def __getstate__(self):  # pickled for a worker: reopen the mapped index there
         state = dict(self.__dict__, _recent=OrderedDict())
-        state.update(hashes=None, rows=None, _qids=None, _lines=None, _pids=None, _scores=None,
-                     _offsets=None)
+        state.update(hashes=None, rows=None, _columns=None, _offsets=None)
         return state
 
     def __setstate__(self, state):
@@ -265,7 +261,7 @@ class _ScoreIndex:
                                   "read back")
         dropped = arrays[2]
         if len(dropped):  # the skips of the duplicate check, counted on every load
-            for line in self.scores._take(self.scores._lines, dropped):
+            for line in self.scores._take("line", dropped):
                 policy.report.add(DataError("duplicate score", path=self.scores.path, line=line,
                                             reason="duplicate score"))
             log.warning("%s: %d line(s) scoring a (qid, pid) pair scored on an earlier line "
@@ -274,7 +270,7 @@ class _ScoreIndex:
 
     def _build(self, policy: BadLinePolicy):
         n = len(self.table)
-        qids = self.scores._qids
+        qids = self.scores._columns["qid"]
         hashes = np.empty(n, dtype=np.uint64)
         for start in range(0, n, 1 << 20):
             hashes[start:start + (1 << 20)] = hash_ids(qids.slice(start, 1 << 20).to_pylist())
@@ -312,7 +308,7 @@ class _ScoreIndex:
         """Replay the lines that share a pair hash in file order, as a reader keeping every
         pair would: the first line to repeat an accepted pair raises, or is dropped."""
         accepted: dict[tuple[str, str], int | None] = {}
-        lines = self.scores._take(self.scores._lines, involved)
+        lines = self.scores._take("line", involved)
         dropped = []
         for row, line, (qid, pids, _) in zip(involved.tolist(), lines,
                                              self.scores._records(involved)):
@@ -359,7 +355,7 @@ class _ScoreIndex:
         if len(rows):
             if (rows[picks] < 0).any() or (rows[picks] >= n).any():
                 return None
-            stored = self.scores._take(self.scores._qids, rows[picks])
+            stored = self.scores._take("qid", rows[picks])
             if not ((np.asarray(hashes[picks]) == hash_ids(stored)).all()
                     and (np.diff(np.asarray(hashes[picks])) >= 0).all()):
                 return None
