@@ -277,7 +277,7 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
         raise RecipeError(f"'data.path' is empty: name the {data.kind} training data (a path, or "
                           "a name under $TWOTOWER_DATA), e.g. data.path=<folder>")
     read = {"on_error": data.on_error, "report": report if report is not None else D.SkipReport()}
-    # the file's scores stay on disk (a cached table: MS MARCO's ~50 M pairs would be ~8 GB of
+    # the file's scores stay on disk (a cached table: MS MARCO's ~50 M pairs would be GBs of
     # dicts per process); scores added later go to its in-memory overlay
     scores: "Dict[str, Dict[str, float]] | D.TeacherScores" = {}
     if data.teacher_scores:

@@ -1,7 +1,8 @@
 """Teacher (cross-encoder) scores t(q, d) on disk: ``{qid: {pid: score}}`` without the dict.
 
 MS MARCO's public cross-encoder scores cover ~50 M (query, passage) pairs; as a Python dict of
-dicts that is ~8 GB in every process. :func:`load_teacher_scores` reads the file once into a
+dicts that is several GB in every process (the unpickled file alone peaks at 5.6 GB of anonymous
+memory, benchmarks/scale.py). :func:`load_teacher_scores` reads the file once into a
 cached Arrow table (a record per JSONL line or per pickled query: ``qid, line, pids, scores``)
 plus an index beside it (``.npy``, memory-mapped, shared by every process and later run): the
 64-bit hashes of the records' qids, sorted, and their rows. :class:`TeacherScores` answers
