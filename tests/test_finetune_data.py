@@ -472,7 +472,8 @@ def test_listed_rows_are_found_once_per_file_and_collection(tmp_path, monkeypatc
     assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == expected
     rows, offsets = stores.listed_rows(table, ("pos", "neg"), other)  # pids >= 20 unknown there
     assert [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(25)] == \
-        [[other.row(p) if p in other else -1 for p in [*x["pos"], *x["neg"]["bm25"]]] for x in lines]
+        [[other.row(p) if p in other else -1 for p in [*x["pos"], *x["neg"]["bm25"]]]
+         for x in lines]
     assert len(list((tmp_path / "k").rglob("twotower-rows-*.rows.npy"))) == 2
 
 
