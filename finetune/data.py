@@ -63,6 +63,21 @@ def stable_hash(text: str) -> int:
 
 
 
+def _pick_distinct(n: int, digest_of: Callable[[int], int], banned: set, want: int,
+                   rng) -> tuple:
+    """Walk a random permutation of a pool of `n`, keeping entries whose text digest is neither
+    banned nor already kept, until `want` are kept: (their positions, their digests)."""
+    chosen, texts = [], set()
+    for j in rng.permutation(n).tolist():
+        text = digest_of(j)
+        if text not in banned and text not in texts:
+            chosen.append(j)
+            texts.add(text)
+            if len(chosen) == want:
+                break
+    return chosen, texts
+
+
 class GroupDataset(Dataset):
     """Map-style dataset of training groups; see the module docstring for the epoch order."""
 
@@ -116,16 +131,10 @@ class GroupDataset(Dataset):
         if self.with_teacher:
             pool = self._scored(group.qid, pool)
         banned_texts = {docs.digest(p) for p in group.positives}  # texts compared by digest
-        chosen, texts = [], set()
-        for j in rng.permutation(len(pool)):
-            text = docs.digest(pool[j])
-            if text not in banned_texts and text not in texts:  # duplicate passages exist
-                chosen.append(pool[j])
-                texts.add(text)
-                if len(chosen) == self.k:
-                    return chosen
-        return self._fill(chosen, texts, banned_texts, group, rng, what="negatives",
-                          pool_ids=pool, store=docs, excluded=excluded)
+        chosen, texts = _pick_distinct(len(pool), lambda j: docs.digest(pool[j]), banned_texts,
+                                       self.k, rng)
+        return self._fill([pool[j] for j in chosen], texts, banned_texts, group, rng,
+                          what="negatives", pool_ids=pool, store=docs, excluded=excluded)
 
     def _sample_negative_rows(self, group: TrainGroup, excluded: set, rng) -> List[str]:
         """`_sample_negatives`' draw (the same pool order, permutation and picks) over a pool
@@ -136,18 +145,9 @@ class GroupDataset(Dataset):
         rows = negatives.rows[~np.isin(negatives.rows, positive_rows)]
         digests = docs.digests_of_rows(rows).tolist()
         banned_texts = set(docs.digests_of_rows(positive_rows).tolist())
-        chosen, texts = [], set()
-        for j in rng.permutation(len(rows)).tolist():
-            if digests[j] not in banned_texts and digests[j] not in texts:
-                chosen.append(j)
-                texts.add(digests[j])
-                if len(chosen) == self.k:
-                    break
-        picked = list(RowIds(rows[chosen], negatives.ids))
-        if len(picked) == self.k:
-            return picked
-        return self._fill(picked, texts, banned_texts, group, rng, what="negatives",
-                          pool_ids=rows, store=docs, excluded=excluded)
+        chosen, texts = _pick_distinct(len(rows), digests.__getitem__, banned_texts, self.k, rng)
+        return self._fill(list(RowIds(rows[chosen], negatives.ids)), texts, banned_texts, group,
+                          rng, what="negatives", pool_ids=rows, store=docs, excluded=excluded)
 
     def _sample_neg_queries(self, group: TrainGroup, positive: str, rng) -> List[str]:
         queries = self.pool.queries
@@ -155,21 +155,19 @@ class GroupDataset(Dataset):
         if self.with_teacher:
             pool = [q for q in pool if positive in self.pool.teacher.get(q, {})]
         own = queries.digest(group.qid)
-        chosen, texts = [], set()
-        for j in rng.permutation(len(pool)):
-            text = queries.digest(pool[j])
-            if text != own and text not in texts:
-                chosen.append(pool[j])
-                texts.add(text)
-                if len(chosen) == self.m:
-                    return chosen
-        return self._fill(chosen, texts, {own}, group, rng, what="negative queries",
-                          pool_ids=pool, store=queries, excluded={group.qid})
+        chosen, texts = _pick_distinct(len(pool), lambda j: queries.digest(pool[j]), {own},
+                                       self.m, rng)
+        return self._fill([pool[j] for j in chosen], texts, {own}, group, rng,
+                          what="negative queries", pool_ids=pool, store=queries,
+                          excluded={group.qid})
 
     def _fill(self, chosen, texts, banned_texts, group, rng, what, pool_ids, store, excluded):
         """A pool smaller than asked: random store entries (no teacher), repeats of the scored
-        pool (teacher losses need a score for every pair), or an error."""
+        pool (teacher losses need a score for every pair), or an error. A full pool is returned
+        as it is."""
         want = self.k if what == "negatives" else self.m
+        if len(chosen) == want:
+            return chosen
         if self.with_teacher and chosen:
             while len(chosen) < want:  # Margin-MSE needs t(q, d) for every pair: reuse scored ones
                 chosen.append(chosen[int(rng.integers(len(chosen)))])

@@ -64,6 +64,7 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
     dropped = 0
     rows, offsets = listed_rows(table, ("pos", "neg"), docs)  # looked up once per data version
     # strings only where the recipe needs them: the teacher's scores and the per-system cap
+    filtered = data.teacher_margin is not None or bool(data.negatives_per_system)
     columns = ["qid", "pos"] + (["neg"] if data.teacher_margin is not None else []) \
         + (["neg_system"] if data.negatives_per_system else [])
     read_columns = table.select_columns(columns)
@@ -85,7 +86,7 @@ def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[P
                     continue  # negatives of a query outside this split / few-shot sample
                 group = by_qid[qid] = TrainGroup(qid, list(pos))
                 groups.append(group)
-            if len(columns) == 2:  # no filter, no cap: the pool is the file's list
+            if not filtered:  # the pool is the file's list: a view of the mapped rows
                 group.negatives = RowIds(neg_rows, docs.ids)
                 continue
             bound, scores, neg = None, {}, block["neg"][i] if "neg" in block else None

@@ -16,10 +16,10 @@ import numpy as np
 
 from twotower.common.data.ids import IdIndex, RowDigests, cache_path, hash_id
 from twotower.common.data.io import write_bytes_atomic
+from twotower.common.model.encoder import doc_text
 
 POOL_ROWS_VERSION = 1
 LOOKUP_BLOCK = 4096  # lines of a table whose ids are looked up together
-from twotower.common.model.encoder import doc_text
 
 
 class RowIds(Sequence):
@@ -146,7 +146,8 @@ def _doc_texts(block: dict) -> List[str]:
     return [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]
 
 
-def listed_rows(table, columns: Sequence[str], store: "TextStore") -> Tuple[np.ndarray, np.ndarray]:
+def listed_rows(table, columns: Sequence[str],
+                store: "TextStore") -> Tuple[np.ndarray, np.ndarray]:
     """The rows in `store` of the ids that each line of `table` lists in `columns` (list
     columns), concatenated line by line (int32, -1 for an id the store lacks), and the offset
     where each line starts (int64, one more than the lines). Saved once per (table, store)
@@ -162,7 +163,8 @@ def listed_rows(table, columns: Sequence[str], store: "TextStore") -> Tuple[np.n
             return loaded
     rows, lengths = [], []
     for block in table.select_columns(list(columns)).iter(batch_size=LOOKUP_BLOCK):
-        lines = [[i for part in parts for i in part] for parts in zip(*(block[c] for c in columns))]
+        lines = [[i for part in parts for i in part]
+                 for parts in zip(*(block[c] for c in columns))]
         lengths.extend(map(len, lines))
         rows.append(store.rows_of([i for line in lines for i in line]).astype(np.int32))
     rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int32)

@@ -20,6 +20,7 @@ __all__ = [
     "BEIR_DATASETS", "BadLinePolicy", "DataError", "DataNotFoundError", "RetrievalData",
     "SkipReport", "TeacherScores", "beir_splits", "check_teacher_scores", "column",
     "hard_negative_pairs", "load_beir", "load_corpus", "load_hard_negatives",
-    "load_msmarco_collection", "load_msmarco_queries", "load_qrels", "load_run", "load_teacher_scores", "load_triples",
-    "load_queries", "ranked_ids", "resolve_data", "write_run",
+    "load_msmarco_collection", "load_msmarco_queries", "load_qrels", "load_run",
+    "load_teacher_scores", "load_triples", "load_queries", "ranked_ids", "resolve_data",
+    "write_run",
 ]
