@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from typing import Dict, Iterable, List, Sequence
 
@@ -28,26 +29,39 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from twotower.common.model.encoder import doc_text
+from twotower.common.model.encoder import doc_text, token_ids
 from twotower.pretrain.chunks import tokenizer_key
 
 log = logging.getLogger("twotower.finetune")
 
 TOWER_OF_STORE = {"queries": "query", "docs": "doc"}
 TABLE_TOKENS_VERSION = "1"  # bump when what the cached table holds changes
+PARALLEL_MAP_ROWS = 200_000  # tables at least this long are tokenised by several processes
+MAX_MAP_WORKERS = 16
 _List = getattr(datasets, "List", None) or datasets.Sequence
 
 
 class _TowerTokens:
-    """datasets.map function: a table's texts -> `Encoder.token_ids` of one tower."""
+    """datasets.map function: a table's texts -> `Encoder.token_ids` of one tower (it holds the
+    tokenizer, not the model: each map worker gets a pickled copy)."""
 
     def __init__(self, encoder, tower: str, with_title: bool):
-        self.encoder, self.tower, self.with_title = encoder, tower, with_title
+        self.tokenizer, self.with_title = encoder.tokenizer, with_title
+        self.prefix, self.max_length = encoder.prefix(tower), encoder.max_length(tower)
 
     def __call__(self, batch: dict) -> dict:
         texts = ([doc_text({"title": t, "text": x}) for t, x in zip(batch["title"], batch["text"])]
                  if self.with_title else batch["text"])
-        return {"input_ids": self.encoder.token_ids(texts, tower=self.tower)}
+        return {"input_ids": token_ids(self.tokenizer, texts, self.prefix, self.max_length)}
+
+
+def map_workers(rows: int) -> int | None:
+    """datasets.map's num_proc for tokenising a table of `rows`: every CPU this process may use
+    (at most MAX_MAP_WORKERS) once the table is large enough to repay starting them (a cold
+    8.8 M passage collection is ~30 min on one core); None (in process) below that."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(cpus or 1, MAX_MAP_WORKERS)
+    return workers if rows >= PARALLEL_MAP_ROWS and workers > 1 else None
 
 
 class TokenCache:
@@ -76,6 +90,7 @@ class TokenCache:
             tokenized = table.map(_TowerTokens(self.encoder, tower, store.with_title), batched=True,
                                   batch_size=self.batch_size, remove_columns=table.column_names,
                                   features=features, new_fingerprint=key,
+                                  num_proc=map_workers(len(table)),
                                   desc=f"tokenise {tower} table (cached)")
             self.tables[tower] = tokenized.data.column("input_ids")
 

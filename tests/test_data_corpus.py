@@ -4,13 +4,15 @@ import gzip
 import logging
 import os
 import random
+import shutil
+from pathlib import Path
 
 import datasets
 import pytest
 
 from tests.fixtures_data import (DOCS, QUERIES, at, gzip_file, rows, write_bytes, write_jsonl,
                                  write_text, write_tsv)
-from twotower.common.data import DataError, SkipReport, load_corpus, load_queries
+from twotower.common.data import DataError, SkipReport, build, load_corpus, load_queries
 
 EXPECTED_DOCS = [{"id": d["_id"], "title": d["title"], "text": d["text"]} for d in DOCS]
 EXPECTED_QUERIES = [{"id": q["_id"], "text": q["text"]} for q in QUERIES]
@@ -264,3 +266,20 @@ def test_streaming_yields_the_same_rows_and_errors(tmp_path):
     for _ in range(2):  # each pass recounts; counts are not added up across passes
         assert len(list(stream)) == 1
         assert report.counts == {(str(bad), "malformed JSON"): 1}
+
+
+def test_cached_tables_key_on_the_readers_code_only(tmp_path):
+    """An edited reader rebuilds every cached table; editing what cannot change a table (the
+    re-exports, id indexes, bars, file resolution) must not re-read an 8.8 M collection."""
+    folder = tmp_path / "data"
+    shutil.copytree(Path(build.__file__).parent, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = build.source_hash(folder)
+    assert before == build._code_hash()
+    for name in ("__init__.py", "ids.py", "progress.py", "resolve.py"):
+        (folder / name).write_text((folder / name).read_text() + "\n# edited\n")
+        assert build.source_hash(folder) == before, name
+    for name in ("msmarco.py", "io.py", "build.py", "scores.py"):
+        (folder / name).write_text((folder / name).read_text() + "\n# edited\n")
+        changed = build.source_hash(folder)
+        assert changed != before, name
+        before = changed

@@ -378,6 +378,34 @@ def test_table_backed_texts_are_tokenised_once_into_a_shared_cached_table(tiny_e
     assert longer.length("doc", "129") > warm.length("doc", "129")
 
 
+def test_large_tables_are_tokenised_by_several_processes_to_the_same_ids(tiny_encoder_factory,
+                                                                        tmp_path, monkeypatch):
+    """Above PARALLEL_MAP_ROWS the table is tokenised by map_workers processes: the same ids, in
+    order, as in one process, and a warm start reuses the shards."""
+    from twotower.common.data import load_msmarco_collection
+    from twotower.finetune import tokens as T
+
+    enc = tiny_encoder_factory(doc_prefix="passage: ", max_doc_length=16)
+    (tmp_path / "c.tsv").write_text("".join(
+        f"{i}\tpassage {i} " + "word " * (i % 23) + "\n" for i in range(301)))
+    assert T.map_workers(10) is None and T.map_workers(10 ** 9) in (None, *range(2, 17))
+
+    def tokenised(cache, workers):
+        monkeypatch.setattr(T, "map_workers", lambda rows: workers)
+        docs = TextStore.from_table(load_msmarco_collection(tmp_path / "c.tsv", cache_dir=cache),
+                                    True)
+        cache_ = T.TokenCache(enc, TrainingPool([TrainGroup("q", ["0"])], TextStore.from_dict(
+            {"q": "a question"}), docs))
+        cache_.tokenize_tables()
+        return cache_.tables["doc"].to_pylist()
+
+    one = tokenised(tmp_path / "one", None)
+    assert len(one) == 301 and one[7] == enc.token_ids(["passage 7 " + "word " * 7], "doc")[0]
+    assert tokenised(tmp_path / "two", 2) == one
+    monkeypatch.setattr(T._TowerTokens, "__call__", lambda *a: pytest.fail("tokenised again"))
+    assert tokenised(tmp_path / "two", 2) == one
+
+
 def test_row_ids_behave_as_the_list_of_their_ids(tmp_path):
     from twotower.common.data import load_msmarco_collection
     from twotower.finetune.stores import RowIds

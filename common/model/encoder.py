@@ -191,9 +191,8 @@ class Encoder(nn.Module):
                   max_length: int | None = None) -> list[list[int]]:
         """Unpadded ids of `texts` as `tokenize` makes them (tower prefix, truncation); `pad`
         turns any selection of them into `tokenize`'s tensors."""
-        prefix = self.prefix(tower)
-        return self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
-                              max_length=max_length or self.max_length(tower))["input_ids"]
+        return token_ids(self.tokenizer, texts, self.prefix(tower),
+                         max_length or self.max_length(tower))
 
     def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """input_ids + attention_mask of unpadded id lists, padded to the longest."""
@@ -334,6 +333,13 @@ def check_lengths(args: ModelArgs, config) -> None:
         if not 1 <= value <= usable:
             raise RecipeError(f"'model.{key}' is {value}, but {args.name_or_path} "
                               f"({config.model_type}) takes 1 to {usable} tokens")
+
+
+def token_ids(tokenizer, texts: Sequence[str], prefix: str, max_length: int) -> list[list[int]]:
+    """Unpadded ids of `texts` behind a tower's prefix, truncated (Encoder.token_ids; a plain
+    function so that a datasets.map worker gets the tokenizer, not the model)."""
+    return tokenizer([prefix + t for t in texts], truncation=True, padding=False,
+                     max_length=max_length)["input_ids"]
 
 
 def doc_text(doc: dict) -> str:
