@@ -2,10 +2,14 @@
 import math
 from pathlib import Path
 
+import bm25s
 import numpy as np
 import pytest
+from bm25s.tokenization import Tokenized
 
+from twotower.common.eval import bm25 as B
 from twotower.common.eval.bm25 import BM25Args, BM25Index, bm25_search
+from twotower.common.eval.bm25_build import write_index
 
 CORPUS = [
     {"id": "d0", "title": "Mangroves", "text": "Florida mangroves are protected by state law."},
@@ -138,3 +142,57 @@ def test_an_incomplete_saved_index_is_rebuilt_not_read(tmp_path):
     assert (again.path / "twotower_bm25.json").exists()
     assert again.search(["q"], ["gene"], k=5) == BM25Index(table.to_list(), progress=False).search(
         ["q"], ["gene"], k=5)
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire", "bm25l", "bm25+"])
+def test_the_index_written_block_by_block_is_bm25s_own(tmp_path, method):
+    """write_index over blocks of documents saves what bm25s.BM25.index builds from the whole
+    corpus at once: the same vocabulary, matrix layout and scores (repeated terms, empty
+    documents, terms first seen in a later block)."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    docs = [[words[int(j)] for j in rng.zipf(1.5, size=int(rng.integers(0, 12))) % 40]
+            for _ in range(97)]
+    vocab = {}
+    ids = [[vocab.setdefault(t, len(vocab)) for t in d] for d in docs]
+    reference = bm25s.BM25(method=method)
+    reference.index(Tokenized(ids=ids, vocab=dict(vocab)), show_progress=False)
+    blocks = [docs[i:i + 10] for i in range(0, len(docs), 10)]
+    assert write_index(iter(blocks), bm25s.BM25(method=method), tmp_path / "index",
+                       tmp_path / "scratch") == len(docs)
+    assert not (tmp_path / "scratch").exists()
+    saved = bm25s.BM25.load(str(tmp_path / "index"), mmap=True)
+    assert saved.vocab_dict == reference.vocab_dict
+    for key in ("indptr", "indices"):
+        assert np.array_equal(saved.scores[key], reference.scores[key]), key
+    assert saved.scores["data"].dtype == reference.scores["data"].dtype
+    np.testing.assert_allclose(saved.scores["data"], reference.scores["data"], rtol=1e-6)
+    if method in ("bm25l", "bm25+"):
+        np.testing.assert_allclose(saved.nonoccurrence_array, reference.nonoccurrence_array,
+                                   rtol=1e-6)
+    for query in (["w1", "w3"], ["w0"], ["w7", "w7", "w39"]):
+        np.testing.assert_allclose(saved.get_scores(query), reference.get_scores(query),
+                                   rtol=1e-5)
+
+
+def test_building_a_table_index_holds_one_block_of_tokens(tmp_path, monkeypatch):
+    """The table's documents reach the index writer one block at a time, never as a corpus-sized
+    list (bm25s' own index() is not called)."""
+    table = _table_corpus(tmp_path, n=230)
+    monkeypatch.setattr(B, "_BLOCK", 50)
+    monkeypatch.setattr(bm25s.BM25, "index", lambda *a, **k: pytest.fail("whole-corpus index"))
+    seen = []
+    real = B.write_index
+
+    def spy(blocks, *args):
+        def counted():
+            for block in blocks:
+                seen.append(len(block))
+                yield block
+        return real(counted(), *args)
+    monkeypatch.setattr(B, "write_index", spy)
+    index = BM25Index(table, progress=False)
+    assert seen == [50, 50, 50, 50, 30]
+    monkeypatch.undo()
+    assert index.search(["q"], ["gene virus"], k=20) == BM25Index(
+        table.to_list(), progress=False).search(["q"], ["gene virus"], k=20)

@@ -13,7 +13,8 @@ Documents that share no term with the query score 0 and are not returned (a Luce
 not match them either); a query left without terms after stopwording returns nothing.
 
 A corpus that is a cached datasets table (what every reader returns) gets its index built once,
-a block of documents at a time, and saved beside the table (bm25s' own files, in a folder named by
+a block of documents at a time (memory holds one block: common/eval/bm25_build.py), and saved
+beside the table (bm25s' own files, in a folder named by
 the table's fingerprint, the settings and bm25s' version, renamed into place when complete);
 every later index of that table, in any process or run, loads it memory-mapped, with the ids
 read through the on-disk id index (common/data/ids.py), so N processes do not hold N indexes.
@@ -26,15 +27,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Sequence
 
 import bm25s
 import numpy as np
 import Stemmer
-from bm25s.tokenization import Tokenized
 
 from twotower.common.data.ids import IdIndex
 from twotower.common.data.progress import progress_bar
+from twotower.common.eval.bm25_build import write_index
 
 Run = Dict[str, Dict[str, float]]
 INDEX_VERSION = 1  # bump when what a saved index holds changes
@@ -115,42 +116,44 @@ class BM25Index:
         return bm25s.BM25.load(str(self.path), mmap=True, show_progress=False)
 
     def _build_saved(self, table):
-        """Tokenise the table a block at a time (one shared vocabulary), index, save to a
-        temporary folder and rename it into place, then load the saved copy memory-mapped."""
+        """Tokenise and index the table a block at a time (bm25_build.write_index: memory holds
+        one block, not the corpus), save to a temporary folder and rename it into place, then
+        load the saved copy memory-mapped."""
         shutil.rmtree(self.path, ignore_errors=True)  # an incomplete folder of an earlier crash
-        vocab: Dict[str, int] = {}
-        ids: List[List[int]] = []
-        has_title = "title" in table.column_names
-        bar = progress_bar(len(table), "BM25 tokenise", "doc", self.progress)
-        for start in range(0, len(table), _BLOCK):
-            block = table[start:start + _BLOCK]
-            titles = block["title"] if has_title else [""] * len(block["text"])
-            texts = [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]
-            for tokens in self._tokenize(texts):
-                ids.append([vocab.setdefault(t, len(vocab)) for t in tokens])
-            bar.update(len(texts))
-        bar.close()
-        retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
-        retriever.index(Tokenized(ids=ids, vocab=vocab), show_progress=self.progress)
-        del ids
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        retriever.save(str(tmp), show_progress=False)
+        retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
+        write_index(self._token_blocks(table), retriever, tmp,
+                    tmp.with_name(f"{tmp.name}.scratch"))
         (tmp / _COMPLETE).write_text(json.dumps({"documents": len(self.doc_ids),
                                                  "args": asdict(self.args)}))
         try:
             os.replace(tmp, self.path)
         except OSError:  # another process saved the same index first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
-        return self._load() or retriever
+        loaded = self._load()
+        if loaded is None:  # cannot happen unless the disk lies: fail loudly
+            raise OSError(f"{self.path}: the BM25 index just written does not read back")
+        return loaded
 
-    def _tokenize(self, texts: List[str]) -> List[List[str]]:
+    def _token_blocks(self, table) -> Iterator[List[List[str]]]:
+        has_title = "title" in table.column_names
+        bar = progress_bar(len(table), "BM25 index", "doc", self.progress)
+        for start in range(0, len(table), _BLOCK):
+            block = table[start:start + _BLOCK]
+            titles = block["title"] if has_title else [""] * len(block["text"])
+            texts = [doc_text({"title": t, "text": x}) for t, x in zip(titles, block["text"])]
+            yield self._tokenize(texts, progress=False)
+            bar.update(len(texts))
+        bar.close()
+
+    def _tokenize(self, texts: List[str], progress: bool = True) -> List[List[str]]:
         return bm25s.tokenize(
             texts,
             stopwords=self.args.stopwords or None,
             stemmer=self._stemmer,
             return_ids=False,
-            show_progress=self.progress and len(texts) > 1000,
+            show_progress=progress and self.progress and len(texts) > 1000,
         )
 
     def search(self, query_ids: Sequence[str], query_texts: Sequence[str], k: int = 1000) -> Run:
