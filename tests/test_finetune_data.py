@@ -102,6 +102,42 @@ def test_epoch_order_keeps_duplicate_texts_out_of_a_global_batch(world):
     assert ds.epoch_order(0, 1) != ds.epoch_order(1, 1)
 
 
+def _greedy_order(ds, epoch, seed, size):
+    """The epoch order's rule, recomputed slowly: walk the shuffled groups, put a group in the
+    batch when none of its texts (sets of digests) is there yet; a group no batch can start
+    with waits."""
+    remaining = list(np.random.default_rng([seed, epoch]).permutation(len(ds)))
+    texts = {i: set(ds.texts_of(ds.sample(i, epoch))) for i in remaining}
+    order = []
+    while len(remaining) >= size:
+        batch, seen = [], set()
+        for i in remaining:
+            if not texts[i] & seen:
+                batch.append(i)
+                seen |= texts[i]
+                if len(batch) == size:
+                    break
+        if len(batch) < size:
+            remaining.pop(0)
+            continue
+        remaining = [i for i in remaining if i not in batch]
+        order += batch
+    return order
+
+
+@pytest.mark.parametrize("n_neg, shared, size, teacher", [(2, 4, 3, False), (1, 3, 4, False),
+                                                          (3, 0, 5, False), (2, 5, 2, True)])
+def test_epoch_order_is_the_greedy_rule_over_one_digest_array(n_neg, shared, size, teacher):
+    """The order built over one uint64 array of digests equals the rule recomputed with a set
+    per group (duplicate texts across groups, a teacher's repeated negatives)."""
+    ds = GroupDataset(make_pool(n=37, n_neg=n_neg + 1, shared_every=shared, teacher=teacher),
+                      n_neg, seed=3, with_teacher=teacher, global_batch_size=size)
+    rows = ds._digest_rows(1)
+    assert rows.dtype == np.uint64 and rows.shape == (37, 2 + n_neg)
+    for epoch in range(3):
+        assert ds.epoch_order(epoch, 3) == _greedy_order(ds, epoch, 3, size)
+
+
 def test_epoch_order_refuses_impossible_batches():
     pool = make_pool(n=6, shared_every=6)  # every group has the same positive text
     with pytest.raises(ValueError, match="no global batch"):
