@@ -22,23 +22,16 @@ import torch
 from torch.utils.data import Dataset
 
 from twotower.common.data import check_teacher_scores
+from twotower.finetune.groups import TrainGroup
 from twotower.finetune.stores import RowIds, TextStore
 
 log = logging.getLogger("twotower.finetune")
 
 
 @dataclass
-class TrainGroup:
-    qid: str
-    positives: List[str]  # doc ids
-    # doc ids: the pool hard negatives come from (a list, or RowIds: doc rows stored as int32)
-    negatives: Sequence[str] = field(default_factory=list)
-
-
-@dataclass
 class TrainingPool:
     """Everything the sampler draws from, built by twotower.finetune.sources from a recipe's data section."""
-    groups: List[TrainGroup]
+    groups: Sequence[TrainGroup]  # a list, or GroupArrays (twotower.finetune.groups)
     queries: TextStore
     docs: TextStore
     teacher: Dict[str, Dict[str, float]] = field(default_factory=dict)  # qid -> pid -> t(q, d)

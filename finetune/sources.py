@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -18,15 +18,15 @@ from twotower.common.data.io import get_field, iter_lines, parse_json_object, pa
 from twotower.common.model.encoder import doc_text
 from twotower.common.recipe.config import RecipeError
 from twotower.finetune.args import DataArgs
-from twotower.finetune.data import TextStore, TrainGroup, TrainingPool, stable_hash
-from twotower.finetune.stores import RowIds, listed_rows
+from twotower.finetune.data import TextStore, TrainingPool, stable_hash
+from twotower.finetune.groups import GroupArrays, TrainGroup, group_qids, select_groups
+from twotower.finetune.hard_negatives import attach_negatives
 from twotower.finetune.data_files import _file, data_file, data_root
 from twotower.finetune.mine import MineArgs, mine_together
 from twotower.finetune.pseudo import pseudo_label_pool
 from twotower.finetune.sentence_queries import sentences_pool
 
 log = logging.getLogger("twotower.finetune")
-NEGATIVES_BLOCK = 4096  # hard-negative lines read together
 
 
 def text_id(prefix: str, text: str) -> str:
@@ -38,89 +38,39 @@ def _positives(judged: Dict[str, int], min_relevance: int) -> List[str]:
     return [d for d, rel in judged.items() if rel >= min_relevance]
 
 
-def _groups_from_qrels(qids: List[str], qrels: Dict[str, Dict[str, int]], min_relevance: int,
-                       where: str) -> List[TrainGroup]:
-    groups = [TrainGroup(q, _positives(qrels[q], min_relevance)) for q in qids if q in qrels]
-    without = sum(1 for g in groups if not g.positives)
+def _groups_from_qrels(queries: TextStore, docs: TextStore, qrels: Dict[str, Dict[str, int]],
+                       min_relevance: int, where: str) -> GroupArrays:
+    """A group for each judged query with a positive, in the queries' order, as arrays."""
+    query_rows, positive_ids, lengths, without = [], [], [], 0
+    for row, qid in enumerate(queries.ids):
+        judged = qrels.get(qid)
+        if judged is None:
+            continue
+        positives = _positives(judged, min_relevance)
+        if not positives:
+            without += 1
+            continue
+        query_rows.append(row)
+        positive_ids += positives
+        lengths.append(len(positives))
     if without:
         log.warning("%s: %d judged queries have no judgement >= %d (data.min_relevance) and are "
                     "not training groups", where, without, min_relevance)
-    return [g for g in groups if g.positives]
-
-
-def _attach_negatives(groups: List[TrainGroup], data: DataArgs, root: Optional[Path],
-                      docs: TextStore, teacher: Dict[str, Dict[str, float]], read: Dict,
-                      use_file_positives: bool = False) -> List[TrainGroup]:
-    """Negatives (and, for msmarco without qrels, positives) from a hard-negatives jsonl, with
-    the per-system cap and the teacher-margin false-negative filter of the recipe. The passages'
-    corpus rows are looked up once per (file, collection) (listed_rows), the file read a block
-    of lines at a time, and each pool kept as int32 rows of the corpus (RowIds), not a list of
-    strings: without a filter or a cap, a view of those mapped rows."""
-    if not data.hard_negatives:
-        return groups
-    path = D.resolve_data(_file(root, data.hard_negatives) if root else data.hard_negatives)
-    table = D.load_hard_negatives(path, systems=data.negative_systems or None, **read)
-    by_qid = {g.qid: g for g in groups}
-    dropped = 0
-    rows, offsets = listed_rows(table, ("pos", "neg"), docs)  # looked up once per data version
-    # strings only where the recipe needs them: the teacher's scores and the per-system cap
-    filtered = data.teacher_margin is not None or bool(data.negatives_per_system)
-    columns = ["qid", "pos"] + (["neg"] if data.teacher_margin is not None else []) \
-        + (["neg_system"] if data.negatives_per_system else [])
-    read_columns = table.select_columns(columns)
-    for start in range(0, len(table), NEGATIVES_BLOCK):
-        block = read_columns[start:start + NEGATIVES_BLOCK]
-        for i, (qid, pos) in enumerate(zip(block["qid"], block["pos"])):
-            known = np.asarray(rows[offsets[start + i]:offsets[start + i + 1]])
-            neg_rows = known[len(pos):]
-            if (known < 0).any():
-                line = table[start + i]
-                unknown = (line["pos"] + line["neg"])[int(np.flatnonzero(known < 0)[0])]
-                D.BadLinePolicy(**read).handle(D.DataError(  # raised, or counted when skipping
-                    f"query {qid!r}: passage {unknown!r} is not in the corpus",
-                    path=path, reason="unknown passage"))
-                continue
-            group = by_qid.get(qid)
-            if group is None:
-                if not use_file_positives:
-                    continue  # negatives of a query outside this split / few-shot sample
-                group = by_qid[qid] = TrainGroup(qid, list(pos))
-                groups.append(group)
-            if not filtered:  # the pool is the file's list: a view of the mapped rows
-                group.negatives = RowIds(neg_rows, docs.ids)
-                continue
-            bound, scores, neg = None, {}, block["neg"][i] if "neg" in block else None
-            if data.teacher_margin is not None:
-                scores = teacher.get(qid, {})
-                missing = [p for p in group.positives + list(neg) if p not in scores]
-                if missing:
-                    raise D.DataError(f"data.teacher_margin: no teacher score for query "
-                                      f"{qid!r}, passage {missing[0]!r}", path=data.teacher_scores)
-                bound = min(scores[p] for p in group.positives) - data.teacher_margin
-            systems = block["neg_system"][i] if "neg_system" in block else [""] * len(neg_rows)
-            taken: Dict[str, int] = {}
-            kept = []
-            for j, (system, row) in enumerate(zip(systems, neg_rows.tolist())):
-                if bound is not None and scores[neg[j]] > bound:
-                    dropped += 1
-                    continue
-                if data.negatives_per_system and taken.get(system, 0) >= data.negatives_per_system:
-                    continue
-                taken[system] = taken.get(system, 0) + 1
-                kept.append(row)
-            group.negatives = RowIds(np.array(kept, dtype=np.int32), docs.ids)
-    if dropped:
-        log.info("%s: teacher margin %.2f removed %d likely false negatives", path,
-                 data.teacher_margin, dropped)
-    return groups
+    rows = docs.rows_of(positive_ids)
+    if (rows < 0).any():  # load_qrels checked them against the corpus
+        raise D.DataError(f"{where}: positive {positive_ids[int(np.flatnonzero(rows < 0)[0])]!r}"
+                          " is not in the corpus")
+    return GroupArrays(queries, docs, query_rows, rows,
+                       np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
 
 
 def _beir_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     rd = D.load_beir(data.path, data.split, **read)
     docs = TextStore.from_table(rd.corpus, with_title=True)
     queries = TextStore.from_table(rd.queries, with_title=False)
-    groups = _groups_from_qrels(queries.ids, rd.qrels, data.min_relevance, f"{data.path}/{data.split}")
-    groups = _attach_negatives(groups, data, None, docs, teacher, read)
+    groups = _groups_from_qrels(queries, docs, rd.qrels, data.min_relevance,
+                                f"{data.path}/{data.split}")
+    groups = attach_negatives(groups, data, None, docs, queries, teacher, read)
     return TrainingPool(groups, queries, docs, teacher=teacher, source=f"{data.path} ({data.split})",
                         mining_data=(lambda: rd) if data.mine.retriever else None)
 
@@ -131,17 +81,15 @@ def _msmarco_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
     queries = TextStore.from_table(D.load_msmarco_queries(_file(root, data.queries), **read), False)
     if data.qrels:
         qrels = D.load_qrels(_file(root, data.qrels), query_ids=queries, doc_ids=docs, **read)
-        groups = _groups_from_qrels(queries.ids, qrels, data.min_relevance, str(root))
+        groups = _groups_from_qrels(queries, docs, qrels, data.min_relevance, str(root))
+        del qrels  # the groups hold what training needs, as arrays
     elif not data.hard_negatives:
         raise D.DataError("msmarco data needs data.qrels or data.hard_negatives (for positives)",
                           path=root)
     else:
-        groups = []
-    groups = _attach_negatives(groups, data, root, docs, teacher, read,
+        groups = GroupArrays(queries, docs, [], [], [0])
+    groups = attach_negatives(groups, data, root, docs, queries, teacher, read,
                                use_file_positives=not data.qrels)
-    for g in groups:
-        if g.qid not in queries:
-            raise D.DataError(f"query {g.qid!r} has no text in {data.queries}", path=root)
 
     def mining_data():  # every judged query of the file, as before the dev and few-shot cuts
         judged = {g.qid for g in groups}
@@ -169,6 +117,7 @@ def _mine_negatives(pool: TrainingPool, data: DataArgs) -> None:
                     compile=m.compile, shards=m.shards)
     mined = mine_together(pool.mining_data(), args)
     pool.mining_data = None  # the corpus table is not needed by training
+    pool.groups = list(pool.groups)  # edited below: objects, not arrays
     for g in pool.groups:
         g.negatives = [p for p in mined.get(g.qid, {}).get("neg", []) if p not in g.positives]
     log.info("mined %s negatives: %s", m.retriever, args.stats)
@@ -295,13 +244,14 @@ def build_pool(data: DataArgs, teacher=None, report: "D.SkipReport | None" = Non
     if exclude:
         held_out = set(exclude)
         before = len(pool.groups)
-        pool.groups = [g for g in pool.groups if g.qid not in held_out]
+        pool.groups = select_groups(pool.groups, [i for i, q in enumerate(group_qids(pool.groups))
+                                                  if q not in held_out])
         pool.source += f" ({before - len(pool.groups)} dev queries held out)"
         log.info("%d dev queries held out of training (eval.holdout)", before - len(pool.groups))
     if data.max_queries and data.max_queries < len(pool.groups):
         rng = np.random.default_rng(data.sample_seed)
         keep = np.sort(rng.choice(len(pool.groups), data.max_queries, replace=False))
-        pool.groups = [pool.groups[i] for i in keep]
+        pool.groups = select_groups(pool.groups, keep)
         pool.source += f" ({data.max_queries} sampled queries, seed {data.sample_seed})"
     if finish:
         finish_pool(pool, data)
