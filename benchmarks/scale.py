@@ -151,7 +151,9 @@ def measure(size: int, parts, work: Path, env: dict, save, cold=(1, 2)) -> dict:
                      "first step + teacher margin x1 warm"):
             shutil.rmtree(out.parent, ignore_errors=True)
             run(name, train_cmd(root, model, out, 1, 1, margin))
-    if "bm25" in parts:
+    if "bm25" in parts:  # built, not reloaded: an index saved by an earlier run is removed
+        for saved in cache.glob("**/twotower-bm25-*"):
+            shutil.rmtree(saved)
         run("bm25 build + 10k top-20", child("bm25", str(root)))
     if "search" in parts:
         run("encode + shards + 1k exact", child("search", str(root), str(model),
