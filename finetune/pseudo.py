@@ -20,7 +20,8 @@ from twotower.common import data as D
 from twotower.common.eval.bm25 import BM25Index
 from twotower.common.model.distributed import broadcast_object, is_distributed, is_main
 from twotower.finetune.args import DataArgs
-from twotower.finetune.data import TextStore, TrainGroup, TrainingPool
+from twotower.finetune.data import TextStore, TrainingPool
+from twotower.finetune.groups import TrainGroup
 from twotower.finetune.data_files import load_target_corpus, named
 
 log = logging.getLogger("twotower.finetune")

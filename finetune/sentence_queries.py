@@ -26,7 +26,8 @@ import numpy as np
 from twotower.common import data as D
 from twotower.common.data import column
 from twotower.finetune.args import DataArgs
-from twotower.finetune.data import TextStore, TrainGroup, TrainingPool
+from twotower.finetune.data import TextStore, TrainingPool
+from twotower.finetune.groups import TrainGroup
 from twotower.finetune.data_files import load_target_corpus
 from twotower.pretrain.sentences import load_splitter
 
