@@ -1,8 +1,8 @@
 """One run of tests/test_scale_memory.py: an MS MARCO-layout collection of N passages is loaded,
-trained on (msmarco_mnrl_cpu, a tiny BERT, 2 steps) and evaluated (exact search through on-disk
-shards), under tracemalloc; prints the bytes traced: held when training starts, the peak before it,
-the peak while evaluating (and, for contrast, while evaluating in RAM without shards), and the
-collection's text bytes.
+trained on (msmarco_mnrl_cpu, a tiny BERT, 2 steps), evaluated (exact search through on-disk
+shards) and indexed with BM25, under tracemalloc; prints the bytes traced: held when training
+starts, the peak before it, the peak while evaluating (and, for contrast, while evaluating in RAM
+without shards), the peak while BM25 indexes and searches, and the collection's text bytes.
 
     python tests/scripts/memory_growth.py N WORKDIR MODEL
 
@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import twotower.common.data.ids as ids
+import twotower.common.eval.bm25 as bm25
 import twotower.common.eval.corpus_shards as corpus_shards
+from twotower.common.data import load_msmarco_collection
 from twotower.common.eval.evaluate import evaluate_dense, load_eval_data
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.config import load_recipe
@@ -41,11 +43,14 @@ def write_collection(root: Path, n: int) -> int:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     size = 0
-    with open(root / "collection.tsv", "w") as f:
+    # bm25.tsv: the same passages without their own number, so that BM25's vocabulary (which
+    # grows with a real collection, but far slower than it) stays the same at every n here
+    with open(root / "collection.tsv", "w") as f, open(root / "bm25.tsv", "w") as g:
         for pid in range(n):
             text = " ".join(rng.choice(WORDS, size=int(rng.integers(30, 80))))
             size += len(text)
             f.write(f"{pid}\t{text} {pid}\n")
+            g.write(f"{pid}\t{text}\n")
     pids = rng.choice(n, TRAIN_QUERIES + DEV_QUERIES, replace=False).tolist()
     for name, part in (("train", pids[:TRAIN_QUERIES]), ("dev", pids[TRAIN_QUERIES:])):
         suffix = "" if name == "dev" else ".train"  # load_eval_data reads queries.tsv, qrels.tsv
@@ -63,7 +68,7 @@ def write_collection(root: Path, n: int) -> int:
 
 def main(n: int, work: Path, model: str) -> None:
     os.environ["HF_DATASETS_CACHE"] = str(work / "datasets")
-    ids._BLOCK = 1000
+    ids._BLOCK = bm25._BLOCK = 1000
     corpus_shards.BLOCK_ROWS = corpus_shards.SEARCH_ROWS = 500
     text_bytes = write_collection(work / "data", n)
     recipe = load_recipe(FinetuneRecipe, "msmarco_mnrl_cpu", [
@@ -88,6 +93,10 @@ def main(n: int, work: Path, model: str) -> None:
     tracemalloc.reset_peak()  # the in-RAM path, for contrast: texts and embeddings in the process
     evaluate_dense(encoder, data, k=10, progress=False)
     seen["peak_evaluating_in_ram"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()  # BM25 indexed (a block at a time) and searched
+    index = bm25.BM25Index(load_msmarco_collection(work / "data" / "bm25.tsv"), progress=False)
+    index.search(["q"], ["river bank stone"], k=10)
+    seen["peak_bm25"] = tracemalloc.get_traced_memory()[1]
     print(json.dumps({**seen, "text_bytes": text_bytes, "n_docs": result.info["n_docs"]}))
 
 
