@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from twotower.common.data import check_teacher_scores
-from twotower.finetune.groups import TrainGroup
+from twotower.finetune.groups import GroupArrays, TrainGroup
 from twotower.finetune.stores import RowIds, TextStore
 
 log = logging.getLogger("twotower.finetune")
@@ -49,6 +49,9 @@ class Sample:
     positive: str
     negatives: List[str]
     neg_queries: List[str]
+    # texts_of(sample), when sampling already read them (a group of GroupArrays whose negatives
+    # were drawn from its rows): an epoch's order needs them for every group
+    digests: Optional[List[int]] = field(default=None, compare=False, repr=False)
 
 
 def stable_hash(text: str) -> int:
@@ -106,16 +109,24 @@ class GroupDataset(Dataset):
         group = self.pool.groups[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         positives = self._scored(group.qid, group.positives) if self.with_teacher else group.positives
-        positive = positives[int(rng.integers(len(positives)))]
-        negatives = self._sample_negatives(group, positive, rng) if self.k else []
+        drawn = int(rng.integers(len(positives)))
+        positive = positives[drawn]
+        negatives, known = self._sample_negatives(group, positive, rng) if self.k else ([], [])
         neg_queries = self._sample_neg_queries(group, positive, rng) if self.m else []
-        return Sample(index, group.qid, positive, negatives, neg_queries)
+        sample = Sample(index, group.qid, positive, negatives, neg_queries)
+        if known is not None and group.query_row is not None and not self.with_teacher:
+            q, d = self.pool.queries, self.pool.docs
+            sample.digests = [int(q.digests_of_rows([group.query_row])[0]),
+                              int(d.digests_of_rows([group.positive_rows[drawn]])[0]), *known,
+                              *(q.digest(x) for x in neg_queries)]
+        return sample
 
     def _scored(self, qid: str, pids: Sequence[str]) -> List[str]:
         known = self.pool.teacher.get(qid, {})
         return [p for p in pids if p in known]
 
-    def _sample_negatives(self, group: TrainGroup, positive: str, rng) -> List[str]:
+    def _sample_negatives(self, group: TrainGroup, positive: str, rng):
+        """(the negatives' ids, their digests when the draw read them, else None)."""
         docs = self.pool.docs
         excluded = set(group.positives)
         if isinstance(group.negatives, RowIds) and not self.with_teacher:
@@ -127,20 +138,31 @@ class GroupDataset(Dataset):
         chosen, texts = _pick_distinct(len(pool), lambda j: docs.digest(pool[j]), banned_texts,
                                        self.k, rng)
         return self._fill([pool[j] for j in chosen], texts, banned_texts, group, rng,
-                          what="negatives", pool_ids=pool, store=docs, excluded=excluded)
+                          what="negatives", pool_ids=pool, store=docs, excluded=excluded), None
 
-    def _sample_negative_rows(self, group: TrainGroup, excluded: set, rng) -> List[str]:
+    def _sample_negative_rows(self, group: TrainGroup, excluded: set, rng):
         """`_sample_negatives`' draw (the same pool order, permutation and picks) over a pool
         of store rows: its digests read as one array, ids read for the chosen rows only (every
         group is sampled when an epoch's order is built: 500k for MS MARCO)."""
         docs, negatives = self.pool.docs, group.negatives
-        positive_rows = [docs.row(p) for p in group.positives]
-        rows = negatives.rows[~np.isin(negatives.rows, positive_rows)]
-        digests = docs.digests_of_rows(rows).tolist()
-        banned_texts = set(docs.digests_of_rows(positive_rows).tolist())
+        positive_rows = (group.positive_rows if group.positive_rows is not None
+                         else [docs.row(p) for p in group.positives])
+        rows, digests, banned_texts = self._row_pool(positive_rows, negatives.rows)
         chosen, texts = _pick_distinct(len(rows), digests.__getitem__, banned_texts, self.k, rng)
-        return self._fill(list(RowIds(rows[chosen], negatives.ids)), texts, banned_texts, group,
-                          rng, what="negatives", pool_ids=rows, store=docs, excluded=excluded)
+        picked = self._fill(list(RowIds(rows[chosen], negatives.ids)), texts, banned_texts, group,
+                            rng, what="negatives", pool_ids=rows, store=docs, excluded=excluded)
+        return picked, [digests[j] for j in chosen] if len(chosen) == self.k else None
+
+    def _row_pool(self, positive_rows, negative_rows):
+        """A pool of document rows without the positives': (its rows, their digests, the
+        positives' digests)."""
+        keep = np.ones(len(negative_rows), dtype=bool)
+        for row in positive_rows:  # a query has a positive or two: cheaper than np.isin
+            keep &= negative_rows != row
+        rows = np.asarray(negative_rows)[keep]
+        docs = self.pool.docs
+        return (rows, docs.digests_of_rows(rows).tolist(),
+                set(docs.digests_of_rows(positive_rows).tolist()))
 
     def _sample_neg_queries(self, group: TrainGroup, positive: str, rng) -> List[str]:
         queries = self.pool.queries
@@ -223,6 +245,8 @@ class GroupDataset(Dataset):
     # ---------------------------------------------------------------------- epoch order
     def texts_of(self, s: Sample) -> List[int]:
         """The digests (TextStore.digest) of a sample's texts: equal texts, equal digests."""
+        if s.digests is not None:
+            return s.digests
         q, d = self.pool.queries, self.pool.docs
         return ([q.digest(s.qid), d.digest(s.positive)] + [d.digest(p) for p in s.negatives]
                 + [q.digest(x) for x in s.neg_queries])
@@ -234,9 +258,31 @@ class GroupDataset(Dataset):
         BLAKE2b is the same in every process (str hash() is not), so every rank builds one order."""
         width = 2 + self.k + self.m  # _fill makes every sample this wide, or raises
         rows = np.empty((len(self), width), dtype=np.uint64)
+        arrays = isinstance(self.pool.groups, GroupArrays) and not self.with_teacher \
+            and not self.m and (self.pool.groups.negative_rows is not None or not self.k)
         for i in range(len(self)):
-            rows[i] = self.texts_of(self.sample(i, epoch))
+            digests = self._drawn_digests(i, epoch) if arrays else None
+            rows[i] = digests if digests is not None else self.texts_of(self.sample(i, epoch))
         return rows
+
+    def _drawn_digests(self, index: int, epoch: int) -> Optional[List[int]]:
+        """texts_of(sample(index, epoch)) read from the arrays of GroupArrays alone: the same
+        draws (positive, then the row pool's picks) without reading an id; None for a short
+        pool (its random filling draws ids: sample it)."""
+        groups, q, d = self.pool.groups, self.pool.queries, self.pool.docs
+        rng = np.random.default_rng([self.seed, epoch, index])
+        positives = groups.positive_rows[groups.positive_offsets[index]:
+                                         groups.positive_offsets[index + 1]]
+        drawn = int(rng.integers(len(positives)))
+        picked: List[int] = []
+        if self.k:
+            rows, digests, banned = self._row_pool(positives, groups.negatives_of(index))
+            chosen, _ = _pick_distinct(len(rows), digests.__getitem__, banned, self.k, rng)
+            if len(chosen) < self.k:
+                return None
+            picked = [digests[j] for j in chosen]
+        return [int(q.digests_of_rows(groups.query_rows[index:index + 1])[0]),
+                int(d.digests_of_rows(positives[drawn:drawn + 1])[0]), *picked]
 
     def epoch_order(self, epoch: int, seed: int) -> List[int]:
         """Group indices for `epoch`: global batches without a repeated text (module docstring)."""

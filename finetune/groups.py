@@ -23,6 +23,10 @@ class TrainGroup:
     positives: List[str]  # doc ids
     # doc ids: the pool hard negatives come from (a list, or RowIds: doc rows stored as int32)
     negatives: Sequence[str] = field(default_factory=list)
+    # the query's and the positives' store rows, when the group was read from GroupArrays (the
+    # sampler then reads their digests without looking the ids up again)
+    query_row: Optional[int] = field(default=None, compare=False, repr=False)
+    positive_rows: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
 
 def gather_runs(rows: np.ndarray, offsets: np.ndarray, picks: np.ndarray):
@@ -70,12 +74,20 @@ class GroupArrays(Sequence):
         start, stop = self.negative_bounds[i]
         negatives = (RowIds(self.negative_rows[start:stop], self.docs.ids)
                      if self.negative_rows is not None else [])
-        return TrainGroup(self.queries.ids[int(self.query_rows[i])],
-                          list(RowIds(positives, self.docs.ids)), negatives)
+        row = int(self.query_rows[i])
+        return TrainGroup(self.queries.ids[row], list(RowIds(positives, self.docs.ids)), negatives,
+                          row, positives)
 
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def negatives_of(self, i: int) -> np.ndarray:
+        """Group i's negative pool as store rows (a view; empty without a hard-negatives file)."""
+        if self.negative_rows is None:
+            return np.empty(0, dtype=np.int32)
+        start, stop = self.negative_bounds[i]
+        return self.negative_rows[start:stop]
 
     def qids(self) -> List[str]:
         return list(RowIds(self.query_rows, self.queries.ids))

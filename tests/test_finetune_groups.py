@@ -4,12 +4,15 @@ and without qrels, per-system caps, the teacher margin and a skipped bad line; s
 keeps them arrays."""
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from twotower.common import data as D
 from twotower.common.data import DataError, load_hard_negatives
 from twotower.finetune.args import DataArgs
+from twotower.finetune.data import GroupDataset, TrainingPool
 from twotower.finetune.groups import GroupArrays, TrainGroup, group_qids, select_groups
 from twotower.finetune.sources import build_pool
 
@@ -123,3 +126,50 @@ def test_a_bad_line_is_left_out_and_selection_keeps_arrays(tmp_path):
     edited.negatives = ["100"]  # an object read from the arrays: the arrays do not change
     assert list(pool.groups[0].negatives) != ["100"]
     assert np.array_equal(pool.groups.negative_bounds.shape, (len(pool.groups), 2))
+
+
+@pytest.mark.parametrize("k", [2, 4, 12])
+def test_sampling_array_groups_reads_the_digests_it_would_look_up(tmp_path, k):
+    """A group read from GroupArrays carries its rows: the sampler reads the texts' digests
+    from them (texts_of without a lookup), and the epoch order draws them from the arrays alone.
+    The draws, the digests and the order equal those of the same groups as plain TrainGroups
+    (ids only), short pools (filled at random) included."""
+    root = _write_msmarco(tmp_path / "msmarco")
+    pool = build_pool(DataArgs(kind="msmarco", path=str(root), queries="queries.tsv",
+                               qrels="qrels.tsv", hard_negatives="hn.jsonl", teacher_scores="",
+                               teacher_margin=None, negatives_per_system=0))
+    plain = TrainingPool([TrainGroup(g.qid, g.positives, g.negatives) for g in pool.groups],
+                         pool.queries, pool.docs)
+    fast = GroupDataset(pool, k, short_pool="random", seed=5, global_batch_size=2)
+    slow = GroupDataset(plain, k, short_pool="random", seed=5, global_batch_size=2)
+    read = 0
+    for epoch in range(2):
+        for i in range(len(fast)):
+            a, b = fast.sample(i, epoch), slow.sample(i, epoch)
+            assert a == b and b.digests is None
+            read += a.digests is not None
+            assert fast.texts_of(a) == slow.texts_of(b) == slow.texts_of(replace(a, digests=None))
+            ordered = fast._drawn_digests(i, epoch)  # the epoch order's path: no id read
+            assert ordered == (slow.texts_of(b) if k <= 4 else None)
+        assert fast.epoch_order(epoch, 5) == slow.epoch_order(epoch, 5)
+    assert read == (2 * len(fast) if k <= 4 else 0)  # a short pool is filled, then looked up
+
+
+def test_qrels_ids_are_checked_together_and_a_bad_line_still_named(tmp_path, monkeypatch):
+    """The qrels are read once when every id is known (looked up together); an unknown id sends
+    the file to the reader's per-line check, which names the line, or counts it with skip."""
+    root = _write_msmarco(tmp_path / "msmarco")
+    reads = []
+    real = D.load_qrels
+    monkeypatch.setattr(D, "load_qrels", lambda *a, **k: reads.append(k) or real(*a, **k))
+    args = dict(kind="msmarco", path=str(root), queries="queries.tsv", qrels="qrels.tsv",
+                hard_negatives="", teacher_scores="", teacher_margin=None)
+    assert len(build_pool(DataArgs(**args)).groups) == 20 and len(reads) == 1
+    with open(root / "qrels.tsv", "a") as f:
+        f.write("77\t0\t100\t1\n")  # line 30: a query the queries file lacks
+    with pytest.raises(DataError, match=r"qrels.tsv:30.*unknown query id '77'"):
+        build_pool(DataArgs(**args))
+    assert "query_ids" in reads[-1]
+    report = D.SkipReport()
+    pool = build_pool(DataArgs(**args, on_error="skip"), report=report)
+    assert len(pool.groups) == 20 and sum(report.counts.values()) == 1
