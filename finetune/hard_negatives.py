@@ -66,14 +66,13 @@ def attach_negatives(groups: GroupArrays, data: DataArgs, root: Optional[Path], 
     group_of_query = np.full(len(queries), -1, dtype=np.int64)
     group_of_query[groups.query_rows] = np.arange(len(groups))
     line_group = np.where(line_query >= 0, group_of_query[np.maximum(line_query, 0)], -1)
-    if use_file_positives:  # a group for each query the file lists (first line: its positives)
+    if use_file_positives:  # a group for each query the file lists, with the line's positives
         new = kept & (line_group < 0)
         unknown = np.flatnonzero(new & (line_query < 0))
         if len(unknown):
             raise D.DataError(f"query {line_qids[int(unknown[0])]!r} has no text in "
                               f"{data.queries}", path=root)
-        new_query, first = np.unique(line_query[new], return_index=True)
-        first = np.flatnonzero(new)[np.sort(first)]  # file order
+        first = np.flatnonzero(new)  # file order; a query is on one line (the reader checks)
         positives, positive_offsets = gather_runs(rows, offsets, first)
         positives = positives[_within_prefix(positive_offsets, n_pos[first])]
         lengths = n_pos[first]
@@ -86,8 +85,8 @@ def attach_negatives(groups: GroupArrays, data: DataArgs, root: Optional[Path], 
     del line_qids
     lines = np.flatnonzero(kept & (line_group >= 0))  # one per group that has a line
     start = offsets[lines] + n_pos[lines]
-    bounds = np.zeros((len(groups), 2), dtype=np.int64)
     if not (data.teacher_margin is not None or data.negatives_per_system):
+        bounds = np.zeros((len(groups), 2), dtype=np.int64)
         bounds[line_group[lines]] = np.stack([start, offsets[lines + 1]], axis=1)
         return GroupArrays(queries, docs, groups.query_rows, groups.positive_rows,
                            groups.positive_offsets, rows, bounds)
@@ -110,22 +109,20 @@ def _within_prefix(offsets: np.ndarray, prefix: np.ndarray) -> np.ndarray:
 def _filtered_pools(groups: GroupArrays, group_ids, lines, table, rows, start, offsets,
                     data: DataArgs, teacher):
     """data.teacher_margin / data.negatives_per_system applied to the line chosen for each group
-    (group_ids[i] takes lines[i]; its negatives start at rows[start[i]]), reading the file a
-    block of lines at a time: (kept rows, (start, stop) of each group's among them, negatives
-    the margin dropped)."""
-    order = np.argsort(lines)  # file order
-    in_order = lines[order]
+    (group_ids[i] takes lines[i], ascending; its negatives start at rows[start[i]]), reading
+    the file a block of lines at a time: (kept rows, (start, stop) of each group's among them,
+    negatives the margin dropped)."""
     columns = ["qid"] + (["neg"] if data.teacher_margin is not None else []) \
         + (["neg_system"] if data.negatives_per_system else [])
     selected = table.select_columns(columns)
     bounds = np.zeros((len(groups), 2), dtype=np.int64)
     chunks, filled, dropped = [], 0, 0
     for first in range(0, len(table), NEGATIVES_BLOCK):
-        lo, hi = np.searchsorted(in_order, [first, first + NEGATIVES_BLOCK])
+        lo, hi = np.searchsorted(lines, [first, first + NEGATIVES_BLOCK])
         if lo == hi:
             continue
         block, kept = selected[first:first + NEGATIVES_BLOCK], []
-        for k in order[lo:hi].tolist():
+        for k in range(lo, hi):
             j, group = int(lines[k]) - first, groups[int(group_ids[k])]
             neg_rows = np.asarray(rows[start[k]:offsets[lines[k] + 1]])
             bound, scores, neg = None, {}, block["neg"][j] if "neg" in block else None
