@@ -35,7 +35,9 @@ def data(root: str) -> None:
 
 def bm25(root: str) -> None:
     root = Path(root)
+    started = time.time()
     index = BM25Index(load_msmarco_collection(root / "collection.tsv"), progress=False)
+    print(f"index built (or read) in {time.time() - started:.1f} s")
     queries = load_msmarco_queries(root / "queries.train.tsv")
     n = min(10_000, len(queries))
     started = time.time()
