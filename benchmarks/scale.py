@@ -224,6 +224,8 @@ def main(argv=None) -> None:
 
     def saver(table: str, n: int):
         def save(rows: dict) -> None:  # after every measurement: a killed run keeps its rows
+            if path.exists():  # rows another run wrote meanwhile are kept
+                results.update(json.loads(path.read_text()))
             results.setdefault(table, {}).setdefault(str(n), {}).update(rows)
             path.write_text(json.dumps(results, indent=1))
             (args.results / "scale.md").write_text(report(results, command))
