@@ -115,11 +115,15 @@ class GroupDataset(Dataset):
         neg_queries = self._sample_neg_queries(group, positive, rng) if self.m else []
         sample = Sample(index, group.qid, positive, negatives, neg_queries)
         if known is not None and group.query_row is not None and not self.with_teacher:
-            q, d = self.pool.queries, self.pool.docs
-            sample.digests = [int(q.digests_of_rows([group.query_row])[0]),
-                              int(d.digests_of_rows([group.positive_rows[drawn]])[0]), *known,
-                              *(q.digest(x) for x in neg_queries)]
+            sample.digests = self._row_digests(group.query_row, group.positive_rows[drawn], known)
+            sample.digests += [self.pool.queries.digest(x) for x in neg_queries]
         return sample
+
+    def _row_digests(self, query_row: int, positive_row: int, negatives: List[int]) -> List[int]:
+        """texts_of's list from rows: the query's digest, the positive's, the negatives'."""
+        q, d = self.pool.queries, self.pool.docs
+        return [int(q.digests_of_rows([query_row])[0]), int(d.digests_of_rows([positive_row])[0]),
+                *negatives]
 
     def _scored(self, qid: str, pids: Sequence[str]) -> List[str]:
         known = self.pool.teacher.get(qid, {})
@@ -269,7 +273,7 @@ class GroupDataset(Dataset):
         """texts_of(sample(index, epoch)) read from the arrays of GroupArrays alone: the same
         draws (positive, then the row pool's picks) without reading an id; None for a short
         pool (its random filling draws ids: sample it)."""
-        groups, q, d = self.pool.groups, self.pool.queries, self.pool.docs
+        groups = self.pool.groups
         rng = np.random.default_rng([self.seed, epoch, index])
         positives = groups.positive_rows[groups.positive_offsets[index]:
                                          groups.positive_offsets[index + 1]]
@@ -281,8 +285,7 @@ class GroupDataset(Dataset):
             if len(chosen) < self.k:
                 return None
             picked = [digests[j] for j in chosen]
-        return [int(q.digests_of_rows(groups.query_rows[index:index + 1])[0]),
-                int(d.digests_of_rows(positives[drawn:drawn + 1])[0]), *picked]
+        return self._row_digests(int(groups.query_rows[index]), int(positives[drawn]), picked)
 
     def epoch_order(self, epoch: int, seed: int) -> List[int]:
         """Group indices for `epoch`: global batches without a repeated text (module docstring)."""

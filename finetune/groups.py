@@ -71,8 +71,7 @@ class GroupArrays(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(f"group {i} out of range for {len(self)} groups")
         positives = self.positive_rows[self.positive_offsets[i]:self.positive_offsets[i + 1]]
-        start, stop = self.negative_bounds[i]
-        negatives = (RowIds(self.negative_rows[start:stop], self.docs.ids)
+        negatives = (RowIds(self.negatives_of(i), self.docs.ids)
                      if self.negative_rows is not None else [])
         row = int(self.query_rows[i])
         return TrainGroup(self.queries.ids[row], list(RowIds(positives, self.docs.ids)), negatives,
