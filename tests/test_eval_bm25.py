@@ -10,6 +10,7 @@ from bm25s.tokenization import Tokenized
 from twotower.common.eval import bm25 as B
 from twotower.common.eval.bm25 import BM25Args, BM25Index, bm25_search
 from twotower.common.eval.bm25_build import write_index
+from twotower.common.eval.bm25_topk import PostingScorer, check_ascending
 
 CORPUS = [
     {"id": "d0", "title": "Mangroves", "text": "Florida mangroves are protected by state law."},
@@ -196,3 +197,77 @@ def test_building_a_table_index_holds_one_block_of_tokens(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert index.search(["q"], ["gene virus"], k=20) == BM25Index(
         table.to_list(), progress=False).search(["q"], ["gene virus"], k=20)
+
+
+def _zipf_index(method, n_docs=211, seed=0, copies=3):
+    """A bm25s index over zipf-distributed words, some documents repeated (tied scores)."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(50)]
+    docs = [[words[int(j)] for j in rng.zipf(1.4, size=int(rng.integers(0, 14))) % 50]
+            for _ in range(n_docs)]
+    docs += [list(docs[5]) for _ in range(copies)]  # the same text: the same score
+    index = bm25s.BM25(method=method)
+    index.index(Tokenized(ids=[[int(t[1:]) for t in d] for d in docs],
+                          vocab={w: i for i, w in enumerate(words)}), show_progress=False)
+    return index, docs
+
+
+QUERIES = (["w1", "w3"], ["w0"], ["w7", "w7", "w39"], ["w49", "w2", "w11", "w5"], ["w48"])
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire", "bm25l", "bm25+"])
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 18])
+def test_blockwise_top_k_is_bm25s_ranking_of_the_matching_documents(method, block):
+    """PostingScorer.top_k equals bm25s' full score vector ranked: the documents sharing a query
+    term, by descending score, ties by ascending row, the same float32 sums; over block sizes
+    that cut the postings anywhere."""
+
+    index, docs = _zipf_index(method)
+    scorer = PostingScorer(index.scores, index.nonoccurrence_array, block=block)
+    for query in QUERIES:
+        ids = index.get_tokens_ids(query)
+        full = index.get_scores(query)
+        matching = np.array([r for r, d in enumerate(docs) if set(d) & set(query)], dtype=int)
+        order = matching[np.lexsort((matching, -full[matching]))]
+        for k in (1, 5, 10, 500):
+            rows, scores = scorer.top_k(ids, k)
+            assert rows.tolist() == order[:k].tolist(), (query, k)
+            assert scores.dtype == full.dtype
+            np.testing.assert_array_equal(scores, full[order[:k]])
+    ties = scorer.top_k(index.get_tokens_ids(docs[5][:1]), 1000)[0]
+    assert set(range(211, 214)) <= set(ties.tolist())
+    assert scorer.top_k([], 10)[0].size == 0 and scorer.top_k(ids, 0)[0].size == 0
+
+
+@pytest.mark.parametrize("method", ["lucene", "bm25l"])
+def test_scores_at_given_rows_are_bm25s_scores(method):
+
+    index, docs = _zipf_index(method)
+    scorer = PostingScorer(index.scores, index.nonoccurrence_array, block=16)
+    rows = np.random.default_rng(1).integers(0, len(docs), size=40)
+    for query in QUERIES:
+        np.testing.assert_array_equal(scorer.scores_at(index.get_tokens_ids(query), rows),
+                                      index.get_scores(query)[rows])
+
+
+def test_postings_out_of_document_order_are_detected():
+
+    index, _ = _zipf_index("lucene")
+    assert check_ascending(index.scores)
+    indptr = index.scores["indptr"]
+    column = int(np.argmax(np.diff(indptr) > 1))  # a term with two postings or more
+    swapped = dict(index.scores, indices=index.scores["indices"].copy())
+    lo = indptr[column]
+    swapped["indices"][[lo, lo + 1]] = swapped["indices"][[lo + 1, lo]]
+    assert not check_ascending(swapped)
+
+
+def test_search_ranks_without_bm25s_whole_collection_scoring(tmp_path, monkeypatch):
+    """Searching a saved index neither calls bm25s' retrieve nor scores every document."""
+    table = _table_corpus(tmp_path, n=230)
+    index = BM25Index(table, progress=False)
+    expected = BM25Index(table.to_list(), progress=False).search(["q"], ["gene virus"], k=20)
+    for name in ("retrieve", "get_scores", "get_scores_from_ids"):
+        monkeypatch.setattr(bm25s.BM25, name, lambda *a, **k: pytest.fail("bm25s scoring"))
+    assert index.search(["q"], ["gene virus"], k=20) == expected
+    assert index.score_candidates(["q"], ["gene virus"], {"q": list(expected["q"])}) == expected

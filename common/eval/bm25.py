@@ -10,7 +10,11 @@ stopword list and the Snowball English stemmer (PyStemmer). A document's text is
 title + " " + text, as for the dense encoders.
 
 Documents that share no term with the query score 0 and are not returned (a Lucene index would
-not match them either); a query left without terms after stopwording returns nothing.
+not match them either; for bm25l / bm25+ too, whose scores include a constant for the query's
+terms a document lacks); a query left without terms after stopwording returns nothing. Queries
+are scored by common/eval/bm25_topk.py a block of documents at a time, on bm25s' own index and
+sums (per query, time grows with the query's postings; bm25s' own retrieve allocates and ranks
+every document of the collection for each query).
 
 A corpus that is a cached datasets table (what every reader returns) gets its index built once,
 a block of documents at a time (memory holds one block: common/eval/bm25_build.py), and saved
@@ -36,6 +40,7 @@ import Stemmer
 from twotower.common.data.ids import IdIndex
 from twotower.common.data.progress import progress_bar
 from twotower.common.eval.bm25_build import write_index
+from twotower.common.eval.bm25_topk import PostingScorer, check_ascending
 
 Run = Dict[str, Dict[str, float]]
 INDEX_VERSION = 1  # bump when what a saved index holds changes
@@ -88,6 +93,7 @@ class BM25Index:
             self.doc_ids, self.row_of = index.ids, index
             self.path = self._saved_path(corpus)
             self.retriever = self._load() or self._build_saved(corpus)
+            self.scorer = PostingScorer(self.retriever.scores, self.retriever.nonoccurrence_array)
             return
         rows = _rows(corpus, ("id",), "corpus")
         self.doc_ids = [str(r["id"]) for r in rows]
@@ -97,6 +103,9 @@ class BM25Index:
         tokens = self._tokenize([doc_text(r) for r in rows])
         self.retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
         self.retriever.index(tokens, show_progress=progress)
+        if not check_ascending(self.retriever.scores):  # bm25s builds them so; the scorer needs it
+            raise RuntimeError(f"bm25s {bm25s.__version__} built postings out of document order")
+        self.scorer = PostingScorer(self.retriever.scores, self.retriever.nonoccurrence_array)
 
     # ------------------------------------------------------------------ saved indexes
     def _saved_path(self, table) -> Path:
@@ -165,10 +174,8 @@ class BM25Index:
             run[str(qid)] = {}
             if not tokens:
                 continue
-            docs, scores = self.retriever.retrieve([tokens], k=k, show_progress=False)
-            run[str(qid)] = {
-                self.doc_ids[j]: float(s) for j, s in zip(docs[0], scores[0]) if s > 0
-            }
+            rows, scores = self.scorer.top_k(self.retriever.get_tokens_ids(tokens), k)
+            run[str(qid)] = {self.doc_ids[j]: float(s) for j, s in zip(rows, scores) if s > 0}
         bar.close()
         return run
 
@@ -193,8 +200,9 @@ class BM25Index:
                     f"candidate run query '{qid}': document '{missing[0]}' is not in the corpus "
                     f"({len(missing)} missing)"
                 )
-            scores = self.retriever.get_scores(tokens) if tokens else np.zeros(len(self.doc_ids))
-            run[qid] = {d: float(scores[self.row_of[d]]) for d in cand}
+            scores = self.scorer.scores_at(self.retriever.get_tokens_ids(tokens),
+                                           np.array([self.row_of[d] for d in cand], dtype=np.int64))
+            run[qid] = {d: float(s) for d, s in zip(cand, scores)}
         bar.close()
         return run
 
