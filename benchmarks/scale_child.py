@@ -1,6 +1,6 @@
 """One measured step of benchmarks/scale.py, run in its own process (so its peak memory is its own).
 
-    python -m benchmarks.scale_child data ROOT | bm25 ROOT | search ROOT MODEL SHARDS
+    python -m benchmarks.scale_child data ROOT | bm25_build ROOT | bm25 ROOT | search ROOT MODEL SHARDS
         | stream CORPUS MODEL CACHE | random_write ROWS FOLDER | random_search FOLDER
 """
 from __future__ import annotations
@@ -33,6 +33,12 @@ def data(root: str) -> None:
           f"{len(negatives)} hard-negative lines")
 
 
+def bm25_build(root: str) -> None:
+    started = time.time()
+    BM25Index(load_msmarco_collection(Path(root) / "collection.tsv"), progress=False)
+    print(f"index built (or read) in {time.time() - started:.1f} s")
+
+
 def bm25(root: str) -> None:
     root = Path(root)
     started = time.time()
@@ -42,7 +48,8 @@ def bm25(root: str) -> None:
     n = min(10_000, len(queries))
     started = time.time()
     run = index.search(column(queries, "id")[:n], column(queries, "text")[:n], k=20)
-    print(f"top-20 of {n} queries in {time.time() - started:.1f} s, "
+    took = time.time() - started
+    print(f"top-20 of {n} queries in {took:.1f} s ({took / n * 1000:.1f} ms a query), "
           f"{sum(map(len, run.values()))} hits")
 
 
@@ -104,6 +111,6 @@ def random_search(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    {"data": data, "bm25": bm25, "search": search, "stream": stream, "random_write": random_write,
-     "random_search": random_search, "teacher": teacher}[
+    {"data": data, "bm25_build": bm25_build, "bm25": bm25, "search": search, "stream": stream,
+     "random_write": random_write, "random_search": random_search, "teacher": teacher}[
         sys.argv[1]](*sys.argv[2:])
