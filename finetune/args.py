@@ -61,6 +61,15 @@ class MarginMSEArgs:
 
 
 @dataclass
+class ListwiseKLArgs:
+    weight: float = 0.0
+    temperature: float = 0.05  # the student's: cosine / 0.05, as MNRL's scale 20
+    # the teacher's scores / this before the softmax: its scale is the teacher's (a fusion
+    # teacher's scores lie in [0, 1]; a cross-encoder's are logits)
+    teacher_temperature: float = 0.1
+
+
+@dataclass
 class LossArgs:
     infonce: InfoNCEArgs = field(default_factory=InfoNCEArgs)
     dance_dual: DanceDualArgs = field(default_factory=DanceDualArgs)
@@ -68,19 +77,25 @@ class LossArgs:
     pair: PairArgs = field(default_factory=PairArgs)
     margin_mse: MarginMSEArgs = field(default_factory=MarginMSEArgs)
     margin_mse_dual: MarginMSEArgs = field(default_factory=MarginMSEArgs)
+    listwise_kl: ListwiseKLArgs = field(default_factory=ListwiseKLArgs)
 
     def active(self) -> Dict[str, float]:
         """name -> weight of every term with a non-zero weight."""
-        names = ("infonce", "dance_dual", "samtone", "pair", "margin_mse", "margin_mse_dual")
+        names = ("infonce", "dance_dual", "samtone", "pair", "margin_mse", "margin_mse_dual",
+                 "listwise_kl")
         return {n: getattr(self, n).weight for n in names if getattr(self, n).weight != 0.0}
 
     def validate(self) -> None:
         for name in ("infonce", "dance_dual", "samtone", "pair"):
             if getattr(self, name).temperature <= 0:
                 raise RecipeError(f"'loss.{name}.temperature' must be > 0")
+        for name in ("temperature", "teacher_temperature"):
+            if getattr(self.listwise_kl, name) <= 0:
+                raise RecipeError(f"'loss.listwise_kl.{name}' must be > 0")
 
     def needs_teacher_scores(self) -> bool:
-        return self.margin_mse.weight != 0.0 or self.margin_mse_dual.weight != 0.0
+        return any(term.weight != 0.0
+                   for term in (self.margin_mse, self.margin_mse_dual, self.listwise_kl))
 
 
 # -------------------------------------------------------------------------------------- data
@@ -216,14 +231,19 @@ class DataArgs:
 @dataclass
 class TeacherArgs:
     model: str = ""  # "" = no teacher; cross-encoder folder/hub id or a bi-encoder
-    kind: str = "cross_encoder"  # cross_encoder (AutoModelForSequenceClassification) | bi_encoder
+    # cross_encoder (AutoModelForSequenceClassification) | bi_encoder | fusion (BM25 and the
+    # bi-encoder `model`, each min-max normalised over a query's candidates, weighted: fusion.py)
+    kind: str = "cross_encoder"
+    dense_weight: float = 0.5  # fusion: (1 - w) BM25 + w dense
     batch_size: int = 32
     max_length: int = 256
     # sqlite cache of (teacher, query, passage) -> score; "" = <train.output_dir>/../teacher_cache.sqlite
     cache: str = ""
 
     def validate(self) -> None:
-        _choice("teacher.kind", self.kind, ("cross_encoder", "bi_encoder"))
+        _choice("teacher.kind", self.kind, ("cross_encoder", "bi_encoder", "fusion"))
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise RecipeError(f"'teacher.dense_weight' must be in [0, 1]; got {self.dense_weight}")
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -276,16 +296,20 @@ class FinetuneRecipe:
             if stage.loss.needs_teacher_scores() and not (
                     stage.data.teacher_scores or self.teacher.model
                     or stage.data.kind in ("jsonl", "pseudo")):
-                raise RecipeError(f"Margin-MSE needs teacher scores: set '{where}.teacher_scores' "
-                                  "or 'teacher.model'")
+                raise RecipeError(f"{sorted(stage.loss.active())} need teacher scores: set "
+                                  f"'{where}.teacher_scores' or 'teacher.model'")
             if stage.data.kind == "pseudo" and not self.teacher.model:
                 raise RecipeError(f"'{where}.kind=pseudo' needs 'teacher.model'")
-            in_batch = set(stage.loss.active()) - {"margin_mse", "margin_mse_dual"}
+            if stage.data.kind == "pseudo" and self.teacher.kind == "fusion":
+                raise RecipeError(f"'{where}.kind=pseudo' thresholds a teacher's score of each "
+                                  "pair; 'teacher.kind=fusion' scores a query's candidates "
+                                  "together (min-max over them): use a cross_encoder or bi_encoder")
+            in_batch = set(stage.loss.active()) - {"margin_mse", "margin_mse_dual", "listwise_kl"}
             if stage.data.length_grouped and in_batch:
                 raise RecipeError(
                     f"'{where}.length_grouped' chooses which groups share a batch, which changes "
                     f"the in-batch negatives of {sorted(in_batch)}; only losses without in-batch "
-                    "terms (margin_mse, margin_mse_dual) allow it")
+                    "terms (margin_mse, margin_mse_dual, listwise_kl) allow it")
             if stage.data.length_grouped and not stage.data.pretokenize:
                 raise RecipeError(f"'{where}.length_grouped' needs '{where}.pretokenize=true' "
                                   "(lengths come from the kept token ids)")

@@ -35,6 +35,7 @@ from twotower.finetune.data_files import data_file, msmarco_collection
 from twotower.finetune.method import FinetuneMethod
 from twotower.finetune.pseudo import pseudo_candidates
 from twotower.finetune.sources import build_pool, finish_pool, required_pairs
+from twotower.finetune.fusion_teacher import FusionTeacher
 from twotower.finetune.teacher import Teacher
 from twotower.finetune.tokens import LongestDocument, TokenCache
 from twotower.pretrain.run import main as pretrain_main
@@ -48,7 +49,8 @@ def _teacher(recipe: FinetuneRecipe, device):
 
     cache = recipe.teacher.cache or str(Path(recipe.train.output_dir).resolve().parent
                                         / "teacher_cache.sqlite")
-    return Teacher(recipe.teacher, cache_path=cache, device=device)
+    kind = FusionTeacher if recipe.teacher.kind == "fusion" else Teacher
+    return kind(recipe.teacher, cache_path=cache, device=device)
 
 
 def check_models(recipe: FinetuneRecipe) -> None:

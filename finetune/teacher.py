@@ -27,6 +27,7 @@ from twotower.common.model.loading import check_model
 from twotower.finetune.args import TeacherArgs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+KINDS = ("cross_encoder", "bi_encoder")  # a model's scores; fusion_teacher.py composes a bi_encoder
 
 
 def _sha1(text: str) -> str:
@@ -98,6 +99,8 @@ class Teacher:
         cannot be found -- raised here, before any scoring, not at the first batch."""
         if not args.model:
             raise ValueError(f"{key} is empty")
+        if args.kind not in KINDS:  # anything else once ran silently as a bi-encoder
+            raise ValueError(f"teacher kind {args.kind!r} (for {key}) must be one of {KINDS}")
         self.args, self.device = args, torch.device(device)
         self.path = check_model(args.model, key)
         self.id = json.dumps([args.kind, args.model, args.max_length, model_fingerprint(self.path)])
