@@ -14,7 +14,7 @@ recipe are unchanged; otherwise the row is run again.
 Test split (chooses nothing): reference, fewshot (+ sentence-transformers), fewshot_dual,
 st_reference_lr, label_free, domain_adapt, domain_adapt_dual, curve (8 / 32 / 128 queries).
 Dev split (100 training queries held out of training): dev, label_free_dev, label_free_negatives,
-label_free_sentences, curve_dev, ablation (one change at a time against its base of the same
+label_free_sentences, distil_dev, curve_dev, ablation (one change at a time against its base of the same
 seed). other_corpus: the recipes unchanged on --other (100 held-out queries, the rest for
 few-shot training). --seeds: training seeds (curve: samples); default 0 for fewshot,
 fewshot_dual, st_reference_lr and curve, elsewhere the recipe's own (not named on the command).
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES, DEV_EVAL, DUAL,
-                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
+from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES, DEV_EVAL,
+                                        DISTIL_CHOICES, DUAL, FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
                                         LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES,
                                         SENTENCE_CHOICES, ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance
@@ -328,6 +328,20 @@ def section_label_free_sentences(ns) -> dict:
             rows.update({key: {**r, "base": base + (f" (seed {seed})" if own else "")}
                          for key, r in _compared([(f"ablation, label-free: {name}", row)],
                                                  seed, own, ns.data).items()})
+    return rows
+
+
+def section_distil_dev(ns) -> dict:
+    """Recipe domain_distil's choices against the start model on the same dev slice (training
+    reads the corpus only; the held-out queries' labels only score)."""
+    rows = {}
+    for seed, own, suffix in own_seeds(ns, "finetune/run.py", "domain_distil"):
+        runs = [("distil: the start model", start_model_dev(ns, seed,
+                                                             RUNS / f"dev_start_model{suffix}"))]
+        runs += [(f"distil: {name}", finetune(f"dev_distil_{slug(name)}{suffix}", "domain_distil",
+                                              [*DISTIL_CHOICES[name], *own, *DEV_EVAL], ns))
+                 for name in chosen(ns, DISTIL_CHOICES)]
+        rows.update(_compared(runs, seed, own, ns.data))
     return rows
 
 

@@ -72,6 +72,16 @@ CURVE_DEV_CHOICES = {"as committed (3 epochs)": [], "at least 25 steps": ["train
 _SENTENCES = ["data.kind=sentences", "data.max_queries=2400", "train.epochs=1"]
 SENTENCE_CHOICES = {"sentences as queries, BM25 negative, lr 5e-5": [*_SENTENCES, "train.lr=5e-5"],
                     "sentences as queries, BM25 negative, lr 2e-5": [*_SENTENCES, "train.lr=2e-5"]}
+# `distil_dev` (issue #26): recipe domain_distil's choices, each against the start model on the
+# same dev slice (label-free: the held-out queries' labels only score)
+DISTIL_CHOICES = {
+    "sentences, fusion teacher (w 0.5), Margin-MSE (as committed)": [],
+    "sentences, fusion teacher (w 0.5), listwise KL": ["loss.margin_mse.weight=0",
+                                                       "loss.listwise_kl.weight=1.0"],
+    "sentences, fusion teacher (w 0.25: more BM25), Margin-MSE": [
+        "teacher.dense_weight=0.25", "data.mine.dense_weight=0.25"],
+    "sentences, fusion teacher (w 0.75: more dense), Margin-MSE": [
+        "teacher.dense_weight=0.75", "data.mine.dense_weight=0.75"]}
 DUAL = "+ dual loss (DANCE, weight 0.1)"  # the dev ablation's one likely gain, run on test
 ST_SAME = "sentence-transformers MNRL, same triples"
 # the issue's reference run (sentence-transformers MNRL, batch 32, lr 2e-5, the old fit()'s
