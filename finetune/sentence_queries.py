@@ -67,7 +67,8 @@ def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
     def body(i: int) -> str:  # read on demand: only the sampled documents are split
         return corpus[i]["text"]
-    split = load_splitter(data.sentences.punkt, lambda: (body(i) for i in range(len(ids))))
+    split = load_splitter(data.sentences.punkt, lambda: (body(i) for i in range(len(ids))),
+                          key="data.sentences.punkt")
     groups, query_texts, skipped = sentence_groups(ids, body, data, split)
     if any(skipped.values()):
         log.warning("data.kind=sentences, %s: documents without a query: %s", root,

@@ -27,19 +27,20 @@ def pretrained_punkt_available() -> bool:
     return False
 
 
-def resolved_mode(mode: str) -> str:
-    """'pretrained' or 'trained': what `load_splitter(mode, ...)` will use (in cache keys)."""
+def resolved_mode(mode: str, key: str = "pairs.punkt") -> str:
+    """'pretrained' or 'trained': what `load_splitter(mode, ...)` will use (in cache keys).
+    `key`: the recipe key that set `mode`, named in messages."""
     if mode not in ("auto", "pretrained", "train"):
-        raise ValueError(f"pairs.punkt must be auto, pretrained or train; got {mode!r}")
+        raise ValueError(f"{key} must be auto, pretrained or train; got {mode!r}")
     if mode == "train":
         return "trained"
     if pretrained_punkt_available():
         return "pretrained"
     if mode == "pretrained":
         raise LookupError(
-            "pairs.punkt=pretrained but nltk's Punkt data is not installed (looked for "
+            f"{key}=pretrained but nltk's Punkt data is not installed (looked for "
             f"{', '.join(PUNKT_RESOURCES)} in nltk.data.path). Install it where there is a network "
-            "(python -m nltk.downloader punkt_tab) or set pairs.punkt=auto to train Punkt on the "
+            f"(python -m nltk.downloader punkt_tab) or set {key}=auto to train Punkt on the "
             "corpus offline.")
     return "trained"
 
@@ -64,9 +65,10 @@ def train_punkt(texts: Iterable[str], max_chars: int):
 
 
 def load_splitter(mode: str, texts: Callable[[], Iterable[str]],
-                  max_train_chars: int = 2_000_000) -> Callable[[str], list[str]]:
+                  max_train_chars: int = 2_000_000,
+                  key: str = "pairs.punkt") -> Callable[[str], list[str]]:
     """A function text -> sentences. `texts()` is called only when Punkt must be trained."""
-    if resolved_mode(mode) == "pretrained":
+    if resolved_mode(mode, key) == "pretrained":
         from nltk.tokenize import PunktTokenizer
 
         tokenizer = PunktTokenizer("english")
@@ -75,5 +77,5 @@ def load_splitter(mode: str, texts: Callable[[], Iterable[str]],
     tokenizer, used = train_punkt(texts(), max_train_chars)
     log.warning("nltk's pretrained Punkt data is not installed (no download is attempted): "
                 "trained an unsupervised Punkt sentence splitter on %d characters of the corpus "
-                "itself (pairs.punkt=%s)", used, mode)
+                "itself (%s=%s)", used, key, mode)
     return tokenizer.tokenize

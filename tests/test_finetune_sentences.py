@@ -110,3 +110,11 @@ def test_a_label_free_run_trains_on_sentences_of_the_corpus(tmp_path):
                    "eval.data="])
     assert result["step"] == 2
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_the_trained_punkt_warning_names_the_finetune_key(tmp_path, caplog):
+    folder, _ = write_corpus(tmp_path / "c")
+    with caplog.at_level(logging.WARNING):
+        pool_of(data_overrides(folder))
+    punkt = [r.getMessage() for r in caplog.records if "Punkt" in r.getMessage()]
+    assert punkt and all("data.sentences.punkt=train" in m and "pairs." not in m for m in punkt)
