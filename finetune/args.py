@@ -122,11 +122,15 @@ class SentenceQueryArgs:
     min_words: int = 5  # shorter sentences (headings, numbers) are not queries
     max_words: int = 64
     punkt: str = "auto"  # twotower.pretrain.sentences: nltk's Punkt model, trained on the corpus if absent
+    # the query of a document: a sentence of its text, its title, or a crop (consecutive words of
+    # its text, min_words..max_words of them); each stays in its document
+    source: str = "sentence"
 
     def validate(self) -> None:
         if not 1 <= self.min_words <= self.max_words:
             raise RecipeError("'data.sentences' needs 1 <= min_words <= max_words")
         _choice("data.sentences.punkt", self.punkt, ("auto", "pretrained", "train"))
+        _choice("data.sentences.source", self.source, ("sentence", "title", "crop"))
 
 
 @dataclass

@@ -12,6 +12,10 @@ find the document holding this sentence among BM25's nearest ones. Spar (Chen et
 Phrase Aware Dense Retrieval: Can a Dense Retriever Imitate a Sparse One?", Findings of EMNLP
 2022) likewise teaches a dense model lexical matching from sentences taken as queries; its
 sampling and teacher are not reproduced here.
+data.sentences.source picks the query otherwise: the document's title (its own summary, as
+pretrain's `pairs.task=title`), or a crop, a span of consecutive words of its text (Contriever's
+cropping, Izacard et al. 2022, at the length of a query). A teacher (teacher.kind=fusion: recipe
+domain_distil) can score each query's mined candidates.
 No labels and no query file are read: only the corpus of data.path (a BEIR folder's corpus.jsonl
 or an MS MARCO folder's collection).
 """
@@ -35,15 +39,15 @@ log = logging.getLogger("twotower.finetune")
 QUERY_PREFIX = "sentence:"  # query id = prefix + document id: never mistaken for a real query
 
 
-def sentence_groups(ids, texts, data: DataArgs, split) -> tuple[list, Dict[str, str], Dict]:
-    """One (query id, sentence, document) per document in a seeded order until data.max_queries
-    (0 = every document): a sentence of sentences.min_words..max_words words, drawn with
-    data.sample_seed. Returns the groups, the query texts and the counts of documents skipped."""
-    args = data.sentences
+def sentence_groups(ids, texts, data: DataArgs, pick) -> tuple[list, Dict[str, str], Dict]:
+    """One (query id, query text, document) per document in a seeded order until
+    data.max_queries (0 = every document): `pick(row, text, rng)` draws the document's query of
+    data.sentences.source (None when it has none), with data.sample_seed. Returns the groups, the
+    query texts and the counts of documents skipped, by reason."""
     rng = np.random.default_rng(data.sample_seed)
     order = rng.permutation(len(ids))
     groups, queries = [], {}
-    skipped = {"empty text": 0, "no sentence of the allowed length": 0}
+    skipped = {"empty text": 0, f"no {data.sentences.source} of the allowed length": 0}
     for i in order:
         if data.max_queries and len(groups) >= data.max_queries:
             break
@@ -51,14 +55,46 @@ def sentence_groups(ids, texts, data: DataArgs, split) -> tuple[list, Dict[str, 
         if not text.strip():
             skipped["empty text"] += 1
             continue
-        eligible = [s for s in split(text) if args.min_words <= len(s.split()) <= args.max_words]
-        if not eligible:
-            skipped["no sentence of the allowed length"] += 1
+        query = pick(int(i), text, rng)
+        if query is None:
+            skipped[f"no {data.sentences.source} of the allowed length"] += 1
             continue
         qid = QUERY_PREFIX + ids[int(i)]
-        queries[qid] = eligible[int(rng.integers(len(eligible)))]
+        queries[qid] = query
         groups.append(TrainGroup(qid, [ids[int(i)]]))
     return groups, queries, skipped
+
+
+def query_picker(data: DataArgs, corpus, body):
+    """pick(row, text, rng) for data.sentences.source: a sentence of the text (Punkt), the
+    document's title, or a crop (a span of consecutive words of the text, its length drawn
+    uniformly in min_words..max_words within the text); each min_words..max_words words."""
+    args = data.sentences
+
+    def fits(query: str) -> bool:
+        return args.min_words <= len(query.split()) <= args.max_words
+
+    if args.source == "title":
+        def title(i, text, rng):
+            found = (corpus[i].get("title") or "").strip()
+            return found if fits(found) else None
+        return title
+    if args.source == "crop":
+        def crop(i, text, rng):
+            words = text.split()
+            if len(words) < args.min_words:
+                return None
+            length = int(rng.integers(args.min_words, min(args.max_words, len(words)) + 1))
+            start = int(rng.integers(len(words) - length + 1))
+            return " ".join(words[start:start + length])
+        return crop
+    split = load_splitter(args.punkt, lambda: (body(i) for i in range(len(corpus))),
+                          key="data.sentences.punkt")
+
+    def sentence(i, text, rng):
+        eligible = [s for s in split(text) if fits(s)]
+        return eligible[int(rng.integers(len(eligible)))] if eligible else None
+    return sentence
 
 
 def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
@@ -67,18 +103,17 @@ def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
 
     def body(i: int) -> str:  # read on demand: only the sampled documents are split
         return corpus[i]["text"]
-    split = load_splitter(data.sentences.punkt, lambda: (body(i) for i in range(len(ids))),
-                          key="data.sentences.punkt")
-    groups, query_texts, skipped = sentence_groups(ids, body, data, split)
+    groups, query_texts, skipped = sentence_groups(ids, body, data,
+                                                   query_picker(data, corpus, body))
     if any(skipped.values()):
         log.warning("data.kind=sentences, %s: documents without a query: %s", root,
                     ", ".join(f"{n} {why}" for why, n in skipped.items() if n))
     if not groups:
-        raise D.DataError("data.kind=sentences: no document has a sentence of "
+        raise D.DataError(f"data.kind=sentences: no document has a {data.sentences.source} of "
                           f"{data.sentences.min_words}-{data.sentences.max_words} words "
                           "(data.sentences.min_words / max_words)", path=root)
-    log.info("data.kind=sentences: %d pseudo-queries, one sentence of each of as many sampled "
-             "documents (seed %d)", len(groups), data.sample_seed)
+    log.info("data.kind=sentences: %d pseudo-queries, one %s of each of as many sampled "
+             "documents (seed %d)", len(groups), data.sentences.source, data.sample_seed)
     docs = TextStore.from_table(corpus, with_title=True)
     queries = TextStore.from_dict(query_texts)
 
@@ -89,6 +124,6 @@ def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
                                qrels={g.qid: {g.positives[0]: 1} for g in groups},
                                name=root.name, split="sentences")
     return TrainingPool(groups, queries, docs, teacher=teacher,
-                        source=f"{root} (sentences as queries: {len(groups)} documents, "
+                        source=f"{root} ({data.sentences.source}s as queries: {len(groups)} documents, "
                                f"seed {data.sample_seed})",
                         mining_data=mining_data if data.mine.retriever else None)

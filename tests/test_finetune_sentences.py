@@ -118,3 +118,27 @@ def test_the_trained_punkt_warning_names_the_finetune_key(tmp_path, caplog):
         pool_of(data_overrides(folder))
     punkt = [r.getMessage() for r in caplog.records if "Punkt" in r.getMessage()]
     assert punkt and all("data.sentences.punkt=train" in m and "pairs." not in m for m in punkt)
+
+
+@pytest.mark.parametrize("source", ["title", "crop"])
+def test_titles_and_crops_as_queries_come_from_their_own_document(tmp_path, source):
+    untitled = {"_id": "untitled", "title": "", "text": "A document without any title at all here."}
+    folder, docs = write_corpus(tmp_path / "c", extra=[untitled])
+    by_id = {d["_id"]: d for d in docs}
+    pool = pool_of(data_overrides(folder, f"data.sentences.source={source}",
+                                  "data.sentences.min_words=2", "data.sentences.max_words=6"))
+    assert len(pool.groups) == len(docs) - (source == "title")
+    for group in pool.groups:
+        doc = by_id[group.positives[0]]
+        query = pool.queries[group.qid]
+        assert 2 <= len(query.split()) <= 6
+        if source == "title":
+            assert query == doc["title"]
+        else:
+            assert f" {query} " in f" {' '.join(doc['text'].split())} "
+    again = pool_of(data_overrides(folder, f"data.sentences.source={source}",
+                                   "data.sentences.min_words=2", "data.sentences.max_words=6"))
+    assert {g.qid: again.queries[g.qid] for g in again.groups} == {
+        g.qid: pool.queries[g.qid] for g in pool.groups}
+    with pytest.raises(RecipeError, match="data.sentences.source"):
+        load_recipe(FinetuneRecipe, "fewshot", data_overrides(folder, "data.sentences.source=x"))
