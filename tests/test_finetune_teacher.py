@@ -69,6 +69,31 @@ def test_bi_encoder_teacher_is_the_inner_product_of_embeddings(tmp_path):
     np.testing.assert_allclose(scores, (q * d).sum(1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["cross_encoder", "bi_encoder"])
+def test_a_bf16_teacher_scores_under_autocast_with_its_own_cache_key(tmp_path, kind, monkeypatch):
+    if kind == "cross_encoder":
+        save_tiny_cross_encoder(tmp_path / "m")
+    else:
+        tiny_bert(dropout=0.0).save(tmp_path / "m")
+    cache = tmp_path / "cache.sqlite"
+    fp32 = Teacher(TeacherArgs(model=str(tmp_path / "m"), kind=kind), cache_path=cache)
+    exact = fp32.score(QUERIES, PASSAGES)
+    fp32.close()
+    seen = []
+    real = torch.autocast.__init__
+
+    def spy(self, device_type, dtype=None, enabled=True, **kw):
+        seen.append((dtype, enabled))
+        real(self, device_type, dtype=dtype, enabled=enabled, **kw)
+    monkeypatch.setattr(torch.autocast, "__init__", spy)
+    half = Teacher(TeacherArgs(model=str(tmp_path / "m"), kind=kind, bf16=True), cache_path=cache)
+    scores = half.score(QUERIES, PASSAGES)
+    assert half.computed == 2 and half.cache_hits == 0  # not the fp32 scores from the cache
+    assert (torch.bfloat16, True) in seen
+    np.testing.assert_allclose(scores, exact, atol=0.05 * max(1.0, float(np.abs(exact).max())))
+    half.close()
+
+
 class FakeTeacher:
     """Scores a pair by a fixed table (logits), so thresholds can be checked exactly."""
 
