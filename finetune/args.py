@@ -60,6 +60,9 @@ class MarginMSEArgs:
     student_scale: float = 1.0
 
 
+TEACHER_TERMS = ("margin_mse", "margin_mse_dual", "listwise_kl")  # losses of teacher scores
+
+
 @dataclass
 class ListwiseKLArgs:
     weight: float = 0.0
@@ -94,8 +97,7 @@ class LossArgs:
                 raise RecipeError(f"'loss.listwise_kl.{name}' must be > 0")
 
     def needs_teacher_scores(self) -> bool:
-        return any(term.weight != 0.0
-                   for term in (self.margin_mse, self.margin_mse_dual, self.listwise_kl))
+        return any(getattr(self, name).weight != 0.0 for name in TEACHER_TERMS)
 
 
 # -------------------------------------------------------------------------------------- data
@@ -301,15 +303,16 @@ class FinetuneRecipe:
             if stage.loss.needs_teacher_scores() and not (
                     stage.data.teacher_scores or self.teacher.model
                     or stage.data.kind in ("jsonl", "pseudo")):
-                raise RecipeError(f"{sorted(stage.loss.active())} need teacher scores: set "
-                                  f"'{where}.teacher_scores' or 'teacher.model'")
+                terms = [f"loss.{t}" for t in stage.loss.active() if t in TEACHER_TERMS]
+                raise RecipeError(f"{' and '.join(terms)} need{'s' if len(terms) == 1 else ''} "
+                                  f"teacher scores: set '{where}.teacher_scores' or 'teacher.model'")
             if stage.data.kind == "pseudo" and not self.teacher.model:
                 raise RecipeError(f"'{where}.kind=pseudo' needs 'teacher.model'")
             if stage.data.kind == "pseudo" and self.teacher.kind == "fusion":
                 raise RecipeError(f"'{where}.kind=pseudo' thresholds a teacher's score of each "
                                   "pair; 'teacher.kind=fusion' scores a query's candidates "
                                   "together (min-max over them): use a cross_encoder or bi_encoder")
-            in_batch = set(stage.loss.active()) - {"margin_mse", "margin_mse_dual", "listwise_kl"}
+            in_batch = set(stage.loss.active()) - set(TEACHER_TERMS)
             if stage.data.length_grouped and in_batch:
                 raise RecipeError(
                     f"'{where}.length_grouped' chooses which groups share a batch, which changes "

@@ -99,7 +99,7 @@ def test_recipe_checks_of_the_fusion_teacher_and_listwise_kl(tmp_path):
         load_recipe(FinetuneRecipe, "fewshot", [*base, "data.kind=pseudo", "data.mine.retriever="])
     with pytest.raises(RecipeError, match="loss.listwise_kl.teacher_temperature"):
         load_recipe(FinetuneRecipe, "fewshot", ["loss.listwise_kl.teacher_temperature=0"])
-    with pytest.raises(RecipeError, match="need teacher scores"):
+    with pytest.raises(RecipeError, match="loss.listwise_kl needs teacher scores"):
         load_recipe(FinetuneRecipe, "fewshot", ["loss.listwise_kl.weight=1"])
     recipe = load_recipe(FinetuneRecipe, "domain_distil", [])
     assert recipe.teacher.kind == "fusion" and recipe.data.kind == "sentences"
