@@ -238,7 +238,8 @@ class DataArgs:
 class TeacherArgs:
     model: str = ""  # "" = no teacher; cross-encoder folder/hub id or a bi-encoder
     # cross_encoder (AutoModelForSequenceClassification) | bi_encoder | fusion (BM25 and the
-    # bi-encoder `model`, each min-max normalised over a query's candidates, weighted: fusion.py)
+    # bi-encoder `model`, each min-max normalised over a query's candidates, weighted:
+    # finetune/fusion_teacher.py)
     kind: str = "cross_encoder"
     dense_weight: float = 0.5  # fusion: (1 - w) BM25 + w dense
     bf16: bool = False  # score under bf16 autocast (AMX on recent CPUs); part of the cache key
@@ -308,6 +309,10 @@ class FinetuneRecipe:
                                   f"teacher scores: set '{where}.teacher_scores' or 'teacher.model'")
             if stage.data.kind == "pseudo" and not self.teacher.model:
                 raise RecipeError(f"'{where}.kind=pseudo' needs 'teacher.model'")
+            if stage.data.teacher_scores and self.teacher.kind == "fusion":
+                raise RecipeError(f"'{where}.teacher_scores' and 'teacher.kind=fusion' would mix "
+                                  "two teachers' scales in one pool (the fusion's lie in [0, 1], "
+                                  "min-max per query): use one of them")
             if stage.data.kind == "pseudo" and self.teacher.kind == "fusion":
                 raise RecipeError(f"'{where}.kind=pseudo' thresholds a teacher's score of each "
                                   "pair; 'teacher.kind=fusion' scores a query's candidates "

@@ -60,9 +60,9 @@ class FusionTeacher:
 
     def fill_pool(self, pool, pairs: Sequence[Tuple[str, str]]) -> int:
         """Teacher scores for the pairs the pool lacks; a query with any such pair has all of its
-        pairs in `pairs` scored (its min-max needs them), and only the missing ones written (a
-        score the pool already holds, e.g. from data.teacher_scores, is kept). Returns how many
-        were written."""
+        pairs in `pairs` scored (its min-max needs them), and only the missing ones written (the
+        recipe refuses data.teacher_scores beside this teacher: no other scale enters the pool).
+        Returns how many were written."""
         missing = [(q, p) for q, p in pairs if p not in pool.teacher.get(q, {})]
         if not missing:
             return 0

@@ -48,7 +48,7 @@ def test_fusion_teacher_is_weighted_min_max_of_bm25_and_dense(tmp_path):
     pool = _pool(tmp_path)
     tiny_bert(dropout=0.0, normalize=True).save(tmp_path / "dense")
     kept_q, kept_p = pool.groups[0].qid, pool.groups[0].negatives[0]
-    pool.teacher[kept_q] = {kept_p: 123.0}  # a score the pool holds (a scores file) is kept
+    pool.teacher[kept_q] = {kept_p: 123.0}  # a score the pool holds is kept: only missing pairs are written
     pairs = required_pairs(pool, with_neg_queries=False)
     teacher = FusionTeacher(TeacherArgs(model=str(tmp_path / "dense"), kind="fusion",
                                         dense_weight=0.3), cache_path=tmp_path / "cache.sqlite")
@@ -97,6 +97,8 @@ def test_recipe_checks_of_the_fusion_teacher_and_listwise_kl(tmp_path):
         load_recipe(FinetuneRecipe, "fewshot", [*base, "teacher.dense_weight=1.5"])
     with pytest.raises(RecipeError, match="pseudo"):
         load_recipe(FinetuneRecipe, "fewshot", [*base, "data.kind=pseudo", "data.mine.retriever="])
+    with pytest.raises(RecipeError, match="mix"):
+        load_recipe(FinetuneRecipe, "fewshot", [*base, "data.teacher_scores=s.jsonl"])
     with pytest.raises(RecipeError, match="loss.listwise_kl.teacher_temperature"):
         load_recipe(FinetuneRecipe, "fewshot", ["loss.listwise_kl.teacher_temperature=0"])
     with pytest.raises(RecipeError, match="loss.listwise_kl needs teacher scores"):
