@@ -124,6 +124,6 @@ def sentences_pool(data: DataArgs, teacher: Dict, read: Dict) -> TrainingPool:
                                qrels={g.qid: {g.positives[0]: 1} for g in groups},
                                name=root.name, split="sentences")
     return TrainingPool(groups, queries, docs, teacher=teacher,
-                        source=f"{root} ({data.sentences.source}s as queries: {len(groups)} documents, "
-                               f"seed {data.sample_seed})",
+                        source=f"{root} ({data.sentences.source}s as queries: "
+                               f"{len(groups)} documents, seed {data.sample_seed})",
                         mining_data=mining_data if data.mine.retriever else None)
