@@ -145,6 +145,26 @@ def test_an_incomplete_saved_index_is_rebuilt_not_read(tmp_path):
         ["q"], ["gene"], k=5)
 
 
+
+def test_a_process_that_finds_no_index_never_removes_the_one_another_just_saved(tmp_path,
+                                                                                   monkeypatch):
+    """Two processes start on the same table (CI failure of session 23: the straight and the
+    killed run of a resume test): B looks before A has saved, A saves and starts loading, B
+    finishes building. B keeps A's folder; before the fix it removed it under A's reader (A then
+    failed with FileNotFoundError on data.csc.index.npy)."""
+    table = _table_corpus(tmp_path, n=50)
+    first = BM25Index(table, progress=False)
+    saved = {f.name: f.stat().st_ino for f in first.path.iterdir()}
+    looks = iter([False])  # B's first look finds nothing yet; later looks read what is there
+    real_load = BM25Index._load
+    monkeypatch.setattr(BM25Index, "_load", lambda self: real_load(self) if next(looks, True)
+                        else None)
+    second = BM25Index(table, progress=False)
+    assert second.path == first.path
+    assert {f.name: f.stat().st_ino for f in first.path.iterdir()} == saved
+    assert not [p for p in first.path.parent.iterdir() if ".partial" in p.name]
+    assert second.search(["q"], ["gene"], k=5) == first.search(["q"], ["gene"], k=5)
+
 @pytest.mark.parametrize("method", ["lucene", "robertson", "atire", "bm25l", "bm25+"])
 def test_the_index_written_block_by_block_is_bm25s_own(tmp_path, method):
     """write_index over blocks of documents saves what bm25s.BM25.index builds from the whole

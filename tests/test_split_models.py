@@ -51,6 +51,22 @@ def test_a_folder_left_without_its_marker_is_rebuilt(tmp_path):
     assert (again / "weights.bin").read_bytes() == original.read("m/weights.bin")
 
 
+
+def test_a_folder_another_process_put_in_place_is_kept_not_removed(tmp_path, monkeypatch):
+    """Two processes reassemble at once: the later one finds the earlier one's complete folder at
+    the rename and keeps it (that process may be loading from it), dropping its own copy."""
+    pieces, original = _pieces(tmp_path)
+    folder = S.reassemble(pieces, "m", "tiny", root=tmp_path / "cache")
+    inode = (folder / "weights.bin").stat().st_ino
+    real_is_file = Path.is_file
+    looks = iter([False])  # the second process's first look comes before the rename
+    monkeypatch.setattr(Path, "is_file", lambda self: (next(looks, True) and real_is_file(self))
+                        if self.name == S._MARKER else real_is_file(self))
+    assert S.reassemble(pieces, "m", "tiny", root=tmp_path / "cache") == folder
+    assert (folder / "weights.bin").stat().st_ino == inode
+    assert (folder / "weights.bin").read_bytes() == original.read("m/weights.bin")
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".partial" in p.name]
+
 def test_pieces_out_of_order_or_missing_are_named(tmp_path, monkeypatch):
     pieces, _ = _pieces(tmp_path)
     with pytest.raises(S.SplitModelError, match="do not form its zip archive"):

@@ -13,10 +13,11 @@ import gzip
 import io
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import BadLinePolicy, DataError
 
@@ -267,3 +268,23 @@ def _write_atomic(path: Path, write, binary: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_folder(staging: Path, target: Path, complete: Callable[[Path], bool]) -> None:
+    """Move the fully written folder `staging` to `target` in one ``os.replace``, for caches that
+    several processes may build at once (BM25 indexes, reassembled models). A `target` already
+    in place and `complete` is another process's finished copy: it is kept and `staging` dropped,
+    never removed, because that process may be reading it. Only a `target` that `complete`
+    rejects (a crash's or an older format's leftover) is removed before the move."""
+    staging, target = Path(staging), Path(target)
+    for attempt in range(2):
+        try:
+            os.replace(staging, target)
+            return
+        except OSError:
+            if complete(target):
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            if attempt:
+                raise
+            shutil.rmtree(target, ignore_errors=True)

@@ -38,6 +38,7 @@ import numpy as np
 import Stemmer
 
 from twotower.common.data.ids import IdIndex
+from twotower.common.data.io import publish_folder
 from twotower.common.data.progress import progress_bar
 from twotower.common.eval.bm25_build import write_index
 from twotower.common.eval.bm25_topk import PostingScorer, check_ascending
@@ -114,21 +115,24 @@ class BM25Index:
             "bm25s": bm25s.__version__}, sort_keys=True).encode()).hexdigest()[:32]
         return Path(table.cache_files[0]["filename"]).parent / f"twotower-bm25-{key}"
 
+    def _complete(self, path: Path) -> bool:
+        try:
+            done = json.loads((path / _COMPLETE).read_text())
+        except (OSError, ValueError):
+            return False
+        return done.get("documents") == len(self.doc_ids)
+
     def _load(self):
         """The saved index, memory-mapped; None when absent or incomplete (then built)."""
-        try:
-            done = json.loads((self.path / _COMPLETE).read_text())
-        except (OSError, ValueError):
-            return None
-        if done.get("documents") != len(self.doc_ids):
+        if not self._complete(self.path):
             return None
         return bm25s.BM25.load(str(self.path), mmap=True, show_progress=False)
 
     def _build_saved(self, table):
         """Tokenise and index the table a block at a time (bm25_build.write_index: memory holds
-        one block, not the corpus), save to a temporary folder and rename it into place, then
-        load the saved copy memory-mapped."""
-        shutil.rmtree(self.path, ignore_errors=True)  # an incomplete folder of an earlier crash
+        one block, not the corpus), save to a temporary folder and rename it into place
+        (io.publish_folder: a complete copy another process saved first is kept, never removed
+        under its reader), then load the saved copy memory-mapped."""
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         retriever = bm25s.BM25(k1=self.args.k1, b=self.args.b, method=self.args.method)
@@ -136,10 +140,7 @@ class BM25Index:
                     tmp.with_name(f"{tmp.name}.scratch"))
         (tmp / _COMPLETE).write_text(json.dumps({"documents": len(self.doc_ids),
                                                  "args": asdict(self.args)}))
-        try:
-            os.replace(tmp, self.path)
-        except OSError:  # another process saved the same index first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, self.path, self._complete)  # another process's copy is kept
         loaded = self._load()
         if loaded is None:  # cannot happen unless the disk lies: fail loudly
             raise OSError(f"{self.path}: the BM25 index just written does not read back")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
+from twotower.common.data.io import publish_folder
+
 _MARKER = "twotower_reassembled.json"
 
 
@@ -101,12 +103,8 @@ def reassemble(pieces: Sequence[Path], folder: str, name: str, root: Path | None
         if not (work / "files" / folder / "config.json").is_file():
             raise SplitModelError(f"the archive of {name} has no {folder}/config.json")
         (work / "files" / _MARKER).write_text(json.dumps({"pieces": signature}))
-        shutil.rmtree(target, ignore_errors=True)  # an earlier crash's, without its marker
-        try:
-            os.replace(work / "files", target)
-        except OSError:  # another process put the same folder in place first
-            if not (target / _MARKER).is_file():
-                raise
+        # a folder another process put in place first is kept; one without its marker replaced
+        publish_folder(work / "files", target, lambda t: (t / _MARKER).is_file())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target / folder
