@@ -291,3 +291,15 @@ def test_search_ranks_without_bm25s_whole_collection_scoring(tmp_path, monkeypat
         monkeypatch.setattr(bm25s.BM25, name, lambda *a, **k: pytest.fail("bm25s scoring"))
     assert index.search(["q"], ["gene virus"], k=20) == expected
     assert index.score_candidates(["q"], ["gene virus"], {"q": list(expected["q"])}) == expected
+
+
+def test_a_query_whose_terms_have_no_postings_finds_nothing():
+    """A term column left empty (a vocabulary entry no document holds) matches nothing: an empty
+    result, not an error from joining no blocks."""
+    scores = {"data": np.array([1.0, 2.0], dtype=np.float32), "indices": np.array([0, 2]),
+              "indptr": np.array([0, 2, 2]), "num_docs": 3}
+    scorer = PostingScorer(scores, None, block=2)
+    rows, values = scorer.top_k([1], k=5)
+    assert len(rows) == 0 and len(values) == 0
+    rows, values = scorer.top_k([0, 1], k=5)
+    assert rows.tolist() == [2, 0] and values.tolist() == [2.0, 1.0]

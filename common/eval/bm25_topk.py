@@ -64,7 +64,7 @@ class PostingScorer:
                  block: int = BLOCK):
         self.data, self.indices = scores["data"], scores["indices"]
         self.indptr, self.num_docs = scores["indptr"], int(scores["num_docs"])
-        self.nonoccurrence, self.block = nonoccurrence, block
+        self.nonoccurrence = nonoccurrence
         self._buffer = np.zeros(min(block, max(self.num_docs, 1)), dtype=self.data.dtype)
         self._bounds = np.append(np.arange(0, self.num_docs, block), self.num_docs)
 
@@ -106,6 +106,8 @@ class PostingScorer:
             rows, values = best_k(local[first].astype(np.int64) + base, values[first], k)
             found_rows.append(rows)
             found_values.append(values)
+        if not found_rows:  # every term without postings (a column left empty)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=self.data.dtype)
         rows, values = best_k(np.concatenate(found_rows), np.concatenate(found_values), k)
         return rows, values + self._constant(terms)
 
