@@ -240,6 +240,19 @@ def section_domain_adapt_dual(ns) -> dict:
         for s, own, _ in own_seeds(ns, "finetune/run.py", "domain_adapt")})
 
 
+
+def section_distil(ns) -> dict:
+    # label-free: training reads SciFact's corpus only (issue #26)
+    return _seeded("domain_distil, label-free", {s: finetune(
+        f"domain_distil{suffix}", "domain_distil", [*TEST_EVAL, *own], ns)
+        for s, own, suffix in own_seeds(ns, "finetune/run.py", "domain_distil")})
+
+
+def section_domain_adapt_distil(ns) -> dict:
+    return _seeded("domain_adapt_distil, distil then fewshot", {s: finetune(
+        f"domain_adapt_distil{suffix}", "domain_adapt_distil", [*TEST_EVAL, *own], ns)
+        for s, own, suffix in own_seeds(ns, "finetune/run.py", "domain_adapt_distil")})
+
 def _sample(n: int, seed: int) -> list[str]:
     """`fewshot` on n sampled training queries, batch at most n / 2 (two queries sharing a judged
     document cannot share a batch, so a batch of all n could not be drawn)."""
@@ -382,7 +395,10 @@ def section_other_corpus(ns) -> dict:
                "domain_pretrain, chunks inside documents (diagnostic)": (
                    "pretrain/run.py", "domain_pretrain", [*start, "pairs.chunking=document"]),
                "fewshot": ("finetune/run.py", "fewshot", source),
-               "domain_adapt": ("finetune/run.py", "domain_adapt", source)}
+               "domain_adapt": ("finetune/run.py", "domain_adapt", source),
+               # label-free (issue #26): the corpus of data.path only, whatever its layout
+               "domain_distil (label-free)": ("finetune/run.py", "domain_distil",
+                                              [f"data.path={other}"])}
     for name, (script, recipe, data) in trained.items():
         rows[prefix + name] = run_script(script, recipe, RUNS / f"{slug(other)}_{slug(name)}",
                                          [*data, *held_out], ns)

@@ -78,6 +78,9 @@ DISTIL_CHOICES = {
     "sentences, fusion teacher (w 0.5), Margin-MSE (as committed)": [],
     "sentences, fusion teacher (w 0.5), listwise KL": ["loss.margin_mse.weight=0",
                                                        "loss.listwise_kl.weight=1.0"],
+    # the sentence's own document takes nearly all the teacher's mass: rank the negatives alone
+    "sentences, fusion teacher (w 0.5), listwise KL over the negatives alone": [
+        "loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0", "loss.listwise_kl.positive=false"],
     "sentences, fusion teacher (w 0.25: more BM25), Margin-MSE": [
         "teacher.dense_weight=0.25", "data.mine.dense_weight=0.25"],
     "sentences, fusion teacher (w 0.75: more dense), Margin-MSE": [

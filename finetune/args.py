@@ -70,6 +70,9 @@ class ListwiseKLArgs:
     # the teacher's scores / this before the softmax: its scale is the teacher's (a fusion
     # teacher's scores lie in [0, 1]; a cross-encoder's are logits)
     teacher_temperature: float = 0.1
+    # false: the list is the negatives alone, the teacher's ranking among them; for pseudo-queries
+    # whose positive is their own source document (data.kind=sentences), trivially first
+    positive: bool = True
 
 
 @dataclass
@@ -326,5 +329,9 @@ class FinetuneRecipe:
             if stage.data.length_grouped and not stage.data.pretokenize:
                 raise RecipeError(f"'{where}.length_grouped' needs '{where}.pretokenize=true' "
                                   "(lengths come from the kept token ids)")
+            if (stage.loss.listwise_kl.weight and not stage.loss.listwise_kl.positive
+                    and stage.data.n_negatives < 2):
+                raise RecipeError("loss.listwise_kl.positive=false ranks the negatives alone: "
+                                  f"'{where}.n_negatives' must be >= 2")
             if stage.loss.margin_mse_dual.weight and stage.data.n_neg_queries <= 0:
                 raise RecipeError(f"loss margin_mse_dual needs '{where}.n_neg_queries' > 0")

@@ -18,17 +18,20 @@ from twotower.finetune.sources import build_pool, required_pairs
 from twotower.finetune.teacher import Teacher
 
 
-def test_listwise_kl_is_the_teacher_student_kl_over_each_candidate_list():
+@pytest.mark.parametrize("positive", [True, False])
+def test_listwise_kl_is_the_teacher_student_kl_over_each_candidate_list(positive):
     torch.manual_seed(0)
     b, k, h = 3, 4, 8
     q, pos, neg = torch.randn(b, h), torch.randn(b, h), torch.randn(b, k, h)
     t_pos, t_neg = torch.rand(b), torch.rand(b, k)
-    loss, _ = ListwiseKL(ListwiseKLArgs(weight=1.0, temperature=0.5, teacher_temperature=0.2))(
+    loss, _ = ListwiseKL(ListwiseKLArgs(weight=1.0, temperature=0.5, teacher_temperature=0.2,
+                                        positive=positive))(
         GroupEmbeddings(q, pos, neg, teacher_pos=t_pos, teacher_neg=t_neg))
     expected = 0.0
-    for i in range(b):
-        s = [float(q[i] @ pos[i]) / 0.5] + [float(q[i] @ neg[i, j]) / 0.5 for j in range(k)]
-        t = [float(t_pos[i]) / 0.2] + [float(t_neg[i, j]) / 0.2 for j in range(k)]
+    for i in range(b):  # the positive first, unless left out of the list
+        s = [float(q[i] @ pos[i]) / 0.5] * positive + [float(q[i] @ neg[i, j]) / 0.5
+                                                       for j in range(k)]
+        t = [float(t_pos[i]) / 0.2] * positive + [float(t_neg[i, j]) / 0.2 for j in range(k)]
         zs, zt = sum(math.exp(x) for x in s), sum(math.exp(x) for x in t)
         expected += sum(math.exp(tj) / zt * (math.log(math.exp(tj) / zt) - math.log(math.exp(sj) / zs))
                         for tj, sj in zip(t, s))
@@ -101,12 +104,31 @@ def test_recipe_checks_of_the_fusion_teacher_and_listwise_kl(tmp_path):
         load_recipe(FinetuneRecipe, "fewshot", [*base, "data.teacher_scores=s.jsonl"])
     with pytest.raises(RecipeError, match="loss.listwise_kl.teacher_temperature"):
         load_recipe(FinetuneRecipe, "fewshot", ["loss.listwise_kl.teacher_temperature=0"])
+    with pytest.raises(RecipeError, match="n_negatives' must be >= 2"):
+        load_recipe(FinetuneRecipe, "domain_distil", ["loss.listwise_kl.weight=1",
+                                                      "loss.listwise_kl.positive=false",
+                                                      "data.n_negatives=1"])
     with pytest.raises(RecipeError, match="loss.listwise_kl needs teacher scores"):
         load_recipe(FinetuneRecipe, "fewshot", ["loss.listwise_kl.weight=1"])
     recipe = load_recipe(FinetuneRecipe, "domain_distil", [])
     assert recipe.teacher.kind == "fusion" and recipe.data.kind == "sentences"
     assert recipe.loss.needs_teacher_scores()
 
+
+
+def test_domain_adapt_distil_runs_domain_distil_then_fewshot():
+    """Its stages repeat the two recipes' data and loss (a stage is not a recipe): kept in step
+    here, so a change to domain_distil or fewshot that the combination misses fails."""
+    both = load_recipe(FinetuneRecipe, "domain_adapt_distil", [])
+    distil, fewshot = (load_recipe(FinetuneRecipe, r, []) for r in ("domain_distil", "fewshot"))
+    assert [name for name, _ in both.stage_list()] == ["distil", "labelled"]
+    assert both.stages["distil"].data == distil.data and both.stages["distil"].loss == distil.loss
+    assert both.teacher == distil.teacher and both.model == distil.model == fewshot.model
+    batch = distil.train.per_device_batch_size
+    assert both.stages["distil"].max_steps == distil.train.epochs * distil.data.max_queries // batch
+    labelled = both.stages["labelled"]
+    assert labelled.data == fewshot.data and labelled.loss == fewshot.loss
+    assert labelled.max_steps == 0 and both.train.epochs == fewshot.train.epochs
 
 @pytest.mark.parametrize("loss", ["margin_mse", "listwise_kl"])
 def test_domain_distil_trains_on_a_corpus_alone(tmp_path, loss):

@@ -14,6 +14,9 @@ used for a frozen teacher (e.g. sentence-transformers' DistillKLDivLoss). Only a
 candidates are compared, so nothing is gathered across processes. tau_t sets how sharp the
 teacher's labels are: its scores' scale is the teacher's (a fused BM25 + dense teacher's lie in
 [0, 1], a cross-encoder's are logits).
+With `positive=false` the list is [d-_i1, ..., d-_ik] alone: the teacher's ranking among the mined
+candidates, for pseudo-queries whose positive is trivially first (a sentence's own document,
+data.kind=sentences) and would otherwise take nearly all of the teacher's mass.
 """
 from __future__ import annotations
 
@@ -31,15 +34,20 @@ class ListwiseKL(nn.Module):
     def __init__(self, args: ListwiseKLArgs):
         super().__init__()
         self.temperature, self.teacher_temperature = args.temperature, args.teacher_temperature
+        self.positive = args.positive
 
     def forward(self, emb: GroupEmbeddings) -> tuple[Tensor, dict]:
         if emb.n_negatives == 0:
             raise ValueError("listwise_kl needs hard negatives (data.n_negatives > 0)")
         t_pos = require(emb.teacher_pos, "teacher scores", self.name)
         t_neg = require(emb.teacher_neg, "teacher scores", self.name)
-        documents = torch.cat([emb.positive[:, None], emb.negatives], dim=1)  # [B, 1 + k, H]
+        if self.positive:
+            documents = torch.cat([emb.positive[:, None], emb.negatives], dim=1)  # [B, 1 + k, H]
+            teacher = torch.cat([t_pos[:, None], t_neg], dim=1)
+        else:
+            documents, teacher = emb.negatives, t_neg
         student = torch.einsum("bh,bkh->bk", emb.query, documents) / self.temperature
-        teacher = torch.cat([t_pos[:, None], t_neg], dim=1).to(student.dtype)
+        teacher = teacher.to(student.dtype)
         target = F.log_softmax(teacher / self.teacher_temperature, dim=-1)
         loss = F.kl_div(F.log_softmax(student, dim=-1), target, log_target=True,
                         reduction="batchmean")
