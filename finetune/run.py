@@ -32,10 +32,10 @@ from twotower.common.train.trainer import Trainer, use_cpu
 from twotower.finetune.args import FinetuneRecipe, StageArgs
 from twotower.finetune.data import GroupCollator, GroupDataset
 from twotower.finetune.data_files import data_file, msmarco_collection
+from twotower.finetune.fusion_teacher import FusionTeacher
 from twotower.finetune.method import FinetuneMethod
 from twotower.finetune.pseudo import pseudo_candidates
 from twotower.finetune.sources import build_pool, finish_pool, required_pairs
-from twotower.finetune.fusion_teacher import FusionTeacher
 from twotower.finetune.teacher import Teacher
 from twotower.finetune.tokens import LongestDocument, TokenCache
 from twotower.pretrain.run import main as pretrain_main

@@ -130,14 +130,16 @@ def test_domain_adapt_distil_runs_domain_distil_then_fewshot():
     assert labelled.data == fewshot.data and labelled.loss == fewshot.loss
     assert labelled.max_steps == 0 and both.train.epochs == fewshot.train.epochs
 
-@pytest.mark.parametrize("loss", ["margin_mse", "listwise_kl"])
+@pytest.mark.parametrize("loss", ["margin_mse", "listwise_kl", "listwise_kl_negatives"])
 def test_domain_distil_trains_on_a_corpus_alone(tmp_path, loss):
     from twotower.finetune.run import main
     folder, _ = write_corpus(tmp_path / "c")
     tiny_bert(dropout=0.0, normalize=True).save(tmp_path / "student")
     model = str(tmp_path / "student")
-    terms = ([] if loss == "margin_mse" else
-             ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"])
+    terms = {"margin_mse": ["loss.margin_mse.weight=1.0", "loss.listwise_kl.weight=0"],
+             "listwise_kl": ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"],
+             "listwise_kl_negatives": ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0",
+                                       "loss.listwise_kl.positive=false"]}[loss]
     result = main(["--recipe", "domain_distil", f"data.path={folder}", "data.sentences.punkt=train",
                    f"data.mine.model={model}", f"teacher.model={model}",
                    f"model.name_or_path={model}", f"train.output_dir={tmp_path / 'run'}",
