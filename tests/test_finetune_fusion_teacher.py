@@ -152,3 +152,39 @@ def test_domain_distil_trains_on_a_corpus_alone(tmp_path, loss):
     assert any(not torch.equal(start[k], trained[k]) for k in start)
     with sqlite3.connect(tmp_path / "teacher_cache.sqlite") as db:  # the dense side, cached
         assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] > 0
+
+
+def test_domain_adapt_distil_runs_the_distil_stage_then_the_labelled_one(tmp_path, monkeypatch):
+    """Both stages end to end on a tiny BEIR folder: the label-free stage from the start model,
+    the labelled stage from its model; the final model is the labelled stage's."""
+    import json
+
+    from twotower.finetune import run as R
+    started_from = []
+    build = R.build_stage
+    monkeypatch.setattr(R, "build_stage", lambda recipe, stage, model_path, *a, **k: (
+        started_from.append(str(model_path)), build(recipe, stage, model_path, *a, **k))[1])
+    main = R.main
+    folder, docs = write_corpus(tmp_path / "c")
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": d["text"].split(".")[1]}) + "\n"
+        for i, d in enumerate(docs)))
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\t{d['_id']}\t1\n" for i, d in enumerate(docs)))
+    tiny_bert(dropout=0.0, normalize=True).save(tmp_path / "start")
+    model, out = str(tmp_path / "start"), tmp_path / "run"
+    main(["--recipe", "domain_adapt_distil", f"model.name_or_path={model}",
+          f"teacher.model={model}", f"stages.distil.data.mine.model={model}",
+          f"stages.distil.data.path={folder}", "stages.distil.data.sentences.punkt=train",
+          "stages.distil.data.n_negatives=2", "stages.distil.max_steps=2",
+          f"stages.labelled.data.path={folder}", "stages.labelled.max_steps=2",
+          f"train.output_dir={out}", "train.per_device_batch_size=2", "train.warmup_steps=0",
+          "model.max_doc_length=32", "eval.data="])
+    weights = {name: Encoder.load(str(path)).state_dict() for name, path in (
+        ("start", model), ("distil", out / "stages" / "distil" / "model"),
+        ("labelled", out / "stages" / "labelled" / "model"), ("final", out / "model"))}
+    differ = lambda a, b: any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+    assert differ("start", "distil") and differ("distil", "labelled")
+    assert not differ("labelled", "final")
+    assert started_from == [model, str(out / "stages" / "distil" / "model")]
