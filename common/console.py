@@ -17,6 +17,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from twotower.common.model.distributed import leave_processes
 from twotower.common.recipe.config import recipe_dirs
 
 COMMANDS = {  # subcommand -> (module with main(argv), what it does)
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[ns.command][0])  # by name: only the one asked for
     sys.argv = [f"twotower {ns.command}", *argv[1:]]  # what the run records as its command
     result = module.main(argv[1:])
+    leave_processes()
     return result if isinstance(result, int) else 0
 
 

@@ -47,7 +47,8 @@ from twotower.common.eval.fusion import fuse
 from twotower.common.eval.search import dense_search
 from twotower.common.eval.sharded import encode_sharded, join_processes, process_device
 from twotower.common.eval.shards import run_from_rows
-from twotower.common.model.distributed import broadcast_object, is_distributed, is_main, world_size
+from twotower.common.model.distributed import (broadcast_object, is_distributed, is_main,
+                                                leave_processes, world_size)
 from twotower.common.model.encoder import Encoder
 from twotower.finetune.args import TeacherArgs
 from twotower.finetune.data import TextStore, stable_hash
@@ -301,4 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    leave_processes()
+    sys.exit(code)

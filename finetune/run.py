@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 
 from twotower.common.data import DataNotFoundError, SkipReport, resolve_data
 from twotower.common.eval.evaluate import eval_args_data
+from twotower.common.model.distributed import leave_processes
 from twotower.common.model.encoder import Encoder
 from twotower.common.model.loading import check_model
 from twotower.common.recipe.config import RecipeError, load_recipe, recipe_to_yaml
@@ -243,3 +244,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave_processes()

@@ -13,7 +13,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from twotower.common.data import SkipReport
-from twotower.common.model.distributed import use_cpu
+from twotower.common.model.distributed import leave_processes, use_cpu
 from twotower.common.model.encoder import Encoder
 from twotower.common.recipe.config import load_recipe, recipe_to_yaml
 from twotower.common.report.callbacks import callbacks_from_recipe
@@ -67,3 +67,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave_processes()

@@ -98,3 +98,16 @@ def test_single_process_is_identity():
     assert D.gather_with_grad(x) is x
     assert torch.equal(D.gather_nograd(x), x) and not D.gather_nograd(x).requires_grad
     assert D.world_size() == 1 and D.rank() == 0 and D.gather_object(5) == [5]
+
+
+def test_a_finished_command_leaves_the_process_group(tmp_path, monkeypatch):
+    """leave_processes() destroys the group the entry points joined (a process that exits with
+    gloo's threads alive can abort at interpreter shutdown, exit -6), and is a no-op without one."""
+    D.leave_processes()  # no group: nothing to do
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29631")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1,
+                                         init_method=f"file://{tmp_path / 'rendezvous'}")
+    assert torch.distributed.is_initialized()
+    D.leave_processes()
+    assert not torch.distributed.is_initialized()

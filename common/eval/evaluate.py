@@ -31,6 +31,7 @@ from twotower.common.eval.fusion import fuse
 from twotower.common.eval.metrics import aggregate, per_query
 from twotower.common.eval.search import dense_search, rerank
 from twotower.common.eval.sharded import encode_sharded, world_size
+from twotower.common.model.distributed import leave_processes
 from twotower.common.model.encoder import doc_text
 
 logger = logging.getLogger("twotower.common.eval.evaluate")
@@ -348,4 +349,6 @@ class DenseEvaluator:
 if __name__ == "__main__":  # `python -m twotower.common.eval.evaluate ...`: the command line (evaluate_cli.py)
     from twotower.common.eval.cli import main
 
-    sys.exit(main())
+    code = main()
+    leave_processes()
+    sys.exit(code)

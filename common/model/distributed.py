@@ -22,6 +22,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+
+def leave_processes() -> None:
+    """End of a command that finished: destroy the process group (every process). A process that
+    exits with gloo's worker threads alive can abort while the interpreter shuts down ("terminate
+    called without an active exception", exit -6: pytorch/pytorch#190489; seen here under load).
+    Called by the entry points' `__main__` and the `twotower` command only, never by a `main()`
+    another command calls in process (domain_adapt runs pretraining inside fine-tuning)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
