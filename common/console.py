@@ -17,7 +17,6 @@ import importlib
 import sys
 from typing import Sequence
 
-from twotower.common.model.distributed import leave_processes
 from twotower.common.recipe.config import recipe_dirs
 
 COMMANDS = {  # subcommand -> (module with main(argv), what it does)
@@ -55,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[ns.command][0])  # by name: only the one asked for
     sys.argv = [f"twotower {ns.command}", *argv[1:]]  # what the run records as its command
     result = module.main(argv[1:])
-    leave_processes()
+    # by name, as the subcommand (torch is loaded by now; `twotower --help` never loads it)
+    importlib.import_module("twotower.common.model.distributed").leave_processes()
     return result if isinstance(result, int) else 0
 
 
