@@ -226,11 +226,15 @@ def section_label_free(ns) -> dict:
         for s, own, suffix in own_seeds(ns, "pretrain/run.py", "domain_pretrain")})
 
 
+def _on_test_split(group: str, recipe: str, ns) -> dict:
+    """Fine-tuning recipe `recipe` as committed, on the test split, one row per --seeds value."""
+    return _seeded(group, {s: finetune(f"{recipe}{suffix}", recipe, [*TEST_EVAL, *own], ns)
+                           for s, own, suffix in own_seeds(ns, "finetune/run.py", recipe)})
+
+
 def section_domain_adapt(ns) -> dict:
     # the pretraining stage reads the fine-tuning data's corpus, with the recipe's seed
-    return _seeded("domain_adapt, pretrain then fewshot", {s: finetune(
-        f"domain_adapt{suffix}", "domain_adapt", [*TEST_EVAL, *own], ns)
-        for s, own, suffix in own_seeds(ns, "finetune/run.py", "domain_adapt")})
+    return _on_test_split("domain_adapt, pretrain then fewshot", "domain_adapt", ns)
 
 
 def section_domain_adapt_dual(ns) -> dict:
@@ -243,15 +247,11 @@ def section_domain_adapt_dual(ns) -> dict:
 
 def section_distil(ns) -> dict:
     # label-free: training reads SciFact's corpus only (issue #26)
-    return _seeded("domain_distil, label-free", {s: finetune(
-        f"domain_distil{suffix}", "domain_distil", [*TEST_EVAL, *own], ns)
-        for s, own, suffix in own_seeds(ns, "finetune/run.py", "domain_distil")})
+    return _on_test_split("domain_distil, label-free", "domain_distil", ns)
 
 
 def section_domain_adapt_distil(ns) -> dict:
-    return _seeded("domain_adapt_distil, distil then fewshot", {s: finetune(
-        f"domain_adapt_distil{suffix}", "domain_adapt_distil", [*TEST_EVAL, *own], ns)
-        for s, own, suffix in own_seeds(ns, "finetune/run.py", "domain_adapt_distil")})
+    return _on_test_split("domain_adapt_distil, distil then fewshot", "domain_adapt_distil", ns)
 
 def _sample(n: int, seed: int) -> list[str]:
     """`fewshot` on n sampled training queries, batch at most n / 2 (two queries sharing a judged
