@@ -29,6 +29,7 @@ from twotower.common.report.callbacks import callbacks_from_recipe
 from twotower.common.report.model_card import CardFacts, command_of
 from twotower.common.train.cli import RunArgs, parse_run_args, print_result, setup_process
 from twotower.common.train.epochs import resolve_batch
+from twotower.common.train.rundir import replace_folder_atomically, write_atomic
 from twotower.common.train.trainer import Trainer, use_cpu
 from twotower.finetune.args import FinetuneRecipe, StageArgs
 from twotower.finetune.data import GroupCollator, GroupDataset
@@ -224,11 +225,10 @@ def run_recipe(recipe: FinetuneRecipe, resume: bool = False, run: RunArgs | None
         if skipped:
             log.warning("data.on_error=skip: %s", skipped.summary())
     if not single and state.is_main_process:
-        final = root / "model"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(model_path, final)
-        (root / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        # the run's model: a copy of the last stage's, swapped in whole (a crash mid-copy keeps
+        # an earlier attempt's folder intact), and result.json written the same way
+        replace_folder_atomically(root / "model", lambda partial: shutil.copytree(model_path, partial))
+        write_atomic(root / "result.json", json.dumps(result, indent=2, default=str))
     state.wait_for_everyone()
     return result
 

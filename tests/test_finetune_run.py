@@ -114,6 +114,34 @@ def test_two_stage_run_and_resume(tiny_setup, caplog):
     assert "stage labelled already finished" in caplog.text
 
 
+def test_a_crash_while_publishing_the_final_model_keeps_the_earlier_one(tiny_setup, monkeypatch):
+    """A multi-stage run copies its last stage's model to <output_dir>/model. A copy that dies
+    half-way (disk full, killed) must leave the folder an earlier attempt published whole, and
+    result.json readable -- it used to delete the old folder first, then copy."""
+    root = tiny_setup
+    argv = ["--recipe", str(two_stage_recipe(root)), *common_overrides(root, "crash"),
+            f"teacher.cache={root / 'teacher.sqlite'}"]
+    main(argv)
+    final = root / "crash" / "model"
+    before = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    result = (root / "crash" / "result.json").read_text()
+
+    def copy_half_then_die(src, dst, **kwargs):
+        Path(dst).mkdir()
+        (Path(dst) / "config.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shutil.copytree", copy_half_then_die)
+    with pytest.raises(OSError, match="No space left"):
+        main(argv + ["--resume"])  # both stages finished: only the publishing runs again
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == before
+    assert (root / "crash" / "result.json").read_text() == result
+    monkeypatch.undo()
+    main(argv + ["--resume"])  # the next attempt replaces the partial copy and publishes
+    assert not (root / "crash" / "model.partial").exists()
+    assert json.loads((final / "config.json").read_text())
+
+
 def write_generated_queries(root: Path) -> Path:
     """GPL's step 1 as it leaves a BEIR folder (files renamed): the corpus, and queries generated
     from passages, each judged relevant to its own passage."""

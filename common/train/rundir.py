@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import accelerate
 import torch
@@ -281,9 +282,17 @@ def run_info(world_size: int) -> dict:
 
 def save_encoder_atomically(encoder, path: Path) -> None:
     """Write into a sibling folder, then swap it in: a crash never leaves half a model."""
+    replace_folder_atomically(path, encoder.save)
+
+
+def replace_folder_atomically(path: Path, fill: Callable[[Path], object]) -> None:
+    """``fill(partial)`` writes a new folder beside `path`, which then replaces `path` by renames:
+    a crash while filling leaves the previous `path` whole (and the partial folder, removed by the
+    next attempt); the old copy is deleted only after the new one is in place."""
+    path = Path(path)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    encoder.save(partial)
+    fill(partial)
     if path.exists():
         old = path.with_name(path.name + ".old")
         os.replace(path, old)
