@@ -11,7 +11,8 @@ quality.md is generated from them (quality_report.py: paired randomisation tests
 nDCG@10, means over seeds). --reuse records a finished run only if its command and resolved
 recipe are unchanged; otherwise the row is run again.
 
-Test split (chooses nothing): reference, fewshot (+ sentence-transformers), fewshot_dual,
+Test split (chooses nothing): reference, fewshot (+ sentence-transformers; st_same: those
+alone), fewshot_dual,
 st_reference_lr, label_free, domain_adapt, domain_adapt_dual, curve (8 / 32 / 128 queries).
 Dev split (100 training queries held out of training): dev, label_free_dev, label_free_negatives,
 label_free_sentences, distil_dev, curve_dev, ablation (one change at a time against its base of the same
@@ -207,6 +208,11 @@ def section_fewshot(ns) -> dict:
         if not ns.without_st:
             rows.update(_seeded(ST_SAME, {seed: st_run(f"st_mnrl_s{seed}", seed, [], ns)}))
     return rows
+
+
+def section_st_same(ns) -> dict:
+    """The `fewshot` section's sentence-transformers rows alone (same folders and commands)."""
+    return _seeded(ST_SAME, {s: st_run(f"st_mnrl_s{s}", s, [], ns) for s in ns.seeds or [0]})
 
 
 def section_st_reference_lr(ns) -> dict:
