@@ -404,7 +404,11 @@ def section_other_corpus(ns) -> dict:
                "domain_adapt": ("finetune/run.py", "domain_adapt", source),
                # label-free (issue #26): the corpus of data.path only, whatever its layout
                "domain_distil (label-free)": ("finetune/run.py", "domain_distil",
-                                              [f"data.path={other}"])}
+                                              [f"data.path={other}"]),
+               # a recipe of stages: each stage's data named (the recipe's own say scifact)
+               "domain_adapt_distil": ("finetune/run.py", "domain_adapt_distil", [
+                   f"stages.distil.data.path={other}", f"stages.labelled.{source[0]}",
+                   f"stages.labelled.{source[1]}"])}
     for name, (script, recipe, data) in trained.items():
         rows[prefix + name] = run_script(script, recipe, RUNS / f"{slug(other)}_{slug(name)}",
                                          [*data, *held_out], ns)
