@@ -63,6 +63,25 @@ def test_single_stage_fewshot_run(tiny_setup):
     assert saved.data.max_queries == 4 and saved.loss.samtone.weight == 0.5
 
 
+def test_evaluation_during_training_through_on_disk_shards(tiny_setup):
+    """eval.shards: each evaluation's corpus embeddings go to shards on disk (a corpus past RAM)
+    and are searched exactly: the same metrics as in RAM (float32 shards); the folder of the
+    step-1 evaluation is gone once step 2's is done, the last is kept."""
+    root = tiny_setup
+    argv = ["--recipe", "fewshot", f"data.path={root / 'beir'}", "data.max_queries=4",
+            "data.n_negatives=1", "train.eval_every=1"]
+    in_ram = main(argv + common_overrides(root, "ram"))
+    on_disk = main(argv + common_overrides(root, "disk") + [
+        f"eval.shards={root / 'shards'}", "eval.shards_dtype=float32"])
+    assert on_disk["nDCG@10"] == pytest.approx(in_ram["nDCG@10"], abs=1e-6)
+    assert [p.name for p in (root / "shards").iterdir()] == ["step-00000002"]
+    assert (root / "shards" / "step-00000002" / "manifest.json").is_file()
+    saved = json.loads((root / "disk" / "eval" / "metrics.json").read_text())
+    assert saved["index"] == "shards" and saved["timing"]["shards_dtype"] == "float32"
+    with pytest.raises(RecipeError, match="eval.shards_dtype"):
+        load_recipe(FinetuneRecipe, "fewshot", ["eval.shards_dtype=int8"])
+
+
 def two_stage_recipe(root: Path) -> Path:
     """Stage 1: pseudo labels from the tiny cross-encoder with PAIR; stage 2: labelled BEIR data
     with InfoNCE + Margin-MSE + dual Margin-MSE (teacher scores computed before training)."""

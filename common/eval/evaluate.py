@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from twotower.common.eval.fusion import fuse
 from twotower.common.eval.metrics import aggregate, per_query
 from twotower.common.eval.search import dense_search, rerank
 from twotower.common.eval.sharded import encode_sharded, world_size
-from twotower.common.model.distributed import leave_processes
+from twotower.common.model.distributed import leave_processes, rank
 from twotower.common.model.encoder import doc_text
 
 logger = logging.getLogger("twotower.common.eval.evaluate")
@@ -338,20 +339,33 @@ class DenseEvaluator:
     """For evaluation before, during and after training: loads and slices `EvalArgs.data` once
     (`.data`); each call `encoder -> metrics` (dense retrieval, exact search) keeps its EvalResult
     as `.last` (for the reports written after training). shard: every process of the launch calls
-    it and encodes a slice of the corpus (common/eval/sharded.py)."""
+    it and encodes a slice of the corpus (common/eval/sharded.py). With `EvalArgs.shards`, each
+    call's corpus embeddings go to on-disk shards in a folder of their own under it, named by
+    `tag` (the Trainer's step) or the call's number; the previous call's folder is removed once
+    the new one has been searched (by the main process: every process is past it by then)."""
 
     def __init__(self, eval_args, k: int = 1000, seed: int = 0, shard: bool = False):
         self.eval_args, self.k, self.shard = eval_args, k, shard
         self.data = subsample(eval_args_data(eval_args), eval_args.max_queries,
                               eval_args.max_docs, seed)
         self.last: EvalResult | None = None
+        self.calls, self.shards_folder = 0, None
 
-    def __call__(self, encoder, progress: bool = False) -> Dict[str, float]:
+    def __call__(self, encoder, progress: bool = False, tag: str = "") -> Dict[str, float]:
         args = self.eval_args
+        self.calls += 1
+        previous, folder = self.shards_folder, None
+        if args.shards:
+            folder = Path(args.shards) / (tag or f"eval-{self.calls:04d}")
         with encoder.inference_options(bf16=args.bf16, compile=args.compile):
             self.last = evaluate_dense(encoder, self.data, k=self.k, batch_size=args.batch_size,
-                                       measures=args.metrics, progress=progress, shard=self.shard,
+                                       measures=args.metrics, progress=progress,
+                                       shard=self.shard and folder is None, shards=folder,
+                                       shards_dtype=args.shards_dtype,
                                        ignore_identical_ids=args.ignore_identical_ids)
+        self.shards_folder = folder
+        if previous is not None and previous != folder and rank() == 0:
+            shutil.rmtree(previous, ignore_errors=True)
         return self.last.metrics
 
 

@@ -187,8 +187,15 @@ class EvalArgs:
     # embedding-space diagnostics (common/report/analyze.py) logged to tensorboard at each evaluation,
     # on a small sample (100 queries, their judged documents + 300 others; PCA picture)
     diagnostics: bool = True
-
+    # a corpus past RAM (MS MARCO's 8.8 M passages: 13 GB of float32 embeddings at 384 dims):
+    # each evaluation encodes the corpus a block at a time into on-disk shards under this folder
+    # (step-NNNNNNNN/; the previous evaluation's removed once the next is done, the last kept)
+    # and searches them exactly, a block at a time (common/eval/corpus_shards.py); "" = in RAM
+    shards: str = ""
+    shards_dtype: str = "float16"  # or float32; fp16's nDCG effect: docs/results.md (#23)
 
     def validate(self) -> None:
         check_ranges("eval", self, {"batch_size": (1, None), "max_queries": (0, None),
                                     "max_docs": (0, None), "holdout": (0, None)})
+        if self.shards_dtype not in ("float16", "float32"):
+            raise RecipeError(f"eval.shards_dtype={self.shards_dtype!r}: float16 or float32")

@@ -29,7 +29,7 @@ class RetrievalEvaluation(TrainerCallback):
         self.every_process = self.evaluator.shard = accelerator.num_processes > 1
 
     def on_evaluate(self, point: TrainPoint) -> dict[str, float]:
-        return self.evaluator(point.encoder)
+        return self.evaluator(point.encoder, tag=f"step-{point.step:08d}")
 
     def on_train_end(self, point: TrainPoint, metrics: dict[str, float]) -> None:
         if self.evaluator.last is None:
