@@ -33,8 +33,8 @@ bench: install
 	$(PY) -m benchmarks.hybrid
 	$(PY) -m benchmarks.perf encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
 	$(PY) -m benchmarks.pretrain_quality
-	$(PY) -m benchmarks.quality reference dev fewshot label_free_dev label_free_negatives label_free domain_adapt ablation curve_dev other_corpus label_free_sentences domain_adapt_dual --reuse
-	$(PY) -m benchmarks.quality fewshot fewshot_dual st_reference_lr curve --seeds 0 1 2 --reuse
+	$(PY) -m benchmarks.quality reference label_free domain_adapt ablation other_corpus --reuse
+	$(PY) -m benchmarks.quality fewshot fewshot_dual st_reference_lr curve distil domain_adapt_distil distil_dev --seeds 0 1 2 --reuse
 	$(PY) -m benchmarks.quality label_free domain_adapt --seeds 42 1 2 --reuse
 	$(PY) -m benchmarks.quality ablation --seeds 42 1 2 --reuse
 

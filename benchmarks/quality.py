@@ -12,13 +12,14 @@ nDCG@10, means over seeds). --reuse records a finished run only if its command a
 recipe are unchanged; otherwise the row is run again.
 
 Test split (chooses nothing): reference, fewshot (+ sentence-transformers; st_same: those
-alone), fewshot_dual,
-st_reference_lr, label_free, domain_adapt, domain_adapt_dual, curve (8 / 32 / 128 queries).
-Dev split (100 training queries held out of training): dev, label_free_dev, label_free_negatives,
-label_free_sentences, distil_dev, curve_dev, ablation (one change at a time against its base of the same
-seed). other_corpus: the recipes unchanged on --other (100 held-out queries, the rest for
-few-shot training). --seeds: training seeds (curve: samples); default 0 for fewshot,
-fewshot_dual, st_reference_lr and curve, elsewhere the recipe's own (not named on the command).
+alone), st_reference_lr, fewshot_dual, label_free, domain_adapt, distil, domain_adapt_distil,
+curve (8 / 32 / 128 queries). Dev split (100 training queries held out of training, each change
+against its base of the same seed): ablation, distil_dev. other_corpus: the recipes unchanged on
+--other (100 held-out queries, the rest for few-shot training). --seeds: training seeds (curve:
+samples); default 0 for fewshot, st_*, fewshot_dual and curve, elsewhere the recipe's own (not
+named on the command). Sections retired once their recipes changed (dev, label_free_dev,
+label_free_negatives, label_free_sentences, curve_dev, domain_adapt_dual): docs/results.md names
+the commit that ran them.
 """
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.quality_choices import (CURVE_DEV_CHOICES, DEV_CHOICES, DEV_EVAL,
-                                        DISTIL_CHOICES, DUAL, FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
-                                        LABEL_FREE_DEV_CHOICES, MODEL, NEGATIVES,
-                                        SENTENCE_CHOICES, ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
+from benchmarks.quality_choices import (DEV_EVAL, DISTIL_CHOICES, DUAL, FEWSHOT_ABLATION,
+                                        LABEL_FREE_ABLATION, LABEL_FREE_BASE, MODEL,
+                                        ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance
 from twotower.common.data import resolve_data
 from twotower.common.eval.evaluate import (DenseEvaluator, evaluate_bm25, evaluate_dense,
@@ -243,14 +243,6 @@ def section_domain_adapt(ns) -> dict:
     return _on_test_split("domain_adapt, pretrain then fewshot", "domain_adapt", ns)
 
 
-def section_domain_adapt_dual(ns) -> dict:
-    # the overrides reach the fine-tuning stage only; the pretraining stage is the recipe's
-    return _seeded(f"domain_adapt {DUAL}", {s: finetune(
-        f"domain_adapt_dual_s{s}", "domain_adapt", [*TEST_EVAL, *own, *FEWSHOT_ABLATION[DUAL]], ns)
-        for s, own, _ in own_seeds(ns, "finetune/run.py", "domain_adapt")})
-
-
-
 def section_distil(ns) -> dict:
     # label-free: training reads SciFact's corpus only (issue #26)
     return _on_test_split("domain_distil, label-free", "domain_distil", ns)
@@ -258,6 +250,7 @@ def section_distil(ns) -> dict:
 
 def section_domain_adapt_distil(ns) -> dict:
     return _on_test_split("domain_adapt_distil, distil then fewshot", "domain_adapt_distil", ns)
+
 
 def _sample(n: int, seed: int) -> list[str]:
     """`fewshot` on n sampled training queries, batch at most n / 2 (two queries sharing a judged
@@ -276,29 +269,6 @@ def section_curve(ns) -> dict:
     return rows
 
 
-def section_dev(ns) -> dict:
-    rows = {f"dev: {name}": finetune("dev_" + slug(name), "fewshot", [*DEV_CHOICES[name],
-                                                                      *DEV_EVAL], ns)
-            for name in chosen(ns, DEV_CHOICES)}
-    seed = load_recipe(FinetuneRecipe, "fewshot", []).train.seed  # these runs' dev slice
-    rows["dev: start model (no training)"] = start_model_dev(ns, seed, RUNS / "dev_start_model")
-    return rows
-
-
-def section_label_free_dev(ns) -> dict:
-    return {f"dev: label-free {name}": label_free(
-        "dev_lf_" + slug(name), ["train.save_every=0", *LABEL_FREE_DEV_CHOICES[name], *DEV_EVAL], ns)
-        for name in chosen(ns, LABEL_FREE_DEV_CHOICES)}
-
-
-def section_label_free_negatives(ns) -> dict:
-    base = ["train.save_every=0", *LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE]]
-    runs = {"queue 4096": ("", []), **{name: (" " + name, extra) for name, extra in NEGATIVES.items()}}
-    return {f"dev: label-free negatives, {name}": label_free(
-        "dev_lf_" + slug(LABEL_FREE_BASE + suffix), [*base, *extra, *DEV_EVAL], ns)
-        for name, (suffix, extra) in runs.items()}
-
-
 def _compared(rows: list[tuple[str, dict]], seed: int, own: list, data: str) -> dict:
     """Rows of one seed, the first the base of the others (paired on the dev queries)."""
     keyed = {}
@@ -313,7 +283,7 @@ def section_ablation(ns) -> dict:
     known = [*FEWSHOT_ABLATION, *LABEL_FREE_ABLATION]
     if set(ns.choices or ()) - set(known):
         raise SystemExit(f"unknown --choices {sorted(set(ns.choices) - set(known))}; known: {known}")
-    lf_base = ["train.save_every=0", *LABEL_FREE_DEV_CHOICES[LABEL_FREE_BASE]]
+    lf_base = ["train.save_every=0", *LABEL_FREE_BASE[1]]
     rows = {}
     for part, table, script, recipe in (
             ("fewshot", FEWSHOT_ABLATION, "finetune/run.py", "fewshot"),
@@ -328,25 +298,10 @@ def section_ablation(ns) -> dict:
                 if part == "fewshot":  # the base is the `dev` section's run
                     folder = "dev_" + slug("fewshot as committed" if i == 0 else name) + suffix
                     return finetune(folder, "fewshot", [*table[name], *own, *DEV_EVAL], ns)
-                folder = "dev_lf_" + slug(LABEL_FREE_BASE + ("" if i == 0 else " " + name))
+                folder = "dev_lf_" + slug(LABEL_FREE_BASE[0] + ("" if i == 0 else " " + name))
                 return label_free(folder + suffix, [*lf_base, *table[name], *own, *DEV_EVAL], ns)
             rows.update(_compared([(f"ablation, {part}: {name}", run(i, name))
                                    for i, name in enumerate(names)], seed, own, ns.data))
-    return rows
-
-
-def section_label_free_sentences(ns) -> dict:
-    """Against the label-free base (section `ablation`'s row) of the same seed; training reads
-    the corpus only, the held-out queries' labels only score."""
-    base = f"ablation, label-free: {next(iter(LABEL_FREE_ABLATION))}"
-    rows = {}
-    for seed, own, suffix in own_seeds(ns, "finetune/run.py", "fewshot"):
-        for name in chosen(ns, SENTENCE_CHOICES):
-            row = finetune(f"dev_{slug(name)}{suffix}", "fewshot",
-                           [*SENTENCE_CHOICES[name], *own, *DEV_EVAL], ns)
-            rows.update({key: {**r, "base": base + (f" (seed {seed})" if own else "")}
-                         for key, r in _compared([(f"ablation, label-free: {name}", row)],
-                                                 seed, own, ns.data).items()})
     return rows
 
 
@@ -361,18 +316,6 @@ def section_distil_dev(ns) -> dict:
                                               [*DISTIL_CHOICES[name], *own, *DEV_EVAL], ns))
                  for name in chosen(ns, DISTIL_CHOICES)]
         rows.update(_compared(runs, seed, own, ns.data))
-    return rows
-
-
-def section_curve_dev(ns) -> dict:
-    rows = {}
-    for n in (8, 32):
-        runs = [(f"ablation, fewshot on {n} sampled queries: {name}", finetune(
-            f"dev_curve_{n}_{slug(name)}", "fewshot",
-            [*_sample(n, 0), *CURVE_DEV_CHOICES[name], *DEV_EVAL], ns))
-            for name in chosen(ns, CURVE_DEV_CHOICES)]
-        rows.update({k: {key: v for key, v in r.items() if key not in ("group", "seed")}
-                     for k, r in _compared(runs, 0, [], ns.data).items()})
     return rows
 
 

@@ -10,26 +10,9 @@ TEST_EVAL = ["eval.split=test", "eval.max_queries=0", "eval.max_docs=0", "eval.h
 DEV_EVAL = ["eval.split=train", "eval.holdout=100", "eval.max_queries=0", "eval.max_docs=2000",
             f"eval.metrics=[{','.join(MEASURES)}]"]
 
-_BUDGET = ["train.epochs=3", "train.per_device_batch_size=32", "train.mixed_precision=bf16",
-           "train.warmup_steps=10"]
-DEV_CHOICES = {  # `dev`: the choices behind recipe `fewshot` (the committed one is the best)
-    "fewshot as committed": [],
-    "lr 2e-5, 1 BM25 negative": [*_BUDGET, "train.lr=2e-5", "data.n_negatives=1"],
-    "lr 5e-5, 1 BM25 negative": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=1"],
-    "lr 5e-5, 3 BM25 negatives": [*_BUDGET, "train.lr=5e-5", "data.n_negatives=3"]}
-LABEL_FREE_DEV_CHOICES = {  # `label_free_dev`: the choices behind recipe `domain_pretrain`
-    "crop, lr 1e-5, 300 steps": ["train.epochs=0", "train.max_steps=300"],
-    "ICT, lr 1e-5, 400 steps": ["pairs.task=ict", "pairs.n_pairs=1", "method.relevance_aware=false",
-                                "train.epochs=0", "train.max_steps=400"],
-    "crop, lr 3e-5, 1 epoch": ["train.lr=3e-5"],
-    # the documents' own titles as queries (pretrain/titles.py): one pair a document
-    "title -> text, lr 1e-5, 1 epoch": ["pairs.task=title", "pairs.n_pairs=1",
-                                        "method.relevance_aware=false"]}
-LABEL_FREE_BASE = "crop, lr 1e-5, 300 steps"  # the recipe's choice; base of the ablations
-# Contriever's ablation of the number of negatives (arXiv 2112.09118): MoCo queue size, in-batch
-# only (the 31 x 4 key crops of the other chunks of a 32-chunk batch). Queue 4096 = the base run
-NEGATIVES = {"queue 1024": ["method.queue_size=1024"], "queue 16384": ["method.queue_size=16384"],
-             "in-batch only": ["method.name=inbatch"]}
+# the label-free ablation's base: recipe domain_pretrain, random crops at lr 1e-5 for 300 steps
+# (chosen on the dev split against ICT, lr 3e-5 and title -> text pairs: docs/results.md)
+LABEL_FREE_BASE = ("crop, lr 1e-5, 300 steps", ["train.epochs=0", "train.max_steps=300"])
 # `ablation`: one change at a time from the committed recipe; the first entry is the base each
 # other row is compared with, paired on the dev queries (same steps, batch, lr, precision)
 FEWSHOT_ABLATION = {
@@ -63,15 +46,6 @@ LABEL_FREE_ABLATION = {  # on LABEL_FREE_BASE: 4 pairs, relevance-aware
     # kernel); hidden dropout stays, as the regulariser the label-free gain may need
     "attention dropout off": ["model.attention_dropout=0"],
     "no training (the start model)": None}  # the start model on the same dev corpus slice
-# `curve_dev`: at 8 or 32 sampled queries the committed 3 epochs are 6 steps, fewer than the
-# recipe's 10 warmup steps; train.min_steps gives more passes over the sample
-CURVE_DEV_CHOICES = {"as committed (3 epochs)": [], "at least 25 steps": ["train.min_steps=25"],
-                     "at least 75 steps (the 809-query run's count)": ["train.min_steps=75"]}
-# `label_free_sentences`: recipe `fewshot` on sentences of the corpus as queries (data.kind=
-# sentences, one BM25 negative): 2,400 documents, one epoch = the 809-query run's 75 steps
-_SENTENCES = ["data.kind=sentences", "data.max_queries=2400", "train.epochs=1"]
-SENTENCE_CHOICES = {"sentences as queries, BM25 negative, lr 5e-5": [*_SENTENCES, "train.lr=5e-5"],
-                    "sentences as queries, BM25 negative, lr 2e-5": [*_SENTENCES, "train.lr=2e-5"]}
 # `distil_dev` (issue #26): recipe domain_distil's choices, each against the start model on the
 # same dev slice (label-free: the held-out queries' labels only score)
 _KL = ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"]

@@ -38,7 +38,7 @@ def test_every_section_command_loads_its_recipe(tmp_path, monkeypatch, capsys):
             continue
         recipe_digest(script, recipe, cmd[cmd.index("--recipe") + 2:])  # loads it (and a stage's)
         checked += 1
-    assert checked >= 40 and st_checked == 4  # fewshot's and st_reference_lr's, 2 seeds each
+    assert checked >= 40 and st_checked == 6  # fewshot's, st_same's and st_reference_lr's, 2 seeds each
 
 
 def test_start_model_dev_rows_are_saved_with_their_run_and_reused_only_for_the_same_slice(
