@@ -295,7 +295,7 @@ def section_ablation(ns) -> dict:
             def run(i: int, name: str) -> dict:
                 if table[name] is None:  # no training: the start model, evaluated in process
                     return start_model_dev(ns, seed, RUNS / f"dev_start_model{suffix}")
-                if part == "fewshot":  # the base is the `dev` section's run
+                if part == "fewshot":  # the base: the folder the retired `dev` section wrote
                     folder = "dev_" + slug("fewshot as committed" if i == 0 else name) + suffix
                     return finetune(folder, "fewshot", [*table[name], *own, *DEV_EVAL], ns)
                 folder = "dev_lf_" + slug(LABEL_FREE_BASE[0] + ("" if i == 0 else " " + name))
