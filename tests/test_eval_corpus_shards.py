@@ -113,10 +113,40 @@ def test_an_incomplete_folder_is_rebuilt_not_read(tmp_path, beir, encoder):
     assert not again.info["timing"]["shards_reused"] and again.run == first.run
 
 
+@pytest.mark.parametrize("spec", ["IVF4,Flat", "IVF2,PQ4x4"])
+def test_an_approximate_index_built_from_the_shards_equals_the_in_ram_one(tmp_path, beir,
+                                                                          encoder, spec):
+    """--shards with --index: the faiss index is filled from the shards a block at a time; when
+    it is trained on every row (a small corpus) it is the index dense_search builds in RAM."""
+    in_ram = evaluate_dense(encoder, beir, k=10, progress=False, index=spec)
+    sharded = evaluate_dense(encoder, beir, k=10, progress=False, index=spec,
+                             shards=tmp_path / "emb", shards_dtype="float32")
+    _runs_close(in_ram.run, sharded.run, atol=1e-5)
+    assert sharded.info["index"] == f"shards, {spec}" and "index_build_s" in sharded.info["timing"]
+
+
+def test_an_approximate_index_trains_on_rows_spread_over_the_corpus(tmp_path, beir, encoder,
+                                                                     monkeypatch):
+    """A corpus larger than TRAIN_ROWS: the index is trained on evenly spread rows, not the
+    corpus; with every cell probed an IVF-Flat index ranks exactly."""
+    seen = []
+    real = corpus_shards.take_rows
+
+    def spy(parts, rows):
+        seen.append(np.asarray(rows))
+        return real(parts, rows)
+    monkeypatch.setattr(corpus_shards, "TRAIN_ROWS", 12)
+    monkeypatch.setattr(corpus_shards, "take_rows", spy)
+    exact = evaluate_dense(encoder, beir, k=10, progress=False)
+    ivf = evaluate_dense(encoder, beir, k=10, progress=False, index="IVF3,Flat",
+                         search_params="nprobe=3", shards=tmp_path / "emb", shards_dtype="float32")
+    assert [len(rows) for rows in seen] == [12] and seen[0][0] == 0 and seen[0][-1] == 54
+    _runs_close(exact.run, ivf.run, atol=1e-5)
+
+
 def test_cli_flags(tmp_path, capsys):
     for argv, message in (
             (["--system", "bm25", "--data", "x", "--shards", "d"], "--shards is for dense"),
-            (["--model", "m", "--data", "x", "--shards", "d", "--index", "hnsw"], "--index"),
             (["--model", "m", "--data", "x", "--shards-dtype", "float32"], "needs --shards")):
         with pytest.raises(SystemExit):
             eval_main(argv)

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-params", help="faiss parameters, e.g. efSearch=512 or nprobe=64")
     p.add_argument("--shards", metavar="DIR", help="dense or hybrid retrieval of a corpus too "
                    "large for RAM: its embeddings encoded a block at a time into on-disk shards "
-                   "in DIR, searched exactly shard by shard (reused while model, corpus and "
-                   "settings match; an error if DIR holds others)")
+                   "in DIR, searched exactly shard by shard, or with --index through an index "
+                   "built from them a block at a time (IVF...,PQ... for bounded memory); reused "
+                   "while model, corpus and settings match; an error if DIR holds others)")
     p.add_argument("--shards-dtype", choices=("float16", "float32"),
                    help="of --shards (default float16: half the disk; its nDCG effect is in "
                         "docs/results.md)")
@@ -140,10 +141,9 @@ def _check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Non
     if (ns.system != "dense" or ns.rerank) and given("index", "search_params"):
         parser.error("--index/--search-params are for dense retrieval (not bm25, hybrid or "
                      "--rerank)")
-    if given("shards", "shards_dtype") and (ns.system == "bm25" or ns.rerank or ns.index
-                                             or ns.qa_passages):
-        parser.error("--shards is for dense or hybrid retrieval from the corpus (exact): not "
-                     "with --system bm25, --rerank, --index or --qa-*")
+    if given("shards", "shards_dtype") and (ns.system == "bm25" or ns.rerank or ns.qa_passages):
+        parser.error("--shards is for dense or hybrid retrieval from the corpus: not with "
+                     "--system bm25, --rerank or --qa-*")
     if ns.shards_dtype and not ns.shards:
         parser.error("--shards-dtype needs --shards")
     fusion_flags = given("fusion", "dense_weight", "rrf_k")

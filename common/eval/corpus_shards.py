@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from twotower.common.data.ids import IdColumn
 from twotower.common.eval.embed_cache import model_fingerprint
+from twotower.common.eval.search import as_matrix, index_factory_string, set_search_params
 from twotower.common.eval.sharded import shard_bounds
 from twotower.common.eval.shards import (ShardError, ShardSet, open_shards, run_from_rows,
                                          search_shards, sort_hits, write_shards)
@@ -38,6 +40,7 @@ from twotower.common.model.encoder import doc_text
 BLOCK_ROWS = 8192  # corpus rows read and encoded per step
 SHARD_ROWS = 1 << 20  # rows per shard file: 1.5 GB at 768 dims in float16
 SEARCH_ROWS = 65536  # embedding rows scored per step of the search (192 MB at 768 dims, float32)
+TRAIN_ROWS = 1 << 18  # rows an approximate index is trained on (faiss' k-means wants >= 39 a cell)
 
 
 def corpus_blocks(corpus, start: int = 0, stop: int | None = None,
@@ -127,11 +130,35 @@ def search_parts(query_emb: np.ndarray, parts: list[ShardSet], k: int,
     return sort_hits(top, merged_rows.gather(1, keep))
 
 
+def approximate_index(parts: list[ShardSet], index: str, similarity: str = "dot") -> faiss.Index:
+    """A faiss index (search.py's names: "hnsw", "ivf", or an index_factory string) of the
+    shards' rows in global order, built without the corpus in RAM: trained (when the type needs
+    it) on at most TRAIN_ROWS rows spread evenly over the corpus, then filled a block at a time.
+    Its memory is what the index holds: for "IVF<n>,PQ<m>" m bytes of code a row (8.8 M rows at
+    PQ48: ~0.5 GB), where "hnsw" and "ivf" (IVF-Flat) hold every float32 vector."""
+    n = sum(len(part) for part in parts)
+    spec = index_factory_string(index, n)
+    try:
+        faiss_index = faiss.index_factory(parts[0].dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"faiss cannot build index '{spec}': {err}") from None
+    if not faiss_index.is_trained:
+        sample = np.unique(np.linspace(0, n - 1, min(n, TRAIN_ROWS)).astype(np.int64))
+        faiss_index.train(as_matrix(take_rows(parts, sample), "training rows", similarity))
+    for part in parts:
+        for _, block in part.blocks():
+            faiss_index.add(as_matrix(block, "document embeddings", similarity))
+    return faiss_index
+
+
 def retrieve_from_shards(encoder, corpus, query_ids: list[str], query_texts: list[str],
                          folder: str | Path, k: int, *, batch_size: int = 64,
-                         dtype: str = "float16", progress: bool = True) -> tuple[dict, dict]:
-    """(run {qid: {docid: score}}, timing) of exact dense retrieval through shards under `folder`:
-    what `dense_search` gives over in-RAM embeddings (equal up to the shards' dtype)."""
+                         dtype: str = "float16", progress: bool = True, index: str = "flat",
+                         search_params: str | None = None) -> tuple[dict, dict]:
+    """(run {qid: {docid: score}}, timing) of dense retrieval through shards under `folder`:
+    exact by default, what `dense_search` gives over in-RAM embeddings (equal up to the shards'
+    dtype); with `index` an approximate faiss index built from the shards (approximate_index)
+    and searched with `search_params` (dense_search's defaults)."""
     t = time.perf_counter()
     parts, reused = encode_corpus_shards(encoder, corpus, folder, batch_size=batch_size,
                                          dtype=dtype, progress=progress)
@@ -140,10 +167,19 @@ def retrieve_from_shards(encoder, corpus, query_ids: list[str], query_texts: lis
     query_emb = encoder.encode_queries(query_texts, batch_size=batch_size, progress=progress)
     t_queries = time.perf_counter() - t
     t = time.perf_counter()
-    scores, rows = search_parts(query_emb, parts, k, similarity=encoder.similarity)
+    if index_factory_string(index, len(corpus)) == "Flat":
+        scores, rows = search_parts(query_emb, parts, k, similarity=encoder.similarity)
+        built = {}
+    else:
+        faiss_index = approximate_index(parts, index, encoder.similarity)
+        built = {"index_build_s": round(time.perf_counter() - t, 3)}
+        t = time.perf_counter()
+        set_search_params(faiss_index, min(k, len(corpus)), search_params)
+        scores, rows = faiss_index.search(
+            as_matrix(query_emb, "query embeddings", encoder.similarity), min(k, len(corpus)))
     run = run_from_rows(scores, rows, query_ids, IdColumn(corpus))
     timing = {"encode_corpus_s": round(t_docs, 3), "encode_queries_s": round(t_queries, 3),
-              "search_s": round(time.perf_counter() - t, 3), "shards": str(folder),
+              **built, "search_s": round(time.perf_counter() - t, 3), "shards": str(folder),
               "shards_dtype": dtype, "shards_reused": reused, "encode_processes": len(parts)}
     if not reused:
         timing["docs_per_s"] = round(len(corpus) / max(t_docs, 1e-9), 2)

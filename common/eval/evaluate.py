@@ -221,18 +221,20 @@ def evaluate_dense(encoder, data: RetrievalData, k: int = 1000, batch_size: int 
     (drop_identical_ids), as in evaluate_rerank and evaluate_bm25. shards: a folder for the corpus
     embeddings as on-disk shards, encoded a block at a time and searched exactly shard by shard
     (common/eval/corpus_shards.py: memory bounded by a block, not the corpus; reused when they
-    match; every process of a launch encodes its slice)."""
+    match; every process of a launch encodes its slice); with an approximate `index`, that index
+    is built from the shards a block at a time (its memory is what it holds: IVF-PQ's codes)."""
     started = time.perf_counter()
     qids, qtexts = judged_queries(data)
     if shards is not None:
-        if index != "flat" or cache_dir is not None:
-            raise ValueError("shards: exact search of on-disk embeddings (which are their own "
-                             "cache): not with an approximate index or cache_dir")
+        if cache_dir is not None:
+            raise ValueError("shards: the on-disk embeddings are their own cache: not with "
+                             "cache_dir")
         run, timing = retrieve_from_shards(encoder, data.corpus, qids, qtexts, shards, k,
                                            batch_size=batch_size, dtype=shards_dtype,
-                                           progress=progress)
-        info = {**_encoder_info(encoder), "mode": "retrieve", "k": k, "index": "shards",
-                "n_docs": len(data.corpus), "timing": timing}
+                                           progress=progress, index=index,
+                                           search_params=search_params)
+        info = {**_encoder_info(encoder), "mode": "retrieve", "k": k, "n_docs": len(data.corpus),
+                "index": "shards" if index == "flat" else f"shards, {index}", "timing": timing}
         return _finish(data, run, info, measures, started, ignore_identical_ids)
     doc_ids, rows = _corpus_rows(data)
     doc_emb, query_emb, timing = _encode(encoder, rows, qtexts, batch_size, progress, cache_dir,

@@ -20,7 +20,7 @@ Run = Dict[str, Dict[str, float]]
 INDEX_ALIASES = {"flat": "Flat", "exact": "Flat", "hnsw": "HNSW32"}
 
 
-def _as_matrix(emb: np.ndarray, name: str, similarity: str) -> np.ndarray:
+def as_matrix(emb: np.ndarray, name: str, similarity: str) -> np.ndarray:
     """float32, C-contiguous, 2-D (what faiss needs); normalised rows for cosine."""
     arr = np.ascontiguousarray(np.asarray(emb, dtype=np.float32))
     if arr.ndim != 2:
@@ -67,7 +67,7 @@ def build_index(doc_matrix: np.ndarray, index: str = "flat") -> faiss.Index:
     return faiss_index
 
 
-def _set_search_params(faiss_index: faiss.Index, k: int, search_params: str | None) -> None:
+def set_search_params(faiss_index: faiss.Index, k: int, search_params: str | None) -> None:
     if search_params is None:
         # defaults that keep recall high: HNSW recall at depth k needs efSearch well above k
         names = []
@@ -101,8 +101,8 @@ def dense_search(
     search_params: faiss ParameterSpace string such as "efSearch=512" or "nprobe=64"; by default
     efSearch = max(2k, 128) for HNSW and nprobe = 32 for IVF.
     """
-    queries = _as_matrix(query_emb, "query embeddings", similarity)
-    docs = _as_matrix(doc_emb, "document embeddings", similarity)
+    queries = as_matrix(query_emb, "query embeddings", similarity)
+    docs = as_matrix(doc_emb, "document embeddings", similarity)
     _check_ids(query_ids, queries.shape[0], "query ids")
     _check_ids(doc_ids, docs.shape[0], "document ids")
     if queries.shape[1] != docs.shape[1]:
@@ -111,7 +111,7 @@ def dense_search(
         raise ValueError(f"k must be > 0, got {k}")
     k = min(k, docs.shape[0])
     faiss_index = build_index(docs, index)
-    _set_search_params(faiss_index, k, search_params)
+    set_search_params(faiss_index, k, search_params)
 
     run: Run = {}
     for start in range(0, queries.shape[0], batch_size):
@@ -137,8 +137,8 @@ def rerank(
     Every query and candidate document must have an embedding; a missing one is an error naming
     it (the candidate run and the data do not belong together).
     """
-    queries = _as_matrix(query_emb, "query embeddings", similarity)
-    docs = _as_matrix(doc_emb, "document embeddings", similarity)
+    queries = as_matrix(query_emb, "query embeddings", similarity)
+    docs = as_matrix(doc_emb, "document embeddings", similarity)
     _check_ids(query_ids, queries.shape[0], "query ids")
     _check_ids(doc_ids, docs.shape[0], "document ids")
     query_row = {qid: i for i, qid in enumerate(query_ids)}
