@@ -126,7 +126,7 @@ def subsample(data: RetrievalData, max_queries: int = 0, max_docs: int = 0,
     data = restrict_queries(data, qids)
     qrels, queries, corpus = data.qrels, data.queries, data.corpus
     if max_docs:
-        # on the id column as Arrow (memory-mapped) and a bit per row: no Python string per
+        # on the id column as Arrow (memory-mapped) and a byte per row: no Python string per
         # document (8.8 M ids were ~1 GB of lists); the same rows as sampling a list of the
         # unjudged rows, since random.sample's picks depend only on the population's length
         judged = pa.array(sorted({str(d) for docs in qrels.values() for d in docs}), pa.string())
