@@ -10,6 +10,7 @@ import torch
 from benchmarks.quality import final_stage
 from tests.test_finetune_mine import write_beir
 from tests.test_finetune_teacher import save_tiny_cross_encoder
+import twotower.common.eval.evaluate as evaluate_module
 from twotower.common.model.encoder import tiny_bert
 from twotower.common.recipe.config import RecipeError, load_recipe
 from twotower.finetune.args import FinetuneRecipe, TeacherArgs
@@ -63,7 +64,7 @@ def test_single_stage_fewshot_run(tiny_setup):
     assert saved.data.max_queries == 4 and saved.loss.samtone.weight == 0.5
 
 
-def test_evaluation_during_training_through_on_disk_shards(tiny_setup):
+def test_evaluation_during_training_through_on_disk_shards(tiny_setup, monkeypatch):
     """eval.shards: each evaluation's corpus embeddings go to shards on disk (a corpus past RAM)
     and are searched exactly: the same metrics as in RAM (float32 shards); the folder of the
     step-1 evaluation is gone once step 2's is done, the last is kept."""
@@ -71,8 +72,17 @@ def test_evaluation_during_training_through_on_disk_shards(tiny_setup):
     argv = ["--recipe", "fewshot", f"data.path={root / 'beir'}", "data.max_queries=4",
             "data.n_negatives=1", "train.eval_every=1"]
     in_ram = main(argv + common_overrides(root, "ram"))
+    folders = []
+    real = evaluate_module.evaluate_dense
+
+    def recording(*args, **kwargs):
+        folders.append(kwargs.get("shards"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate_module, "evaluate_dense", recording)
     on_disk = main(argv + common_overrides(root, "disk") + [
         f"eval.shards={root / 'shards'}", "eval.shards_dtype=float32"])
+    # one evaluation a step (the final one is step 2's), each through its own folder
+    assert [f.name for f in folders] == ["step-00000001", "step-00000002"]
     assert on_disk["nDCG@10"] == pytest.approx(in_ram["nDCG@10"], abs=1e-6)
     assert [p.name for p in (root / "shards").iterdir()] == ["step-00000002"]
     assert (root / "shards" / "step-00000002" / "manifest.json").is_file()
