@@ -7,7 +7,8 @@
 writes `onnx/model.onnx` (and `onnx/model_qint8_avx512_vnni.onnx`, `onnx/model_qint8_static.onnx`)
 in each tower folder (common/model/serving.py), where `SentenceTransformer(path, backend="onnx")`
 and `twotower evaluate --model PATH --onnx FILE` find them; `--openvino` also converts model.onnx
-(and the static int8 file) to OpenVINO's IR in `openvino/`. `--output DIR` first saves the model
+to OpenVINO's IR (`openvino/openvino_model.xml`) and, with `--int8 static`, quantises that IR
+with NNCF on the same calibration texts (`openvino/openvino_model_qint8_quantized.xml`). `--output DIR` first saves the model
 there (both layouts), for a hub id or the bundled model. Files already there are refused unless
 `--overwrite`; every file is written beside its target and moved into place.
 """
@@ -26,8 +27,9 @@ from twotower.common.model.encoder import Encoder, doc_text
 from twotower.common.model.export import DOC_TOWER_DIR
 from twotower.common.model.loading import resolve_model_path
 from twotower.common.model.serving import (FP32_FILE, INT8_FILES, ONNX_DIR, OPENVINO_DIR,
-                                           OPENVINO_FILES, export_openvino, export_tower,
-                                           quantize_int8, tower_folders)
+                                           OPENVINO_FILE, OPENVINO_INT8_FILE, export_openvino,
+                                           export_tower, quantize_int8, quantize_openvino,
+                                           tower_folders)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-texts", type=int, default=256,
                    help="texts sampled from it (seed 0)")
     p.add_argument("--openvino", action="store_true", help="also OpenVINO IR files in openvino/ "
-                   "(of model.onnx and, with --int8 static, of the static int8 file)")
+                   "(model.onnx converted and, with --int8 static, its NNCF int8)")
     p.add_argument("--overwrite", action="store_true", help="replace existing ONNX / OpenVINO files")
     return p
 
@@ -77,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         encoder.save(folder)
     towers = tower_folders(folder, encoder.doc_model is not None, DOC_TOWER_DIR)
     names = [FP32_FILE, *(INT8_FILES[m] for m in ns.int8)]
-    converted = [n for n in names if n in OPENVINO_FILES] if ns.openvino else []
-    targets = [*(Path(ONNX_DIR, n) for n in names),
-               *(Path(OPENVINO_DIR, OPENVINO_FILES[n]) for n in converted)]
+    converted = ([OPENVINO_FILE, *([OPENVINO_INT8_FILE] if "static" in ns.int8 else [])]
+                 if ns.openvino else [])
+    targets = [*(Path(ONNX_DIR, n) for n in names), *(Path(OPENVINO_DIR, n) for n in converted)]
     found = [str(f / t) for f in set(towers.values()) for t in targets if (f / t).exists()]
     if found and not ns.overwrite:
         parser.error(f"{', '.join(sorted(found))} already exist; pass --overwrite to replace them")
@@ -96,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefixed = [encoder.prefix(tower) + t for t in texts]
         written += [quantize_int8(path, mode, encoder.tokenizer, prefixed, length)
                     for mode in ns.int8]
-        written += [export_openvino(path, name, encoder.tokenizer, length) for name in converted]
+        if ns.openvino:
+            written.append(export_openvino(path, encoder.tokenizer, length))
+        if OPENVINO_INT8_FILE in converted:
+            written.append(quantize_openvino(path, encoder.tokenizer, prefixed, length))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
