@@ -32,6 +32,7 @@ bench: EXTRAS = offline,test,bench
 bench: install
 	$(PY) -m benchmarks.hybrid
 	$(PY) -m benchmarks.perf encode train memory scaling padding --full --docs 512 --repeats 3 --steps 3 --warmup 1 --train-repeats 3
+	$(PY) -m benchmarks.st_backends
 	$(PY) -m benchmarks.pretrain_quality
 	$(PY) -m benchmarks.quality reference label_free domain_adapt ablation other_corpus --reuse
 	$(PY) -m benchmarks.quality fewshot fewshot_dual st_reference_lr curve distil domain_adapt_distil distil_dev --seeds 0 1 2 --reuse
