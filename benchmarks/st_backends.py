@@ -102,7 +102,8 @@ def markdown(r: dict) -> str:
              f"{r['load_before']} -> {r['load_after']}; sentence-transformers "
              f"{r['venv']['sentence_transformers']} in the venv.", "",
              "## twotower's exported files loaded by sentence-transformers' backends", "",
-             "| file | backend | max abs diff vs twotower torch | min cosine |", "|---|---|---|---|"]
+             "| file | backend | max abs diff vs twotower torch | min cosine |",
+             "|---|---|---|---|"]
     lines += [f"| {v['file']} | {name} | {v['max_abs_diff']:.2e} | {v['min_cos']:.4f} |"
               for name, v in r["venv"]["loaded"].items()]
     lines += ["", "## Speed (each side against its own sentence-transformers torch fp32)", "",
@@ -132,7 +133,8 @@ def main(argv=None) -> dict:
                    check=True, env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                                     "HF_HUB_OFFLINE": "1"})
     result["venv"] = json.loads((work / "venv_result.json").read_text())
-    result.update(load_after=load_average(), when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    result.update(load_after=load_average(),
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     write_atomic(RESULTS / "st_backends.json", json.dumps(result, indent=2) + "\n")
     write_atomic(RESULTS / "st_backends.md", markdown(result))
     print(markdown(result))

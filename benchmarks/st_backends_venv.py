@@ -33,7 +33,8 @@ LOADED = {"onnx fp32": ("onnx", "onnx/model.onnx"),
           "onnx int8 dynamic": ("onnx", "onnx/model_qint8_avx512_vnni.onnx"),
           "onnx int8 static": ("onnx", "onnx/model_qint8_static.onnx"),
           "openvino": ("openvino", "openvino/openvino_model.xml"),
-          "openvino int8 static (NNCF)": ("openvino", "openvino/openvino_model_qint8_quantized.xml")}
+          "openvino int8 static (NNCF)": ("openvino",
+                                          "openvino/openvino_model_qint8_quantized.xml")}
 
 
 def load(path: Path, backend: str = "torch", file_name: str | None = None) -> SentenceTransformer:
@@ -79,8 +80,9 @@ def main(work: Path) -> None:
     reference = np.load(work / "reference.npy")
     calibration = work / "calibration"
     calibration.mkdir(exist_ok=True)
-    (calibration / "train.jsonl").write_text("".join(
-        json.dumps({"text": t}) + "\n" for t in json.loads((work / "calibration.json").read_text())))
+    texts_in = json.loads((work / "calibration.json").read_text())
+    (calibration / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                     for t in texts_in))
     loaded = {}
     for name, (backend, file_name) in LOADED.items():
         got = load(work / "twotower", backend, file_name).encode(

