@@ -74,6 +74,21 @@ def encoders(ns, chosen, folder: Path) -> dict:
     return out
 
 
+def interleaved(systems: dict, texts: list[str], repeats: int, base: str = BASE) -> dict:
+    """name -> docs/s of `texts` (median of `repeats` passes, the systems interleaved so that a
+    burst of load hits every system alike), its times and its speed-up over `base`."""
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, fn in systems.items():
+            times[name].append(timed(fn, texts)[0])
+    first = statistics.median(times[base])
+    return {name: {"median_s": round(statistics.median(ts), 3),
+                   "times_s": [round(t, 3) for t in ts],
+                   "docs_per_s": round(len(texts) / statistics.median(ts), 2),
+                   "speedup_vs_st": round(first / statistics.median(ts), 3)}
+            for name, ts in times.items()}
+
+
 def bench_encode(ns) -> dict:
     """Docs/s on the first --docs documents (median of --repeats, interleaved, after a warm-up
     pass timed apart: it compiles), and each system's max abs embedding difference from
@@ -94,18 +109,10 @@ def bench_encode(ns) -> dict:
         systems = encoders(ns, chosen, Path(tmp) / "model")
         warmup_s = {name: round(timed(fn, sample[: ns.encode_batch_size])[0], 1)
                     for name, fn in systems.items()}
-        times: dict[str, list[float]] = {name: [] for name in systems}
-        for _ in range(ns.repeats):  # interleaved, so a burst of load hits every system alike
-            for name, fn in systems.items():
-                times[name].append(timed(fn, sample)[0])
-        base = statistics.median(times[BASE])
         ref = systems[BASE](sample[:64])
-        for name, ts in times.items():
-            med = statistics.median(ts)
+        for name, speed in interleaved(systems, sample, ns.repeats).items():
             out["systems"][name] = {
-                "median_s": round(med, 3), "times_s": [round(t, 3) for t in ts],
-                "docs_per_s": round(len(sample) / med, 2), "speedup_vs_st": round(base / med, 3),
-                "warmup_s": warmup_s[name],
+                **speed, "warmup_s": warmup_s[name],
                 "max_abs_diff_vs_st": round(float(abs(systems[name](sample[:64]) - ref).max()), 6)}
         if ns.full is not None:
             out["full_corpus"] = full_corpus(data, doc_ids, texts,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.perf_encode import scifact_corpus
-from benchmarks.perf_train import MODEL, load_average, st_model, timed
+from benchmarks.perf_encode import interleaved, scifact_corpus
+from benchmarks.perf_train import MODEL, load_average, st_model
 from twotower.common.model.encoder import Encoder
 from twotower.common.model.export_cli import calibration_texts
 from twotower.common.model.export_cli import main as export_main
@@ -84,16 +83,9 @@ def ours(work: Path, sample: list[str]) -> dict:
                            onnx=file, serving_precision=precision)
         systems[name] = (lambda e: lambda t: e.encode(t, tower="doc", batch_size=32,
                                                       progress=False))(enc)
-    for fn in systems.values():
+    for fn in systems.values():  # warm-up
         fn(sample[:32])
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(3):
-        for name, fn in systems.items():
-            times[name].append(timed(fn, sample)[0])
-    base = statistics.median(times["st fp32"])
-    return {name: {"docs_per_s": round(len(sample) / statistics.median(ts), 2),
-                   "speedup_vs_st": round(base / statistics.median(ts), 3),
-                   "times_s": [round(t, 3) for t in ts]} for name, ts in times.items()}
+    return interleaved(systems, sample, 3)
 
 
 def markdown(r: dict) -> str:
