@@ -5,12 +5,11 @@ sentence-transformers torch fp32 and bf16 (its ONNX and OpenVINO backends need `
 needs transformers < 4.58, so they cannot run beside transformers 5 here), twotower's Encoder in
 torch (fp32, bf16 autocast, each also under torch.compile), and the model exported by `twotower
 export` (timed as setup): ONNX fp32 / int8 dynamic / int8 static in onnxruntime, and OpenVINO's IR
-at f32, at bf16 (AMX here) and its static int8 (NNCF's, calibrated on the same 256 documents as
-onnxruntime's static int8; what is left in floating point at bf16).
+at f32, at bf16 (bf16 units here) and its static int8 (NNCF's, calibrated on the same 256
+documents as onnxruntime's static int8; what is left in floating point at bf16).
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.perf_train import MODEL, load_average, st_model, timed
+from benchmarks.timing import interleaved
 from twotower.common.eval.evaluate import _corpus_rows, judged_queries, load_eval_data
 from twotower.common.eval.metrics import aggregate, per_query
 from twotower.common.eval.search import dense_search
@@ -74,21 +74,6 @@ def encoders(ns, chosen, folder: Path) -> dict:
     return out
 
 
-def interleaved(systems: dict, texts: list[str], repeats: int, base: str = BASE) -> dict:
-    """name -> docs/s of `texts` (median of `repeats` passes, the systems interleaved so that a
-    burst of load hits every system alike), its times and its speed-up over `base`."""
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(repeats):
-        for name, fn in systems.items():
-            times[name].append(timed(fn, texts)[0])
-    first = statistics.median(times[base])
-    return {name: {"median_s": round(statistics.median(ts), 3),
-                   "times_s": [round(t, 3) for t in ts],
-                   "docs_per_s": round(len(texts) / statistics.median(ts), 2),
-                   "speedup_vs_st": round(first / statistics.median(ts), 3)}
-            for name, ts in times.items()}
-
-
 def bench_encode(ns) -> dict:
     """Docs/s on the first --docs documents (median of --repeats, interleaved, after a warm-up
     pass timed apart: it compiles), and each system's max abs embedding difference from
@@ -110,7 +95,7 @@ def bench_encode(ns) -> dict:
         warmup_s = {name: round(timed(fn, sample[: ns.encode_batch_size])[0], 1)
                     for name, fn in systems.items()}
         ref = systems[BASE](sample[:64])
-        for name, speed in interleaved(systems, sample, ns.repeats).items():
+        for name, speed in interleaved(systems, sample, ns.repeats, BASE).items():
             out["systems"][name] = {
                 **speed, "warmup_s": warmup_s[name],
                 "max_abs_diff_vs_st": round(float(abs(systems[name](sample[:64]) - ref).max()), 6)}

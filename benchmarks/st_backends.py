@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.perf_encode import interleaved, scifact_corpus
+from benchmarks.perf_encode import scifact_corpus
 from benchmarks.perf_train import MODEL, load_average, st_model
+from benchmarks.timing import interleaved
 from twotower.common.model.encoder import Encoder
 from twotower.common.model.export_cli import calibration_texts
 from twotower.common.model.export_cli import main as export_main
@@ -85,7 +86,7 @@ def ours(work: Path, sample: list[str]) -> dict:
                                                       progress=False))(enc)
     for fn in systems.values():  # warm-up
         fn(sample[:32])
-    return interleaved(systems, sample, 3)
+    return interleaved(systems, sample, 3, "st fp32")
 
 
 def markdown(r: dict) -> str:
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     sample = prepare(work, ns.docs)
     result = {"command": " ".join(["python -m benchmarks.st_backends", *(argv or sys.argv[1:])]),
               "docs": len(sample), "load_before": load_average(), "ours": ours(work, sample)}
-    subprocess.run([str(python), str(REPO / "benchmarks" / "st_backends_venv.py"), str(work)],
+    subprocess.run([str(python), "-m", "benchmarks.st_backends_venv", str(work)], cwd=REPO,
                    check=True, env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                                     "HF_HUB_OFFLINE": "1"})
     result["venv"] = json.loads((work / "venv_result.json").read_text())

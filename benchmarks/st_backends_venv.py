@@ -2,7 +2,7 @@
 transformers < 4.58 and sentence-transformers' ONNX and OpenVINO extras (optimum needs them;
 the project's own environment has transformers 5). Imports no twotower code.
 
-    VENV/bin/python benchmarks/st_backends_venv.py WORK
+    VENV/bin/python -m benchmarks.st_backends_venv WORK   (from the checkout)
 
 WORK holds texts.json (documents to time), calibration.json (texts for static int8),
 reference.npy (twotower's torch embeddings of the first 64 texts), twotower/ (a model folder
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from sentence_transformers import SentenceTransformer, __version__
 from sentence_transformers.backend import (export_dynamic_quantized_onnx_model,
                                            export_optimized_onnx_model,
                                            export_static_quantized_openvino_model)
+
+from benchmarks.timing import interleaved  # standard library only
 
 BATCH, LENGTH, REPEATS = 32, 256, 3
 # twotower's files as sentence-transformers' backends name them (model_kwargs file_name)
@@ -65,7 +65,7 @@ def st_backends(start: Path, scratch: Path, calibration: Path) -> dict[str, Sent
     export_static_quantized_openvino_model(
         ov, None, str(ov_dir), dataset_name=str(calibration), dataset_config_name="default",
         dataset_split="train", column_name="text")
-    # openvino: OpenVINO's default precision, which is bf16 on an AMX CPU (as here)
+    # openvino: OpenVINO's default precision, which is bf16 on a CPU with bf16 units (as here)
     return {"st fp32": load(start),
             "st onnx fp32": load(onnx_dir, "onnx", "onnx/model.onnx"),
             "st onnx O3": load(onnx_dir, "onnx", "onnx/model_O3.onnx"),
@@ -95,16 +95,8 @@ def main(work: Path) -> None:
     systems = st_backends(work / "start", scratch, calibration)
     for model in systems.values():  # warm-up
         model.encode(texts[:BATCH], batch_size=BATCH)
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(REPEATS):  # interleaved, as benchmarks/perf_encode.py
-        for name, model in systems.items():
-            start = time.perf_counter()
-            model.encode(texts, batch_size=BATCH, convert_to_numpy=True)
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["st fp32"])
-    speed = {name: {"docs_per_s": round(len(texts) / statistics.median(ts), 2),
-                    "speedup_vs_st": round(base / statistics.median(ts), 3),
-                    "times_s": [round(t, 3) for t in ts]} for name, ts in times.items()}
+    speed = interleaved({name: (lambda m: lambda t: m.encode(t, batch_size=BATCH))(model)
+                         for name, model in systems.items()}, texts, REPEATS, "st fp32")
     (work / "venv_result.json").write_text(json.dumps(
         {"sentence_transformers": __version__, "loaded": loaded, "systems": speed}, indent=2))
 
