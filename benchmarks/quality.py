@@ -388,7 +388,7 @@ def main(argv=None) -> int:
         rows.update(SECTIONS[section](ns))
         if not ns.dry_run:  # written after each section: a later failure keeps these rows
             significance(rows, ns.data)
-            recorded.update(means=seed_means(rows, ns.data),
+            recorded.update(means=seed_means(rows, ns.data, recorded.get("means")),
                             when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             write_atomic(path, json.dumps(recorded, indent=2) + "\n")
             write_atomic(RESULTS / "quality.md", markdown(rows, recorded["means"]))

@@ -84,16 +84,34 @@ def significance(rows: dict, data: str) -> None:
                 row[_p_key(ref)] = round(test.p_randomization, 4)
 
 
-def seed_means(rows: dict, data: str) -> dict:
+def _compared(entry: dict, earlier: dict, keys: tuple, test, rows: dict, mine, theirs) -> None:
+    """Record a mean's p-value (`keys`: its key and what goes with it) with what it compared: the
+    nDCG@10 of each run on either side. Without `test` (a run file is gone: a fresh checkout has
+    quality.json but not runs/), the `earlier` entry's value is kept if it compared the same runs;
+    a re-run changes its row's nDCG@10, and then no p-value is shown until it can be computed."""
+    basis = [[rows[n].get("nDCG@10") for n in mine], [rows[n].get("nDCG@10") for n in theirs]]
+    if test is not None:
+        entry[keys[0]] = round(test.p_randomization, 4)
+        if len(keys) > 1:
+            entry[keys[1]] = round(test.mean_a - test.mean_b, 4)
+    elif earlier.get("compared", {}).get(keys[0]) == basis and keys[0] in earlier:
+        entry.update({k: earlier[k] for k in keys if k in earlier})
+    else:
+        return
+    entry.setdefault("compared", {})[keys[0]] = basis
+
+
+def seed_means(rows: dict, data: str, earlier: dict | None = None) -> dict:
     """Rows sharing a `group` (one per seed or few-shot sample): mean and spread of each measure,
     and p-values of the per-query nDCG@10 averaged over the seeds. A test-split group against
     each of REFERENCES (a reference that is a group averaged the same way); a group of rows with
-    a `base` (two seeds or more) against its base rows' group over the same seeds."""
+    a `base` (two seeds or more) against its base rows' group over the same seeds. `earlier`:
+    the means recorded before, whose p-values stand where the run files are gone (_compared)."""
     groups: dict = {}
     for name, row in rows.items():
         if row.get("group") and ("qrels" in row or not name.startswith("dev:")):
             groups.setdefault(row["group"], {})[row["seed"]] = name
-    scores, means = _Scores(rows, data), {}
+    scores, means, before = _Scores(rows, data), {}, earlier or {}
     for group, by_seed in groups.items():
         names = [by_seed[s] for s in sorted(by_seed)]
         first = rows[names[0]]
@@ -113,19 +131,18 @@ def seed_means(rows: dict, data: str) -> dict:
             base_of = groups.get(base_group, {})
             if base_group:
                 entry["base"] = base_group
-            test = (scores.compare(names, [base_of[s] for s in sorted(by_seed)])
-                    if base_group and all(s in base_of for s in by_seed) else None)
-            if test:
-                entry["p_vs_base"] = round(test.p_randomization, 4)
-                entry["delta_vs_base"] = round(test.mean_a - test.mean_b, 4)
+            if base_group and all(s in base_of for s in by_seed):
+                theirs = [base_of[s] for s in sorted(by_seed)]
+                _compared(entry, before.get(group, {}), ("p_vs_base", "delta_vs_base"),
+                          scores.compare(names, theirs), rows, names, theirs)
             continue
         for ref in REFERENCES:
             ref_group = rows.get(ref, {}).get("group")
             ref_names = ([groups[ref_group][s] for s in sorted(groups[ref_group])]
                          if ref_group in groups else [ref] if ref in rows else [])
-            test = scores.compare(names, ref_names) if ref_group != group else None
-            if test:
-                entry[_p_key(ref)] = round(test.p_randomization, 4)
+            if ref_names and ref_group != group:
+                _compared(entry, before.get(group, {}), (_p_key(ref),),
+                          scores.compare(names, ref_names), rows, names, ref_names)
     return means
 
 

@@ -86,6 +86,19 @@ def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
     assert other["p_vs_fewshot_(seed_0)"] == pytest.approx(round(want_fewshot.p_randomization, 4))
     assert "p_vs_fewshot_(seed_0)" not in means["fewshot"]  # not against itself
     assert "## Mean over seeds" in markdown(rows, means) and "| other | 2, 4 |" in markdown(rows, means)
+    # a fresh checkout: quality.json without runs/. The recorded p-values of a mean stand (they
+    # compared these very runs); without the record they are gone, and a re-run row (its
+    # nDCG@10 changed) voids the p-values it entered until they can be computed again
+    (tmp_path / "a1.trec").unlink()
+    assert "p_vs_BM25" not in seed_means(rows, str(tmp_path / "beir"))["other"]
+    kept = seed_means(rows, str(tmp_path / "beir"), means)["other"]
+    assert kept["p_vs_BM25"] == other["p_vs_BM25"]
+    assert kept["p_vs_fewshot_(seed_0)"] == other["p_vs_fewshot_(seed_0)"]
+    again = seed_means(rows, str(tmp_path / "beir"), {"other": kept})["other"]
+    assert again["p_vs_BM25"] == other["p_vs_BM25"]  # and stand through later writes
+    rows["fewshot (seed 1)"] = {**rows["fewshot (seed 1)"], "nDCG@10": 0.1}  # re-run, worse
+    voided = seed_means(rows, str(tmp_path / "beir"), means)["other"]
+    assert voided["p_vs_BM25"] == other["p_vs_BM25"] and "p_vs_fewshot_(seed_0)" not in voided
 
 
 def test_ablation_rows_of_several_seeds_are_compared_with_their_base_over_the_same_seeds(tmp_path):
