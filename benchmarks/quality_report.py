@@ -1,5 +1,6 @@
 """quality.md from the recorded rows of benchmarks/quality.py: p-values (common/eval/significance.py)
-and the tables. A row is {"nDCG@10", "R@100", "wall_s", "cpu_s", "run_file", ...}; a row with a
+and the tables. A row is {"nDCG@10", "R@100", "wall_s", "cpu_s", "run_file", "per_query", ...}
+(per_query: its per-query nDCG@10, recorded once computed from the run file); a row with a
 `base` (another row's name) is compared with that row on the queries of `qrels` (a
 [data, split] pair: the dev queries of an ablation, the held-out queries of another corpus)."""
 from __future__ import annotations
@@ -33,24 +34,34 @@ def _p_key(reference: str) -> str:
 
 
 class _Scores:
-    """Per-query nDCG@10 of rows' run files, averaged over several rows, on the queries of a
-    row's `qrels` (a dev split: the queries its run ranks) or on the test split of `data`."""
+    """Per-query nDCG@10 of rows' runs, averaged over several rows, on the queries of a row's
+    `qrels` (a dev split: the queries its run ranks) or on the test split of `data`."""
 
     def __init__(self, rows: dict, data: str):
         self.rows, self.data, self.qrels, self.cache = rows, data, {}, {}
 
+    def per_query(self, name: str) -> dict | None:
+        """Row `name`'s per-query nDCG@10, kept in the row (so in quality.json: p-values outlive
+        runs/, which a fresh checkout lacks), computed from its run file the first time."""
+        row = self.rows[name]
+        if "per_query" not in row:
+            path, held_out = Path(row.get("run_file", "")), row.get("qrels")
+            if not path.is_file():
+                return None
+            split = tuple(held_out or (self.data, "test"))
+            if split not in self.qrels:
+                self.qrels[split] = load_eval_data(*split).qrels
+            run = load_run(path)
+            qrels = {q: self.qrels[split][q] for q in run} if held_out else self.qrels[split]
+            row["per_query"] = per_query(qrels, run, ["nDCG@10"])["nDCG@10"]
+        return row["per_query"]
+
     def __call__(self, names: list) -> dict | None:
         if tuple(names) not in self.cache:
-            paths = [Path(self.rows[n].get("run_file", "")) for n in names]
-            held_out = self.rows[names[0]].get("qrels")
-            split = tuple(held_out or (self.data, "test"))
-            if split not in self.qrels and all(p.is_file() for p in paths):
-                self.qrels[split] = load_eval_data(*split).qrels
-            per = [per_query({q: self.qrels[split][q] for q in run} if held_out
-                             else self.qrels[split], run, ["nDCG@10"])["nDCG@10"]
-                   for run in map(load_run, paths)] if all(p.is_file() for p in paths) else None
+            per = [self.per_query(n) for n in names]
+            per = None if None in per else per
             if per and any(set(p) != set(per[0]) for p in per):
-                raise SystemExit(f"{', '.join(map(str, paths))} rank different queries")
+                raise SystemExit(f"{', '.join(names)} rank different queries")
             self.cache[tuple(names)] = per and {q: statistics.fmean(p[q] for p in per)
                                                 for q in per[0]}
         return self.cache[tuple(names)]
@@ -86,9 +97,10 @@ def significance(rows: dict, data: str) -> None:
 
 def _compared(entry: dict, earlier: dict, keys: tuple, test, rows: dict, mine, theirs) -> None:
     """Record a mean's p-value (`keys`: its key and what goes with it) with what it compared: the
-    nDCG@10 of each run on either side. Without `test` (a run file is gone: a fresh checkout has
-    quality.json but not runs/), the `earlier` entry's value is kept if it compared the same runs;
-    a re-run changes its row's nDCG@10, and then no p-value is shown until it can be computed."""
+    nDCG@10 of each run on either side. Without `test` (a row recorded before rows kept their
+    per-query scores, whose run file is gone with runs/), the `earlier` entry's value is kept if it
+    compared the same runs; a re-run changes its row's nDCG@10, and then no p-value is shown until
+    it can be computed."""
     basis = [[rows[n].get("nDCG@10") for n in mine], [rows[n].get("nDCG@10") for n in theirs]]
     if test is not None:
         entry[keys[0]] = round(test.p_randomization, 4)

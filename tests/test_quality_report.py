@@ -1,6 +1,7 @@
 """benchmarks/quality_report.py: a row with a `base` is compared with that row on its own held-out
 queries (not the test split), by the same paired test as everything else; the tables keep the
 test-split rows apart from the ablation and other-corpus rows."""
+import json
 import math
 
 import pytest
@@ -42,7 +43,10 @@ def test_rows_with_a_base_are_compared_on_their_own_queries(tmp_path):
     table = markdown(rows)
     assert "## Ablation" in table and "| x: change | 0.5000 |" in table
     assert table.index("| x: change") > table.index("## Ablation")
-    rows["ablation, x: change"]["run_file"] = str(write_run({"q1": good["q1"]}, tmp_path / "o.trec"))
+    # a re-run of the row (a new row: its run file, no per-query scores yet) ranking other queries
+    rows["ablation, x: change"] = {**rows["ablation, x: change"],
+                                   "run_file": str(write_run({"q1": good["q1"]}, tmp_path / "o.trec"))}
+    del rows["ablation, x: change"]["per_query"]
     with pytest.raises(SystemExit, match="different queries"):
         significance(rows, str(tmp_path / "beir"))
 
@@ -86,10 +90,19 @@ def test_rows_of_several_seeds_are_summarised_by_their_mean(tmp_path):
     assert other["p_vs_fewshot_(seed_0)"] == pytest.approx(round(want_fewshot.p_randomization, 4))
     assert "p_vs_fewshot_(seed_0)" not in means["fewshot"]  # not against itself
     assert "## Mean over seeds" in markdown(rows, means) and "| other | 2, 4 |" in markdown(rows, means)
-    # a fresh checkout: quality.json without runs/. The recorded p-values of a mean stand (they
-    # compared these very runs); without the record they are gone, and a re-run row (its
+    # a fresh checkout: quality.json without runs/. Each row keeps its per-query scores, so every
+    # p-value is computed again from the record alone
+    for name in rank_of:
+        (tmp_path / f"{name}.trec").unlink()
+    recorded = json.loads(json.dumps(rows))
+    again = seed_means(recorded, str(tmp_path / "beir"))["other"]
+    assert {k: v for k, v in again.items() if k.startswith("p_")} == {
+        k: v for k, v in other.items() if k.startswith("p_")}
+    # rows recorded before they kept per-query scores: a mean's recorded p-values stand if they
+    # compared these very runs; without the record they are gone, and a re-run row (its
     # nDCG@10 changed) voids the p-values it entered until they can be computed again
-    (tmp_path / "a1.trec").unlink()
+    for row in rows.values():
+        del row["per_query"]
     assert "p_vs_BM25" not in seed_means(rows, str(tmp_path / "beir"))["other"]
     kept = seed_means(rows, str(tmp_path / "beir"), means)["other"]
     assert kept["p_vs_BM25"] == other["p_vs_BM25"]
