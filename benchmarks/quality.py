@@ -14,7 +14,8 @@ recipe are unchanged; otherwise the row is run again.
 Test split (chooses nothing): reference, fewshot (+ sentence-transformers; st_same: those
 alone), st_reference_lr, fewshot_dual, label_free, domain_adapt, distil, domain_adapt_distil,
 curve (8 / 32 / 128 queries). Dev split (100 training queries held out of training, each change
-against its base of the same seed): ablation, distil_dev. other_corpus: the recipes unchanged on
+against its base of the same seed): ablation (of recipes fewshot, domain_pretrain and
+domain_adapt), distil_dev. other_corpus: the recipes unchanged on
 --other (100 held-out queries, the rest for few-shot training). --seeds: training seeds (curve:
 samples); default 0 for fewshot, st_*, fewshot_dual and curve, elsewhere the recipe's own (not
 named on the command). Sections retired once their recipes changed (dev, label_free_dev,
@@ -35,8 +36,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.quality_choices import (DEV_EVAL, DISTIL_CHOICES, DUAL, FEWSHOT_ABLATION,
-                                        LABEL_FREE_ABLATION, LABEL_FREE_BASE, MODEL,
+from benchmarks.quality_choices import (DEV_EVAL, DISTIL_CHOICES, DOMAIN_ADAPT_ABLATION, DUAL,
+                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE, MODEL,
                                         ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance
 from twotower.common.data import resolve_data
@@ -280,14 +281,15 @@ def _compared(rows: list[tuple[str, dict]], seed: int, own: list, data: str) -> 
 
 
 def section_ablation(ns) -> dict:
-    known = [*FEWSHOT_ABLATION, *LABEL_FREE_ABLATION]
+    known = [*FEWSHOT_ABLATION, *LABEL_FREE_ABLATION, *DOMAIN_ADAPT_ABLATION]
     if set(ns.choices or ()) - set(known):
         raise SystemExit(f"unknown --choices {sorted(set(ns.choices) - set(known))}; known: {known}")
     lf_base = ["train.save_every=0", *LABEL_FREE_BASE[1]]
     rows = {}
     for part, table, script, recipe in (
             ("fewshot", FEWSHOT_ABLATION, "finetune/run.py", "fewshot"),
-            ("label-free", LABEL_FREE_ABLATION, "pretrain/run.py", "domain_pretrain")):
+            ("label-free", LABEL_FREE_ABLATION, "pretrain/run.py", "domain_pretrain"),
+            ("domain_adapt", DOMAIN_ADAPT_ABLATION, "finetune/run.py", "domain_adapt")):
         names = [n for i, n in enumerate(table) if i == 0 or not ns.choices or n in ns.choices]
         if len(names) == 1 and ns.choices:
             continue  # none of this part's changes chosen
@@ -298,6 +300,9 @@ def section_ablation(ns) -> dict:
                 if part == "fewshot":  # the base: the folder the retired `dev` section wrote
                     folder = "dev_" + slug("fewshot as committed" if i == 0 else name) + suffix
                     return finetune(folder, "fewshot", [*table[name], *own, *DEV_EVAL], ns)
+                if part == "domain_adapt":
+                    return finetune(f"dev_da_{slug(name)}{suffix}", "domain_adapt",
+                                    [*table[name], *own, *DEV_EVAL], ns)
                 folder = "dev_lf_" + slug(LABEL_FREE_BASE[0] + ("" if i == 0 else " " + name))
                 return label_free(folder + suffix, [*lf_base, *table[name], *own, *DEV_EVAL], ns)
             rows.update(_compared([(f"ablation, {part}: {name}", run(i, name))

@@ -46,6 +46,13 @@ LABEL_FREE_ABLATION = {  # on LABEL_FREE_BASE: 4 pairs, relevance-aware
     # kernel); hidden dropout stays, as the regulariser the label-free gain may need
     "attention dropout off": ["model.attention_dropout=0"],
     "no training (the start model)": None}  # the start model on the same dev corpus slice
+# issue #24: recipe domain_adapt (an epoch of domain_pretrain on the corpus, then fewshot; both
+# without dropout since 2026-12-07) -- does its pretraining stage need its dropout, and does it
+# still add anything? (The rows recorded "without dropout" ran before that was the recipe.)
+DOMAIN_ADAPT_ABLATION = {
+    "domain_adapt as committed": [],
+    "pretraining stage with the checkpoint's dropout": ["pretrain.overrides=[]"],
+    "no pretraining stage (fewshot alone)": ["pretrain.recipe="]}
 # `distil_dev` (issue #26): recipe domain_distil's choices, each against the start model on the
 # same dev slice (label-free: the held-out queries' labels only score)
 _KL = ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"]
