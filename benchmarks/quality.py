@@ -15,8 +15,8 @@ Test split (chooses nothing): reference, fewshot (+ sentence-transformers; st_sa
 alone), st_reference_lr, fewshot_dual, label_free, domain_adapt, distil, domain_adapt_distil,
 curve (8 / 32 / 128 queries). Dev split (100 training queries held out of training, each change
 against its base of the same seed): ablation (of recipes fewshot, domain_pretrain and
-domain_adapt), distil_dev. other_corpus: the recipes unchanged on
---other (100 held-out queries, the rest for few-shot training). --seeds: training seeds (curve:
+domain_adapt), distil_dev. other_corpus: the recipes unchanged on --other (100 held-out
+queries, the rest for few-shot training). --seeds: training seeds (curve:
 samples); default 0 for fewshot, st_*, fewshot_dual and curve, elsewhere the recipe's own (not
 named on the command). Sections retired once their recipes changed (dev, label_free_dev,
 label_free_negatives, label_free_sentences, curve_dev, domain_adapt_dual): docs/results.md names
@@ -37,8 +37,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from benchmarks.quality_choices import (DEV_EVAL, DISTIL_CHOICES, DOMAIN_ADAPT_ABLATION, DUAL,
-                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE, MODEL,
-                                        ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
+                                        FEWSHOT_ABLATION, LABEL_FREE_ABLATION, LABEL_FREE_BASE,
+                                        MODEL, ST_REFERENCE_LR, ST_SAME, TEST_EVAL)
 from benchmarks.quality_report import MEASURES, markdown, seed_means, significance
 from twotower.common.data import resolve_data
 from twotower.common.eval.evaluate import (DenseEvaluator, evaluate_bm25, evaluate_dense,
