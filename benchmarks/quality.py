@@ -297,12 +297,10 @@ def section_ablation(ns) -> dict:
             def run(i: int, name: str) -> dict:
                 if table[name] is None:  # no training: the start model, evaluated in process
                     return start_model_dev(ns, seed, RUNS / f"dev_start_model{suffix}")
-                if part == "fewshot":  # the base: the folder the retired `dev` section wrote
-                    folder = "dev_" + slug("fewshot as committed" if i == 0 else name) + suffix
-                    return finetune(folder, "fewshot", [*table[name], *own, *DEV_EVAL], ns)
-                if part == "domain_adapt":
-                    return finetune(f"dev_da_{slug(name)}{suffix}", "domain_adapt",
-                                    [*table[name], *own, *DEV_EVAL], ns)
+                if script == "finetune/run.py":  # fewshot's base: the retired `dev` section's folder
+                    folder = ("dev_" + slug("fewshot as committed" if i == 0 else name)
+                              if part == "fewshot" else f"dev_da_{slug(name)}")
+                    return finetune(folder + suffix, recipe, [*table[name], *own, *DEV_EVAL], ns)
                 folder = "dev_lf_" + slug(LABEL_FREE_BASE[0] + ("" if i == 0 else " " + name))
                 return label_free(folder + suffix, [*lf_base, *table[name], *own, *DEV_EVAL], ns)
             rows.update(_compared([(f"ablation, {part}: {name}", run(i, name))
