@@ -55,7 +55,10 @@ DOMAIN_ADAPT_ABLATION = {
     "pretraining stage of one epoch": [
         "pretrain.overrides=[model.attention_dropout=0,model.hidden_dropout=0]"],
     "pretraining stage of one epoch with the checkpoint's dropout": ["pretrain.overrides=[]"],
-    "no pretraining stage (fewshot alone)": ["pretrain.recipe="]}
+    "no pretraining stage (fewshot alone)": ["pretrain.recipe="],
+    # the baseline of issue #24's time goal: one epoch, the checkpoint's dropout in both stages
+    "the recipe as issue #24 found it": [
+        "pretrain.overrides=[]", "model.attention_dropout=null", "model.hidden_dropout=null"]}
 # `distil_dev` (issue #26): recipe domain_distil's choices, each against the start model on the
 # same dev slice (label-free: the held-out queries' labels only score)
 _KL = ["loss.margin_mse.weight=0", "loss.listwise_kl.weight=1.0"]

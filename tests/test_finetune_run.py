@@ -16,6 +16,7 @@ from twotower.common.recipe.config import RecipeError, load_recipe
 from twotower.finetune.args import FinetuneRecipe, TeacherArgs
 from twotower.finetune.run import main
 from twotower.finetune.teacher import Teacher
+from twotower.pretrain.args import PretrainRecipe
 
 RECIPES = ["msmarco_mnrl", "msmarco_dance_dual", "msmarco_samtone", "msmarco_margin_mse",
            "msmarco_margin_mse_dual", "pair_two_stage", "fewshot", "domain_adapt"]
@@ -288,6 +289,21 @@ def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):
     with pytest.raises(RecipeError, match=r"pretrain\.overrides"):
         run_domain_pretraining(triples, resume=False)
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_domain_adapt_pretraining_stage_is_the_measured_one():
+    """domain_adapt's pretraining stage trains the settings issue #24 chose on the dev split (300
+    steps, not domain_pretrain's epoch of the corpus; no dropout), and `domain_pretrain` alone keeps
+    its own; a user's pretrain.overrides replace the recipe's list, as its comment says."""
+    adapt = load_recipe(FinetuneRecipe, "domain_adapt", [])
+    stage = load_recipe(PretrainRecipe, adapt.pretrain.recipe, list(adapt.pretrain.overrides))
+    assert (stage.train.epochs, stage.train.max_steps) == (0, 300)  # epochs 0: max_steps decides
+    assert (stage.model.attention_dropout, stage.model.hidden_dropout) == (0, 0)
+    alone = load_recipe(PretrainRecipe, "domain_pretrain", [])
+    assert alone.train.epochs == 1 and alone.model.attention_dropout is None
+    mine = load_recipe(FinetuneRecipe, "domain_adapt", ["pretrain.overrides=[train.max_steps=50]"])
+    stage = load_recipe(PretrainRecipe, mine.pretrain.recipe, list(mine.pretrain.overrides))
+    assert stage.train.max_steps == 50 and stage.train.epochs == 1  # the list was replaced
 
 
 def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
