@@ -11,6 +11,7 @@ from benchmarks.quality import final_stage
 from tests.test_finetune_mine import write_beir
 from tests.test_finetune_teacher import save_tiny_cross_encoder
 import twotower.common.eval.evaluate as evaluate_module
+import twotower.finetune.run as finetune_run
 from twotower.common.model.encoder import tiny_bert
 from twotower.common.recipe.config import RecipeError, load_recipe
 from twotower.finetune.args import FinetuneRecipe, TeacherArgs
@@ -291,19 +292,29 @@ def test_domain_adapt_pretraining_corpus_follows_the_data_kind(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
-def test_domain_adapt_pretraining_stage_is_the_measured_one():
-    """domain_adapt's pretraining stage trains the settings issue #24 chose on the dev split (300
-    steps, not domain_pretrain's epoch of the corpus; no dropout), and `domain_pretrain` alone keeps
-    its own; a user's pretrain.overrides replace the recipe's list, as its comment says."""
-    adapt = load_recipe(FinetuneRecipe, "domain_adapt", [])
-    stage = load_recipe(PretrainRecipe, adapt.pretrain.recipe, list(adapt.pretrain.overrides))
+def test_domain_adapt_pretraining_stage_is_the_measured_one(tmp_path, monkeypatch):
+    """domain_adapt's pretraining stage, as its driver launches it, trains the settings issue #24
+    chose on the dev split (300 steps, not domain_pretrain's epoch of the corpus; no dropout),
+    `domain_pretrain` alone keeps its own, and a user's pretrain.overrides replace the recipe's
+    list, as its comment says."""
+    def launched(overrides: list[str]):
+        argv = []
+        monkeypatch.setattr(finetune_run, "pretrain_main", argv.extend)
+        recipe = load_recipe(FinetuneRecipe, "domain_adapt", [
+            "data.path=/x/beir", f"train.output_dir={tmp_path / 'out'}", *overrides])
+        finetune_run.run_domain_pretraining(recipe, resume=False)
+        assert argv[0] == "--recipe" and "--resume" not in argv
+        return load_recipe(PretrainRecipe, argv[1], argv[2:])
+
+    stage = launched([])
     assert (stage.train.epochs, stage.train.max_steps) == (0, 300)  # epochs 0: max_steps decides
     assert (stage.model.attention_dropout, stage.model.hidden_dropout) == (0, 0)
+    assert stage.data.corpora == ["/x/beir"]
     alone = load_recipe(PretrainRecipe, "domain_pretrain", [])
     assert alone.train.epochs == 1 and alone.model.attention_dropout is None
-    mine = load_recipe(FinetuneRecipe, "domain_adapt", ["pretrain.overrides=[train.max_steps=50]"])
-    stage = load_recipe(PretrainRecipe, mine.pretrain.recipe, list(mine.pretrain.overrides))
+    stage = launched(["pretrain.overrides=[train.max_steps=50]"])
     assert stage.train.max_steps == 50 and stage.train.epochs == 1  # the list was replaced
+    assert stage.model.attention_dropout is None
 
 
 def test_runs_with_different_mixed_precision_share_one_process(tiny_setup):
