@@ -291,7 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", nargs="+", default=list(DROPOUT), choices=list(DROPOUT),
                    help="train: dropout of the bare loop and twotower (the first also runs ST)")
     p.add_argument("--compile", action="store_true",
-                   help="train: also the bare loop with forward + loss under torch.compile")
+                   help="train: also the bare loop with forward + loss under torch.compile, and "
+                        "twotower with train.compile")
     p.add_argument("--memory-batch", type=int, default=512)
     p.add_argument("--memory-chunk", type=int, default=32)
     p.add_argument("--scaling-repeats", type=int, default=1)

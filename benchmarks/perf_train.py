@@ -20,6 +20,8 @@ default of both trainers), max length 256, batch 32.
 Bare loop and twotower run at each --dropout: `configured` (the checkpoint's, BERT 0.1 / 0.1),
 `attention_off` (model.attention_dropout=0, so PyTorch's fused CPU attention kernel applies) and
 `none` (model.hidden_dropout=0 too), set through the recipe keys as a real run sets them.
+With --compile, also "bare loop, compiled" (forward + loss under torch.compile) and "twotower,
+compiled" (train.compile=true); both compile in the warm-up steps (--warmup 2 leaves room).
 Time = wall clock between the end of step `warmup` and the end of step `warmup + steps`; model
 FLOPs = 3 x the forward FLOPs of the transformer calls in that time (a hook counts each call at
 its padded shape), also as a fraction of the machine's torch.mm peak at the row's precision.
@@ -89,11 +91,13 @@ def forward_flops(config, batch: int, length: int) -> int:
 def count_flops(models, calls: list) -> None:
     """Append (time, forward FLOPs) of every forward call of the transformers `models` to
     `calls`. The hook sits on the input embedding, which every call runs through its __call__
-    (sentence-transformers calls the model's forward method directly, passing its hooks by)."""
+    (sentence-transformers calls the model's forward method directly, passing its hooks by).
+    The hook runs outside torch.compile: traced, its growing `calls` would recompile the tower
+    on every call until dynamo's limit, then run it eagerly."""
     for model in models:
-        model.get_input_embeddings().register_forward_pre_hook(
+        model.get_input_embeddings().register_forward_pre_hook(torch.compiler.disable(
             lambda module, args, config=model.config: calls.append(
-                (time.perf_counter(), forward_flops(config, *args[0].shape))))
+                (time.perf_counter(), forward_flops(config, *args[0].shape)))))
 
 
 def rates(stamps: list, calls: list, batch: int, steps: int, warmup: int) -> tuple[float, float]:
@@ -132,8 +136,10 @@ def build(batch: int, max_length: int, n_groups: int, overrides=()):
     return recipe, method, collate, InOrder(dataset[i] for i in order)
 
 
-def twotower_run(built, steps: int, warmup: int, precision: str, grad_cache_chunk: int = 0):
-    """(step end times, transformer calls) of twotower's Trainer on `built`."""
+def twotower_run(built, steps: int, warmup: int, precision: str, grad_cache_chunk: int = 0,
+                 compiled: bool = False):
+    """(step end times, transformer calls) of twotower's Trainer on `built`; `compiled`: the
+    recipe's train.compile (the towers under torch.compile, compiled in the warm-up steps)."""
     # one process measures several precisions: Accelerate's state is a singleton that refuses
     # a second mixed_precision unless reset
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -145,7 +151,8 @@ def twotower_run(built, steps: int, warmup: int, precision: str, grad_cache_chun
     with tempfile.TemporaryDirectory() as out:
         train = dataclasses.replace(recipe.train, output_dir=out, max_steps=steps + warmup,
                                     mixed_precision="bf16" if precision == "bf16" else "no",
-                                    device="cpu", grad_cache_chunk=grad_cache_chunk)
+                                    device="cpu", grad_cache_chunk=grad_cache_chunk,
+                                    compile=compiled)
         Trainer(args=train, method=method, train_dataset=triples, collate_fn=collate,
                 recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, train=train))).train()
     return stamps, calls
@@ -233,6 +240,9 @@ def bench_train(ns) -> dict:
                 if ns.compile:
                     measure(("bare loop, compiled", precision, d),
                             bare_run(built, batch, steps, warmup, precision, compiled=True))
+                    built = build(batch, ns.max_length, n_groups, DROPOUT[d][1])  # fresh weights
+                    measure(("twotower, compiled", precision, d),
+                            twotower_run(built, steps, warmup, precision, compiled=True))
                 if i == 0:  # the reference, once per precision: its default, dropout configured
                     measure(("sentence-transformers", precision, "configured"), st_run(
                         built[3], batch, ns.max_length, steps, warmup, precision))

@@ -2,6 +2,7 @@
 2020, Table 1): checked by hand on a tiny BERT, against the model's own weight matrices, and as
 counted by the hook on a real forward call."""
 import torch
+from torch._dynamo.testing import CompileCounter
 from transformers import BertConfig, BertModel
 
 from benchmarks.perf_train import count_flops, forward_flops, rates
@@ -35,3 +36,21 @@ def test_the_hook_counts_each_call_at_its_padded_shape():
 def test_rates_count_the_calls_after_the_warm_up_three_times():
     calls = [(1.0, 100), (2.5, 200), (3.0, 300)]  # (time, forward FLOPs); the first is warm-up
     assert rates([2.0, 4.0], calls, batch=4, steps=1, warmup=1) == (2.0, 3 * 500 / 2.0)
+
+
+def test_the_hook_is_not_traced_by_torch_compile():
+    """A compiled model (train.compile, perf's --compile rows) keeps one compiled graph: were the
+    hook traced, dynamo would guard on len(calls) and recompile on every call until its limit,
+    then run the model eagerly, so a "compiled" row would time eager code (it did, before)."""
+    torch._dynamo.reset()
+    model, calls, counter = BertModel(BertConfig(**TINY)).eval(), [], CompileCounter()
+    count_flops([model], calls)
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    compiled(torch.ones(2, 5, dtype=torch.long))
+    frames = counter.frame_count
+    for length in (5, 6, 7, 5):
+        compiled(torch.ones(2, length, dtype=torch.long))
+    assert counter.frame_count == frames
+    assert [f for _, f in calls][-2:] == [forward_flops(model.config, 2, 7),
+                                          forward_flops(model.config, 2, 5)]
+    torch._dynamo.reset()
