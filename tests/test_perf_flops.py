@@ -46,11 +46,14 @@ def test_the_hook_is_not_traced_by_torch_compile():
     model, calls, counter = BertModel(BertConfig(**TINY)).eval(), [], CompileCounter()
     count_flops([model], calls)
     compiled = torch.compile(model, backend=counter, dynamic=True)
-    compiled(torch.ones(2, 5, dtype=torch.long))
-    frames = counter.frame_count
-    for length in (5, 6, 7, 5):
-        compiled(torch.ones(2, length, dtype=torch.long))
-    assert counter.frame_count == frames
-    assert [f for _, f in calls][-2:] == [forward_flops(model.config, 2, 7),
-                                          forward_flops(model.config, 2, 5)]
-    torch._dynamo.reset()
+    try:
+        compiled(torch.ones(2, 5, dtype=torch.long))
+        frames = counter.frame_count
+        assert frames > 0  # the model's graph was compiled, around the hook
+        for length in (5, 6, 7, 5):
+            compiled(torch.ones(2, length, dtype=torch.long))
+        assert counter.frame_count == frames  # and not again on any later call
+        assert [f for _, f in calls] == [forward_flops(model.config, 2, n)
+                                         for n in (5, 5, 6, 7, 5)]
+    finally:
+        torch._dynamo.reset()
